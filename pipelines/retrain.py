@@ -1,0 +1,120 @@
+"""The retraining flow: data versioning -> prepare -> train -> evaluate -> register -> promote.
+
+Reads as an outline of named tasks. File-producing stages run through
+``dvc repro`` (DVC decides what is stale and caches outputs); register and
+promote make no files and talk to MLflow, so they retry on I/O errors.
+Runs on Prefect's ephemeral local API unless ``PREFECT_API_URL`` is set.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+
+from rcnnops import project as dvcproj
+from rcnnops.config import load_params
+
+
+def _chdir(project: str) -> Path:
+    path = Path(project).resolve()
+    os.chdir(path)  # stages and MLflow's default store are project-relative
+    return path
+
+
+@task(name="ensure-dvc", retries=2, retry_delay_seconds=2)
+def ensure_dvc(project: str) -> list[str]:
+    done = dvcproj.ensure_dvc(Path(project))
+    for line in done:
+        get_run_logger().info(line)
+    return done
+
+
+@task(name="dvc-repro")
+def repro(project: str, stage: str) -> bool:
+    """Run one DVC stage if stale; True when it ran."""
+    ran = dvcproj.repro(Path(project), stage)
+    get_run_logger().info("%s: %s", stage, "ran" if ran else "up to date (DVC cache)")
+    return ran
+
+
+@task(name="version-data")
+def version_data(project: str) -> dict:
+    """Generate the default dataset if it is the source, then validate and
+    version it with `prepare`; returns the data hashes every run records."""
+    p = load_params(Path(project) / "params.yaml")
+    if Path(p.data.root).resolve() == (Path(project) / p.generate.out).resolve():
+        dvcproj.repro(Path(project), "generate")
+    dvcproj.repro(Path(project), "prepare")
+    from rcnnops.data.prepare import load_manifest
+
+    m = load_manifest(Path(project) / p.prepare.out)
+    get_run_logger().info("data_hash %s (val %s)", m["data_hash"][:12], m["val_hash"][:12])
+    return {"data_hash": m["data_hash"], "val_hash": m["val_hash"]}
+
+
+@task(name="register", retries=3, retry_delay_seconds=[2, 5, 10])
+def register(project: str, variant: str) -> dict:
+    from rcnnops import registry
+
+    p = load_params(Path(project) / "params.yaml")
+    r = registry.register(variant, Path(p.train.out) / variant, Path(p.evaluate.out) / variant,
+                          p.register.experiment)
+    get_run_logger().info("%s version %s (%s)", r.name, r.version,
+                          "new" if r.created else "already registered")
+    return {"name": r.name, "version": r.version, "created": r.created}
+
+
+@task(name="promote", retries=3, retry_delay_seconds=[2, 5, 10])
+def promote(project: str, variant: str, version: str) -> dict:
+    from prefect.runtime import flow_run
+
+    from rcnnops import registry
+
+    p = load_params(Path(project) / "params.yaml")
+    actor = f"prefect flow run {flow_run.get_name() or flow_run.get_id()}"
+    d = registry.promote(variant, version, p.register.metric, p.register.min_improvement,
+                         actor=actor, experiment=p.register.experiment)
+    get_run_logger().info("%s v%s: %s (%s)", d.name, d.version,
+                          "promoted to champion" if d.promoted else "champion kept", d.reason)
+    return registry.decision_dict(d)
+
+
+@task(name="dvc-push", retries=3, retry_delay_seconds=[2, 5, 10])
+def push(project: str) -> None:
+    dvcproj.dvc(Path(project), "push", "-q")
+
+
+def _summary(decisions: list[dict]) -> str:
+    rows = ["| model | version | decision | metric | value | reason |",
+            "|---|---|---|---|---|---|"]
+    for d in decisions:
+        value = "n/a" if d["value"] is None else f"{d['value']:.4f}"
+        rows.append(f"| {d['name']} | {d['version']} | "
+                    f"{'promoted' if d['promoted'] else 'kept'} | {d['metric']} | {value} | "
+                    f"{d['reason']} |")
+    return "\n".join(rows)
+
+
+@flow(name="rcnnops-retrain", log_prints=True)
+def retrain(project: str = ".", variants: list[str] | None = None, push_to_remote: bool = True
+            ) -> list[dict]:
+    """Retrain, evaluate, register and promote ``variants`` (default: params.yaml's)."""
+    root = _chdir(project)
+    params = load_params(root / "params.yaml")
+    variants = variants or params.variants
+    ensure_dvc(str(root))
+    version_data(str(root))
+    decisions = []
+    for v in variants:
+        repro(str(root), f"train@{v}")
+        repro(str(root), f"evaluate@{v}")
+        reg = register(str(root), v)
+        decisions.append(promote(str(root), v, reg["version"]))
+    if push_to_remote:
+        push(str(root))
+    create_markdown_artifact(_summary(decisions), key="rcnnops-promotion",
+                             description="Promotion decisions of this retraining run")
+    return decisions

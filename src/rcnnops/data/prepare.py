@@ -1,0 +1,180 @@
+"""[stage] prepare: validate a COCO dataset, fix labels, write the prepared splits.
+
+Outputs (``prepare.out``, default ``data/prepared/``):
+
+- ``train.json``, ``val.json``: validated COCO instances (original category
+  ids, boxes clipped within tolerance) plus ``"rcnnops": {"image_root": ...}``.
+- ``labels.json``: category id <-> contiguous label 1..K, with names.
+- ``manifest.json``: counts, what validation did, and content hashes
+  (``data_hash`` of both splits, ``val_hash`` of the validation split: JSON and
+  image bytes), which every later stage records as lineage.
+
+Nothing is written unless the whole dataset validates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from rcnnops.config import DataParams, PrepareParams
+from rcnnops.data.coco import DataError, LabelMap, read_json, safe_image_path, validate_coco
+
+SPLITS = ("train", "val")
+
+
+def _split_hash(coco: dict, image_root: Path) -> str:
+    """sha256 over the canonical annotations and every image's bytes."""
+    h = hashlib.sha256()
+    h.update(json.dumps(
+        {k: coco[k] for k in ("images", "annotations", "categories")}, sort_keys=True
+    ).encode())
+    for im in sorted(coco["images"], key=lambda r: r["id"]):
+        path = safe_image_path(image_root, im["file_name"], f"image id {im['id']}")
+        h.update(im["file_name"].encode())
+        h.update(hashlib.sha256(path.read_bytes()).digest())
+    return h.hexdigest()
+
+
+def _subset(coco: dict, image_ids: set[int]) -> dict:
+    out = {k: v for k, v in coco.items() if k not in ("images", "annotations")}
+    out["images"] = [im for im in coco["images"] if im["id"] in image_ids]
+    out["annotations"] = [a for a in coco["annotations"] if a["image_id"] in image_ids]
+    return out
+
+
+def split_train_val(coco: dict, val_fraction: float, seed: int) -> tuple[dict, dict]:
+    """Deterministic image-level split (same ids + seed -> same split)."""
+    ids = sorted(im["id"] for im in coco["images"])
+    order = np.random.default_rng(seed).permutation(len(ids))
+    n_val = max(1, round(len(ids) * val_fraction))
+    if n_val >= len(ids):
+        raise DataError(f"cannot split {len(ids)} image(s) into train and val")
+    val_ids = {ids[i] for i in order[:n_val]}
+    return _subset(coco, set(ids) - val_ids), _subset(coco, val_ids)
+
+
+def _display_path(path: Path) -> str:
+    """Project-relative when inside the project (portable), else absolute."""
+    path = path.resolve()
+    cwd = Path.cwd().resolve()
+    return os.path.relpath(path, cwd) if path.is_relative_to(cwd) else str(path)
+
+
+def _read_split(data: DataParams, split: str, p: PrepareParams) -> tuple[dict, Path, dict]:
+    source = getattr(data, split)
+    root = Path(data.root)
+    ann_path, image_root = root / source.annotations, root / source.images
+    if not image_root.is_dir():
+        raise DataError(f"{ann_path}: image folder {image_root} not found")
+    coco, report = validate_coco(
+        read_json(ann_path),
+        ann_path,
+        image_root,
+        drop_degenerate=p.drop_degenerate,
+        box_tolerance=p.box_tolerance,
+    )
+    return coco, image_root, asdict(report)
+
+
+def prepare(data: DataParams, p: PrepareParams) -> dict:
+    """Validate ``data`` and write ``p.out`` atomically. Returns the manifest."""
+    train, train_root, train_report = _read_split(data, "train", p)
+    reports = {"train": train_report}
+    if data.val is None:
+        train, val = split_train_val(train, p.val_fraction, p.seed)
+        roots = {"train": train_root, "val": train_root}
+    else:
+        val, val_root, reports["val"] = _read_split(data, "val", p)
+        roots = {"train": train_root, "val": val_root}
+        a = sorted((c["id"], c["name"]) for c in train["categories"])
+        b = sorted((c["id"], c["name"]) for c in val["categories"])
+        if a != b:
+            raise DataError(
+                f"{Path(data.root) / data.val.annotations}: categories differ from the train "
+                "split's; both splits need the same category ids and names"
+            )
+    labels = LabelMap.from_categories(train["categories"])
+    splits = {"train": train, "val": val}
+    hashes = {s: _split_hash(splits[s], roots[s]) for s in SPLITS}
+    manifest = {
+        "data_hash": hashlib.sha256((hashes["train"] + hashes["val"]).encode()).hexdigest(),
+        "val_hash": hashes["val"],
+        "source": _display_path(Path(data.root)),
+        "num_classes": labels.num_classes,
+        "splits": {
+            s: {"images": len(splits[s]["images"]), "annotations": len(splits[s]["annotations"]),
+                "hash": hashes[s]}
+            for s in SPLITS
+        },
+        "validation": reports,
+        "files": {},
+    }
+    out = Path(p.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out.parent))
+    try:
+        for s in SPLITS:
+            doc = dict(splits[s], rcnnops={"image_root": _display_path(roots[s]), "split": s})
+            text = json.dumps(doc)
+            (tmp / f"{s}.json").write_text(text)
+            manifest["files"][f"{s}.json"] = hashlib.sha256(text.encode()).hexdigest()
+        (tmp / "labels.json").write_text(json.dumps(labels.to_json(), indent=2))
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return manifest
+
+
+REBUILD = "rebuild it with `dvc repro prepare` (or `rcnnops prepare`)"
+
+
+def load_manifest(prepared: Path) -> dict:
+    path = Path(prepared) / "manifest.json"
+    if not path.is_file():
+        raise DataError(f"{path}: prepared data not found; {REBUILD}")
+    return read_json(path)
+
+
+def load_split(prepared: Path, split: str) -> tuple[dict, Path, LabelMap]:
+    """A prepared split: (COCO dict, image root, labels), checked against the manifest."""
+    prepared = Path(prepared)
+    manifest = load_manifest(prepared)
+    path = prepared / f"{split}.json"
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: prepared split not found; {REBUILD}") from None
+    expected = manifest.get("files", {}).get(f"{split}.json")
+    if expected != hashlib.sha256(text).hexdigest():
+        raise DataError(f"{path}: checksum does not match {prepared / 'manifest.json'} "
+                        f"(file corrupt or edited by hand); {REBUILD}")
+    coco = json.loads(text)
+    labels = LabelMap.from_json(read_json(prepared / "labels.json"))
+    return coco, Path(coco["rcnnops"]["image_root"]), labels
+
+
+def run(params) -> dict:
+    """The stage: ``prepare`` with the project's params; prints what it did."""
+    manifest = prepare(params.data, params.prepare)
+    for split, info in manifest["splits"].items():
+        rep = manifest["validation"].get(split, {})
+        extra = ""
+        if rep.get("dropped_degenerate"):
+            extra += f", dropped {rep['dropped_degenerate']} degenerate box(es)"
+        if rep.get("clipped"):
+            extra += f", clipped {rep['clipped']} box(es) to the image"
+        print(f"{split}: {info['images']} images, {info['annotations']} annotations{extra}")
+    print(f"data_hash {manifest['data_hash'][:12]}  -> {params.prepare.out}")
+    return manifest

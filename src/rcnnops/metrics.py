@@ -1,0 +1,113 @@
+"""COCO metrics and prediction: pure code shared by training (validation) and evaluate.
+
+Boxes leave the models as xyxy pixels and are converted to COCO's xywh here,
+at the boundary, when results are written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import math
+import time
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+from torch import nn
+from tqdm import tqdm
+
+from rcnnops.data.coco import LabelMap
+
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
+              "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def _quiet_coco(dataset: dict) -> COCO:
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def _results_coco(gt: COCO, results: list[dict]) -> COCO:
+    """pycocotools' ``loadRes`` for a possibly empty result list."""
+    if results:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return gt.loadRes(results)
+    empty = {"images": gt.dataset["images"], "categories": gt.dataset["categories"],
+             "annotations": []}
+    return _quiet_coco(empty)
+
+
+def coco_evaluate(
+    gt: dict, results: list[dict], iou_type: str = "bbox"
+) -> tuple[dict[str, float], dict[str, float], np.ndarray]:
+    """COCOeval of ``results`` (COCO results format) against ground truth ``gt``.
+
+    Returns ``({"bbox_AP": ..., 12 numbers; -1 where undefined, as COCOeval},
+    {category name: AP}, precision)``
+    where ``precision`` is COCOeval's ``[T, R, K, A, M]`` array. Classes with
+    no ground truth get AP ``nan`` (COCOeval's -1), excluded from the mean.
+    """
+    coco_gt = _quiet_coco(gt)
+    coco_dt = _results_coco(coco_gt, results)
+    ev = COCOeval(coco_gt, coco_dt, iou_type)
+    with contextlib.redirect_stdout(io.StringIO()):
+        ev.evaluate()
+        ev.accumulate()
+        ev.summarize()
+    stats = {f"{iou_type}_{n}": float(v) for n, v in zip(STAT_NAMES, ev.stats,
+                                                                    strict=True)}
+    precision = ev.eval["precision"]  # [T, R, K, A(all, s, m, l), M(1, 10, 100)]
+    per_class = {}
+    for k, cat_id in enumerate(ev.params.catIds):
+        p = precision[:, :, k, 0, -1]
+        name = coco_gt.cats[cat_id]["name"]
+        per_class[name] = float(p[p > -1].mean()) if (p > -1).any() else math.nan
+    return stats, per_class, precision
+
+
+@torch.no_grad()
+def predict(
+    model: nn.Module,
+    dataset: torch.utils.data.Dataset,
+    labels: LabelMap,
+    device: torch.device,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> tuple[list[dict], float]:
+    """Run ``model`` over ``dataset``; COCO results (xywh, category ids) and ms/image."""
+    model.eval()
+    results: list[dict] = []
+    elapsed, n = 0.0, 0
+    indices = list(range(len(dataset)))
+    batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    for batch in tqdm(batches, desc="predict", unit="batch", disable=not progress, leave=False):
+        samples = [dataset[i] for i in batch]
+        images = [s[0].to(device) for s in samples]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        outputs = model(images)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed += time.perf_counter() - t0
+        n += len(images)
+        for (_, target), out in zip(samples, outputs, strict=True):
+            results.extend(to_coco_results(int(target["image_id"]), out, labels))
+    return results, 1000.0 * elapsed / max(n, 1)
+
+
+def to_coco_results(image_id: int, output: dict, labels: LabelMap) -> list[dict]:
+    """One image's detections (xyxy) -> COCO result records (xywh, category id)."""
+    boxes = output["boxes"].detach().float().cpu()
+    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+    return [
+        {"image_id": image_id, "category_id": labels.category_id(int(lab)),
+         "bbox": [round(v, 2) for v in box], "score": round(float(s), 5)}
+        for box, lab, s in zip(xywh, output["labels"].tolist(), output["scores"].tolist(),
+                               strict=True)
+    ]

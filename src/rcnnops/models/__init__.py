@@ -1,0 +1,39 @@
+"""The R-CNN variants: ``MODELS[name](num_classes, **model_params) -> nn.Module``.
+
+Every variant follows torchvision's detection API (see DESIGN.md, Contracts).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from torch import nn
+
+from rcnnops.models import faster_rcnn
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "faster_rcnn": faster_rcnn.build,
+}
+
+# Variants that consume precomputed (selective search) proposals.
+USES_PROPOSALS: frozenset[str] = frozenset({"rcnn", "fast_rcnn"})
+
+
+def build_model(variant: str, num_classes: int, model_params: dict[str, Any]) -> nn.Module:
+    """Build ``variant`` for ``num_classes`` (K + 1, background included).
+
+    Unknown variants or parameter names raise ``ValueError`` listing what exists.
+    """
+    if variant not in MODELS:
+        raise ValueError(f"unknown or not yet available variant {variant!r}; "
+                         f"available: {sorted(MODELS)}")
+    builder = MODELS[variant]
+    allowed = set(inspect.signature(builder).parameters) - {"num_classes"}
+    unknown = sorted(set(model_params) - allowed)
+    if unknown:
+        raise ValueError(
+            f"train.{variant}.model: unknown key(s) {unknown}; allowed: {sorted(allowed)}"
+        )
+    return builder(num_classes, **model_params)

@@ -1,0 +1,85 @@
+"""Faster R-CNN (Ren et al., 2015): a learned RPN feeds the Fast R-CNN head.
+
+torchvision's ``FasterRCNN`` composed from our shared parts; this module holds
+only the variant's difference: the RPN as the proposal source.
+"""
+
+from __future__ import annotations
+
+from torchvision.models.detection import faster_rcnn as tv
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+
+from rcnnops.models import parts
+
+
+class FasterRCNN(tv.FasterRCNN):
+    """``model(images, targets)`` -> losses (train); ``model(images)`` -> detections.
+
+    ``images``: list of ``float [3, H, W]`` in [0, 1]; targets hold ``boxes``
+    ``[N, 4]`` xyxy pixels and ``labels`` int64 1..K. Detections: ``boxes``
+    xyxy pixels of the input image, ``labels``, ``scores``.
+    """
+
+    def forward(self, images, targets=None, proposals=None):  # noqa: D102
+        if proposals is not None:
+            raise ValueError(
+                "Faster R-CNN computes its own proposals with its RPN; "
+                "precomputed proposals are for rcnn and fast_rcnn"
+            )
+        return super().forward(images, targets)
+
+
+def build(
+    num_classes: int,
+    backbone: str = "small",
+    stride: int = 8,
+    norm: str = "auto",
+    pretrained: str | None = None,
+    min_size: int = 800,
+    max_size: int = 1333,
+    anchor_sizes: list[int] | None = None,
+    aspect_ratios: list[float] = (0.5, 1.0, 2.0),
+    representation_size: int = 256,
+    box_head: str = "mlp",
+    roi_op: str = "align",
+    rpn_pre_nms_top_n_train: int = 1000,
+    rpn_post_nms_top_n_train: int = 500,
+    rpn_pre_nms_top_n_test: int = 500,
+    rpn_post_nms_top_n_test: int = 300,
+    box_batch_size_per_image: int = 256,
+    box_score_thresh: float = 0.01,
+    box_detections_per_img: int = 100,
+) -> FasterRCNN:
+    """A Faster R-CNN for ``num_classes`` classes *including* background (K + 1).
+
+    ``min_size``/``max_size`` set the image rescaling (torchvision's transform);
+    ``pretrained`` is an optional local weights file (see ``parts.load_pretrained``).
+    """
+    body = parts.build_backbone(backbone, norm, pretrained is not None, stride)
+    names = parts.feature_names(body)
+    model = FasterRCNN(
+        body,
+        num_classes=None,
+        min_size=min_size,
+        max_size=max_size,
+        image_mean=list(parts.IMAGE_MEAN),
+        image_std=list(parts.IMAGE_STD),
+        rpn_anchor_generator=parts.anchor_generator(names, anchor_sizes, list(aspect_ratios)),
+        rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train,
+        rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
+        rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test,
+        rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
+        box_roi_pool=parts.roi_pooler(names, 7, roi_op),
+        box_head=parts.box_head(box_head, body.out_channels, 7, representation_size,
+                                parts.norm_layer(norm, pretrained is not None)),
+        box_predictor=FastRCNNPredictor(representation_size, num_classes),
+        box_batch_size_per_image=box_batch_size_per_image,
+        box_score_thresh=box_score_thresh,
+        box_detections_per_img=box_detections_per_img,
+    )
+    if pretrained is not None:
+        parts.load_pretrained(model, pretrained)
+    return model
+
+
+

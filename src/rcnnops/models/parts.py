@@ -1,0 +1,233 @@
+"""Parts shared by every variant: backbones, normalisation, anchors, RoI heads.
+
+Backbones return feature maps as an ``OrderedDict[str, Tensor[B, C, H/s, W/s]]``
+and expose ``out_channels`` (torchvision's detection convention). A variant
+module composes these parts and holds only its own difference.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import mobilenet_backbone, resnet_fpn_backbone
+from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, TwoMLPHead
+from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign, roi_pool
+
+BACKBONES = ("small", "resnet18_fpn", "resnet50_fpn", "mobilenet_v3_fpn")
+NORMS = ("auto", "batch", "group", "frozen")
+
+# ImageNet statistics: right for pretrained backbones, harmless from scratch.
+IMAGE_MEAN = (0.485, 0.456, 0.406)
+IMAGE_STD = (0.229, 0.224, 0.225)
+
+
+def norm_layer(norm: str, pretrained: bool) -> Callable[[int], nn.Module]:
+    """The normalisation for a backbone.
+
+    ``auto`` freezes BatchNorm when fine-tuning pretrained weights (as
+    torchvision does) and trains it from scratch, where frozen statistics
+    would leave the network unnormalised.
+    """
+    if norm == "auto":
+        norm = "frozen" if pretrained else "batch"
+    if norm == "batch":
+        return nn.BatchNorm2d
+    if norm == "frozen":
+        return FrozenBatchNorm2d
+    if norm == "group":
+        return lambda c: nn.GroupNorm(min(32, c // 4), c)
+    raise ValueError(f"unknown norm {norm!r}; choose one of {NORMS}")
+
+
+class SmallBackbone(nn.Module):
+    """A small CNN that learns from scratch in minutes on a CPU.
+
+    Input ``[B, 3, H, W]``; output ``{"0": [B, out_channels, H/s, W/s]}`` with
+    ``s = stride`` (8, or 4 by adding the stride-4 features to the upsampled
+    stride-8 ones, one top-down step as in an FPN, for finer localisation).
+    """
+
+    def __init__(self, width: int = 32, out_channels: int = 128, stride: int = 8,
+                 norm=nn.BatchNorm2d) -> None:
+        super().__init__()
+        if stride not in (4, 8):
+            raise ValueError(f"SmallBackbone stride must be 4 or 8, got {stride}")
+
+        def block(cin: int, cout: int, s: int) -> list[nn.Module]:
+            return [nn.Conv2d(cin, cout, 3, s, 1, bias=False), norm(cout), nn.ReLU(True)]
+
+        w = width
+        self.stem = nn.Sequential(*block(3, w, 2), *block(w, w, 1),
+                                  *block(w, 2 * w, 2), *block(2 * w, 2 * w, 1))
+        self.deep = nn.Sequential(*block(2 * w, 4 * w, 2), *block(4 * w, 4 * w, 1),
+                                  *block(4 * w, out_channels, 1))
+        self.stride = stride
+        if stride == 4:
+            self.lateral = nn.Conv2d(2 * w, out_channels, 1)
+            self.smooth = nn.Sequential(*block(out_channels, out_channels, 1))
+        self.out_channels = out_channels
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        c2 = self.stem(x)
+        c3 = self.deep(c2)
+        if self.stride == 8:
+            return OrderedDict([("0", c3)])
+        up = nn.functional.interpolate(c3, size=c2.shape[-2:], mode="nearest")
+        return OrderedDict([("0", self.smooth(self.lateral(c2) + up))])
+
+
+def build_backbone(
+    name: str, norm: str = "auto", pretrained: bool = False, stride: int = 8
+) -> nn.Module:
+    """A backbone by name; never downloads (weights come from a local file later).
+
+    ``stride`` applies to ``small`` only (FPN backbones have all strides)."""
+    layer = norm_layer(norm, pretrained)
+    if name == "small":
+        return SmallBackbone(stride=stride, norm=layer)
+    # Train every stage from scratch; with pretrained weights freeze the stem.
+    if name in ("resnet18_fpn", "resnet50_fpn"):
+        return resnet_fpn_backbone(
+            backbone_name=name.removesuffix("_fpn"), weights=None, norm_layer=layer,
+            trainable_layers=3 if pretrained else 5,
+        )
+    if name == "mobilenet_v3_fpn":
+        return mobilenet_backbone(
+            backbone_name="mobilenet_v3_large", weights=None, fpn=True, norm_layer=layer,
+            trainable_layers=3 if pretrained else 6,
+        )
+    raise ValueError(f"unknown backbone {name!r}; choose one of {BACKBONES}")
+
+
+def feature_names(backbone: nn.Module, image_size: int = 64) -> list[str]:
+    """Names of the feature maps a backbone returns (probed on a tiny input)."""
+    was_training = backbone.training
+    backbone.eval()
+    with torch.no_grad():
+        names = list(backbone(torch.zeros(1, 3, image_size, image_size)).keys())
+    backbone.train(was_training)
+    return names
+
+
+def anchor_generator(
+    names: list[str], sizes: list[int] | None, aspect_ratios: list[float]
+) -> AnchorGenerator:
+    """One anchor size per FPN level, or all sizes on a single feature map."""
+    ratios = tuple(aspect_ratios)
+    if len(names) == 1:
+        return AnchorGenerator((tuple(sizes or [16, 32, 64]),), (ratios,))
+    sizes = sizes or [32 * 2**i for i in range(len(names))]
+    if len(sizes) != len(names):
+        raise ValueError(f"anchor_sizes needs one size per feature map ({len(names)}), got {sizes}")
+    return AnchorGenerator(tuple((s,) for s in sizes), (ratios,) * len(names))
+
+
+class RoIPool(MultiScaleRoIAlign):
+    """RoI max pooling (Fast R-CNN's quantised op) over a single feature map.
+
+    Same call as ``MultiScaleRoIAlign``: ``(features, boxes, image_sizes)`` with
+    ``boxes`` a list of ``[N_i, 4]`` xyxy in the (resized) image frame; returns
+    ``[sum N_i, C, S, S]``. Chosen on CPUs because torchvision's CPU
+    ``roi_align`` backward is about 8x slower than ``roi_pool``'s. (A subclass
+    of ``MultiScaleRoIAlign`` only because torchvision's heads type-check it.)
+    """
+
+    def __init__(self, featmap_name: str, output_size: int) -> None:
+        super().__init__([featmap_name], output_size, sampling_ratio=0)
+        self.featmap_name = featmap_name
+
+    def forward(self, features, boxes, image_sizes):
+        x = features[self.featmap_name]
+        # Scale from the padded batch size (the same for every image in it).
+        scale = x.shape[-1] / max(s[1] for s in image_sizes)
+        scale = 2.0 ** round(math.log2(scale))
+        return roi_pool(x, [b.to(x.dtype) for b in boxes], self.output_size, scale)
+
+
+ROI_OPS = ("align", "pool")
+
+
+def roi_pooler(
+    names: list[str], output_size: int, op: str = "align", sampling_ratio: int = 2
+) -> nn.Module:
+    """RoIAlign (bilinear, Mask R-CNN) or RoIPool (max, Fast/Faster R-CNN papers).
+
+    RoIAlign picks the FPN level per box by its size; RoIPool needs a single map.
+    """
+    if op == "align":
+        return MultiScaleRoIAlign(featmap_names=names, output_size=output_size,
+                                  sampling_ratio=sampling_ratio)
+    if op == "pool":
+        if len(names) != 1:
+            raise ValueError("roi_op 'pool' needs a single-map backbone (small); "
+                             "use roi_op 'align' with FPN backbones")
+        return RoIPool(names[0], output_size)
+    raise ValueError(f"unknown roi_op {op!r}; choose one of {ROI_OPS}")
+
+
+def load_pretrained(model: nn.Module, path: str | Path) -> dict[str, int]:
+    """Load weights from a local file into ``model`` (or its backbone body).
+
+    Accepts a full detector state dict (e.g. a COCO-trained torchvision model:
+    tensors whose shapes differ, like the class predictor, are skipped) or a
+    classification backbone's (e.g. ImageNet ResNet weights, loaded into
+    ``backbone.body``). Loads with ``weights_only=True``: a pickle with code in
+    it is refused. Returns counts of loaded and skipped tensors.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: pretrained weights file not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for bad files
+        raise ValueError(f"{path}: not a loadable weights file (weights_only=True): {e}") from e
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    own = model.state_dict()
+    prefix = "" if any(k in own for k in state) else "backbone.body."
+    matched = {
+        prefix + k: v for k, v in state.items()
+        if prefix + k in own and own[prefix + k].shape == v.shape
+    }
+    if not matched:
+        raise ValueError(f"{path}: no tensor matches this model's layers; wrong file?")
+    model.load_state_dict(matched, strict=False)
+    return {"loaded": len(matched), "skipped": len(state) - len(matched)}
+
+
+def box_head(
+    kind: str, channels: int, pool: int, representation: int, norm: Callable[[int], nn.Module]
+) -> nn.Module:
+    """The RoI box head ``[R, C, pool, pool] -> [R, representation]``.
+
+    ``mlp``: two FC layers (the papers'); ``mlp_bn``: the same with BatchNorm
+    after each FC, which learns far faster from scratch at almost no cost;
+    ``conv``: four normalised 3x3 convs + one FC (detectron2's scratch head;
+    slow on CPUs)."""
+    if kind == "mlp":
+        return TwoMLPHead(channels * pool * pool, representation)
+    if kind == "mlp_bn":
+        return nn.Sequential(
+            nn.Flatten(1),
+            nn.Linear(channels * pool * pool, representation, bias=False),
+            nn.BatchNorm1d(representation), nn.ReLU(inplace=True),
+            nn.Linear(representation, representation, bias=False),
+            nn.BatchNorm1d(representation), nn.ReLU(inplace=True),
+        )
+    if kind == "conv":
+        return FastRCNNConvFCHead((channels, pool, pool), [channels] * 4, [representation],
+                                  norm_layer=norm)
+    raise ValueError(f"unknown box_head {kind!r}; choose 'mlp', 'mlp_bn' or 'conv'")
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,129 @@
+"""MLflow run and metric logging for the stages (with registry.py, the only MLflow importers).
+
+The tracking store is ``MLFLOW_TRACKING_URI`` when set, else a SQLite file
+``mlflow.db`` in the project (the current directory), with artifacts in
+``mlartifacts/`` beside it. Nothing here needs a server.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.tracking import MlflowClient
+
+DEFAULT_DB = "mlflow.db"
+DEFAULT_ARTIFACTS = "mlartifacts"
+
+# Values of these never reach MLflow params or tags (tokens, keys, passwords).
+_SECRET = re.compile(r"(secret|token|password|passwd|api[_-]?key|credential)", re.I)
+
+
+def tracking_uri(project: Path | None = None) -> str:
+    """The tracking URI in force: the environment's, or the project's SQLite file."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    project = Path(project or Path.cwd()).resolve()
+    return f"sqlite:///{project / DEFAULT_DB}"
+
+
+def setup(experiment: str, project: Path | None = None) -> str:
+    """Point MLflow at the store and make ``experiment`` active; returns its id."""
+    project = Path(project or Path.cwd()).resolve()
+    uri = tracking_uri(project)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    exp = mlflow.get_experiment_by_name(experiment)
+    if exp is None:
+        location = None
+        if uri.startswith("sqlite:"):
+            location = (project / DEFAULT_ARTIFACTS).as_uri()
+        exp_id = mlflow.create_experiment(experiment, artifact_location=location)
+    else:
+        exp_id = exp.experiment_id
+    mlflow.set_experiment(experiment_id=exp_id)
+    return exp_id
+
+
+def client() -> MlflowClient:
+    return MlflowClient(tracking_uri=mlflow.get_tracking_uri(),
+                        registry_uri=mlflow.get_registry_uri())
+
+
+def git_commit(project: Path | None = None) -> str:
+    """The project's git commit (``-dirty`` suffix if modified), or ``unknown``."""
+    cwd = Path(project or Path.cwd())
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
+                             text=True, check=True, timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=cwd, capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty.strip() else "")
+
+
+def scrub(values: dict[str, Any]) -> dict[str, Any]:
+    """Drop entries whose key looks like a secret; MLflow keeps params forever."""
+    return {k: v for k, v in values.items() if not _SECRET.search(k)}
+
+
+@contextmanager
+def stage_run(
+    experiment: str,
+    run_name: str,
+    run_id: str | None = None,
+    tags: dict[str, str] | None = None,
+    project: Path | None = None,
+) -> Iterator[mlflow.ActiveRun]:
+    """Start a run, or resume ``run_id`` (training resumed from a checkpoint, or
+    the evaluate stage adding to the run that trained the model)."""
+    setup(experiment, project)
+    if run_id is not None:
+        with mlflow.start_run(run_id=run_id) as run:
+            yield run
+        return
+    with mlflow.start_run(run_name=run_name, tags=scrub(tags or {})) as run:
+        yield run
+
+
+def log_params(params: dict[str, Any]) -> None:
+    """Log params (flat dict), skipping secrets and keys already logged."""
+    run = mlflow.active_run()
+    if run is None:
+        return
+    existing = mlflow.get_run(run.info.run_id).data.params
+    fresh = {k: v for k, v in scrub(params).items() if k not in existing}
+    if fresh:
+        mlflow.log_params({k: str(v)[:6000] for k, v in fresh.items()})
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    """Log numeric metrics to the active run, if any (one batched call)."""
+    if mlflow.active_run() is None:
+        return
+    clean = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+    if clean:
+        mlflow.log_metrics(clean, step=step)
+
+
+def log_artifact(path: Path, artifact_path: str | None = None) -> None:
+    if mlflow.active_run() is not None and Path(path).exists():
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def set_tags(tags: dict[str, str]) -> None:
+    if mlflow.active_run() is not None:
+        mlflow.set_tags(scrub(tags))
+
+
+def active_run_id() -> str | None:
+    run = mlflow.active_run()
+    return run.info.run_id if run else None

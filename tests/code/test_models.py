@@ -1,0 +1,102 @@
+"""The variants' losses and outputs on tiny images (one without objects)."""
+
+import pickle
+
+import pytest
+import torch
+
+from rcnnops.models import MODELS, build_model
+from rcnnops.models.parts import load_pretrained
+
+SMALL = {"backbone": "small", "min_size": 64, "max_size": 64, "anchor_sizes": [16, 32],
+         "representation_size": 32, "box_batch_size_per_image": 16}
+
+
+def _batch():
+    g = torch.Generator().manual_seed(0)
+    images = [torch.rand(3, 64, 64, generator=g), torch.rand(3, 48, 64, generator=g)]
+    targets = [
+        {"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0], [30.0, 30.0, 60.0, 60.0]]),
+         "labels": torch.tensor([1, 2])},
+        {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},  # no objects
+    ]
+    return images, targets
+
+
+@pytest.mark.parametrize("variant", sorted(MODELS))
+@pytest.mark.parametrize("options", [{"roi_op": "pool"}, {"roi_op": "align", "stride": 4},
+                                     {"box_head": "conv", "norm": "group"}])
+def test_losses_and_outputs(variant, options):
+    torch.manual_seed(0)
+    model = build_model(variant, 3, SMALL | options)
+    images, targets = _batch()
+    model.train()
+    losses = model(images, targets)
+    assert {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"} <= set(
+        losses)
+    assert all(v.ndim == 0 and torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    model.eval()
+    with torch.no_grad():
+        out = model(images)
+    assert len(out) == 2
+    for o, im in zip(out, images, strict=True):
+        n = len(o["boxes"])
+        assert o["boxes"].shape == (n, 4) and o["labels"].shape == (n,) and o["scores"].shape == (n,)
+        assert o["boxes"].dtype == torch.float32 and o["labels"].dtype == torch.int64
+        if n:
+            h, w = im.shape[1:]
+            assert (o["boxes"][:, 0] >= 0).all() and (o["boxes"][:, 2] <= w).all()
+            assert (o["boxes"][:, 3] <= h).all() and (o["labels"] >= 1).all()
+            assert (o["labels"] <= 2).all()
+
+
+def test_faster_rcnn_rejects_proposals():
+    model = build_model("faster_rcnn", 3, SMALL).eval()
+    with pytest.raises(ValueError, match="own proposals"):
+        model([torch.rand(3, 64, 64)], proposals=[torch.zeros(1, 4)])
+
+
+@pytest.mark.parametrize("backbone", ["resnet18_fpn", "mobilenet_v3_fpn"])
+def test_gpu_backbones_build_and_run_on_cpu(backbone):
+    model = build_model("faster_rcnn", 3, {"backbone": backbone, "min_size": 64, "max_size": 64})
+    bn = [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bn, "from scratch, BatchNorm must be trainable (not FrozenBatchNorm2d)"
+    model.eval()
+    with torch.no_grad():
+        assert len(model([torch.rand(3, 64, 64)])) == 1
+
+
+def test_unknown_model_param_is_named():
+    with pytest.raises(ValueError, match=r"train.faster_rcnn.model: unknown key\(s\) \['depth'\]"):
+        build_model("faster_rcnn", 3, {"depth": 3})
+
+
+def test_pretrained_weights_from_local_file(tmp_path):
+    torch.manual_seed(1)
+    src = build_model("faster_rcnn", 3, SMALL)
+    path = tmp_path / "weights.pt"
+    state = src.state_dict()
+    state.pop("roi_heads.box_predictor.cls_score.weight")  # e.g. another class count
+    torch.save(state, path)
+    torch.manual_seed(2)
+    model = build_model("faster_rcnn", 3, SMALL | {"pretrained": str(path)})
+    key = "backbone.stem.0.weight"
+    assert torch.equal(model.state_dict()[key], src.state_dict()[key])
+    # pretrained -> norm auto freezes BatchNorm
+    assert not [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ("pwned",))
+
+
+def test_pretrained_pickle_payload_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    with open(path, "wb") as f:
+        pickle.dump({"x": _Payload()}, f)
+    model = build_model("faster_rcnn", 3, SMALL)
+    with pytest.raises(ValueError, match="weights_only=True"):
+        load_pretrained(model, path)

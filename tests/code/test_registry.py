@@ -1,0 +1,86 @@
+"""The promotion gate against a real (temporary) MLflow SQLite store."""
+
+import pytest
+
+from rcnnops import registry, tracking
+
+NAME = "rcnnops-faster_rcnn"
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracking.setup("gate-test")
+    client = tracking.client()
+    client.create_registered_model(NAME)
+
+    def add(ap: float | None, val_hash: str = "v1") -> str:
+        tags = {"val_hash": val_hash, "variant": "faster_rcnn"}
+        if ap is not None:
+            tags["metric.bbox_AP"] = str(ap)
+        (tmp_path / "m").mkdir(exist_ok=True)
+        mv = client.create_model_version(NAME, source=(tmp_path / "m").as_uri(), tags=tags)
+        return str(mv.version)
+
+    return add
+
+
+def _champion():
+    mv = registry.get_alias(NAME, registry.CHAMPION)
+    return None if mv is None else str(mv.version)
+
+
+def _promote(version, **kw):
+    return registry.promote("faster_rcnn", version, experiment="gate-test", actor="test", **kw)
+
+
+def test_gate_decision_table(store):
+    v1 = store(0.50)
+    d = _promote(v1)
+    assert d.promoted and "first version" in d.reason and _champion() == v1
+
+    v2 = store(0.60)  # better
+    assert _promote(v2).promoted and _champion() == v2
+
+    v3 = store(0.60)  # equal: not better
+    d = _promote(v3)
+    assert not d.promoted and "does not beat" in d.reason and _champion() == v2
+
+    v4 = store(0.40)  # worse
+    assert not _promote(v4).promoted and _champion() == v2
+
+    v5 = store(0.99, val_hash="other")  # better, but on other validation data
+    d = _promote(v5)
+    assert not d.promoted and "validation data differs" in d.reason and _champion() == v2
+
+    d = _promote(v4, force=True)
+    assert d.promoted and d.reason == "forced by the user" and _champion() == v4
+
+
+def test_min_improvement(store):
+    v1, v2 = store(0.50), store(0.505)
+    _promote(v1)
+    assert not _promote(v2, min_improvement=0.01).promoted
+    assert _promote(v2, min_improvement=0.001).promoted
+
+
+def test_unevaluated_version_is_never_promoted(store):
+    v1 = store(None)
+    d = _promote(v1)
+    assert not d.promoted and _champion() is None
+
+
+def test_decision_is_recorded_on_the_version(store):
+    v1, v2 = store(0.5), store(0.4)
+    _promote(v1)
+    _promote(v2)
+    tags = tracking.client().get_model_version(NAME, v2).tags
+    assert tags["promotion.decision"] == "kept"
+    assert "does not beat champion v1" in tags["promotion.reason"]
+    assert tags["promotion.by"] == "test" and tags["promotion.champion_before"] == v1
+
+
+def test_missing_version_is_a_clear_error(store):
+    with pytest.raises(ValueError, match="has no version 42"):
+        _promote("42")

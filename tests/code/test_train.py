@@ -1,0 +1,114 @@
+"""Training loop: schedule, resume after interruption, clear failures."""
+
+import pytest
+import torch
+
+from rcnnops.data.coco import CocoDetection, DataError
+from rcnnops.data.prepare import load_split
+from rcnnops.data.transforms import RandomHorizontalFlip
+from rcnnops.models import build_model
+from rcnnops.train import (
+    CheckpointError,
+    Checkpoints,
+    FitConfig,
+    TrainingDiverged,
+    fit,
+    lr_factor,
+)
+
+MODEL = {"backbone": "small", "min_size": 64, "max_size": 64, "anchor_sizes": [16, 32],
+         "roi_op": "pool", "representation_size": 32, "box_batch_size_per_image": 16}
+CFG = FitConfig(epochs=2, batch_size=4, lr=0.01, warmup_iters=2, lr_steps=[1], seed=3,
+                log_every=1)
+
+
+def test_lr_schedule_warmup_then_steps():
+    f = lr_factor(warmup_iters=10, iters_per_epoch=5, lr_steps=[2, 3], gamma=0.1)
+    assert f(0) == pytest.approx(0.001)
+    assert f(5) == pytest.approx(0.001 * 0.5 + 0.5)
+    assert f(10) == 1.0 * 0.1  # epoch 2 >= first step
+    assert f(9) == pytest.approx((0.001 * 0.1 + 0.9))
+    assert f(15) == pytest.approx(0.01)
+
+
+def _data(prepared):
+    coco, root, labels = load_split(prepared, "train")
+    return CocoDetection(coco, root, labels, RandomHorizontalFlip(0.5)), labels
+
+
+def _model(labels):
+    torch.manual_seed(0)
+    return build_model("faster_rcnn", labels.num_classes + 1, MODEL)
+
+
+def test_flip_moves_boxes_with_pixels():
+    image = torch.zeros(3, 10, 20)
+    image[:, 2:4, 1:5] = 1.0
+    t = {"boxes": torch.tensor([[1.0, 2.0, 5.0, 4.0]]), "labels": torch.tensor([1])}
+    flipped, ft = RandomHorizontalFlip(1.0)(image, t)
+    assert ft["boxes"].tolist() == [[15.0, 2.0, 19.0, 4.0]]
+    assert flipped[0, 2:4, 15:19].eq(1).all() and flipped.sum() == image.sum()
+
+
+def test_resume_after_interruption_matches_uninterrupted_run(tiny_prepared, tmp_path):
+    """Killed mid-epoch 2 and rerun: resumes from the epoch-1 checkpoint and ends
+    with bit-identical weights on CPU (RNG state and data order are restored)."""
+    ds, labels = _data(tiny_prepared)
+    ref = _model(labels)
+    fit(ref, ds, CFG, Checkpoints(tmp_path / "ref"), "fp", torch.device("cpu"), progress=False)
+
+    steps = []
+
+    def crash(metrics, step):
+        steps.append(step)
+        if step == 4:  # 3 batches per epoch: step 4 is mid-epoch 2
+            raise KeyboardInterrupt
+
+    ckpts = Checkpoints(tmp_path / "run")
+    with pytest.raises(KeyboardInterrupt):
+        fit(_model(labels), ds, CFG, ckpts, "fp", torch.device("cpu"), log=crash,
+            progress=False)
+    assert [p.name for p in ckpts.folder.iterdir()] == ["epoch_0001.pt"]
+    resumed = _model(labels)
+    logged = []
+    out = fit(resumed, ds, CFG, ckpts, "fp", torch.device("cpu"),
+              log=lambda m, s: logged.append(s), progress=False)
+    assert out["steps"] == 6 and logged[0] == 4  # continues at step 4, nothing repeated
+    for (k, a), b in zip(ref.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_changed_params_do_not_resume(tiny_prepared, tmp_path, capsys):
+    ds, labels = _data(tiny_prepared)
+    ckpts = Checkpoints(tmp_path / "c")
+    cfg1 = FitConfig(**{**CFG.__dict__, "epochs": 1})
+    fit(_model(labels), ds, cfg1, ckpts, "fp-a", torch.device("cpu"), progress=False)
+    fit(_model(labels), ds, cfg1, ckpts, "fp-b", torch.device("cpu"), progress=False)
+    assert "training from scratch" in capsys.readouterr().out
+
+
+def test_truncated_checkpoint_is_named(tiny_prepared, tmp_path):
+    ds, labels = _data(tiny_prepared)
+    ckpts = Checkpoints(tmp_path / "c")
+    fit(_model(labels), ds, FitConfig(**{**CFG.__dict__, "epochs": 1}), ckpts, "fp",
+        torch.device("cpu"), progress=False)
+    path = ckpts.latest()
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=r"epoch_0001.pt: cannot load checkpoint"):
+        fit(_model(labels), ds, CFG, ckpts, "fp", torch.device("cpu"), progress=False)
+
+
+def test_non_finite_loss_stops_with_clear_error(tiny_prepared, tmp_path):
+    ds, labels = _data(tiny_prepared)
+    cfg = FitConfig(**{**CFG.__dict__, "lr": 1e30, "clip_grad_norm": None, "warmup_iters": 0})
+    with pytest.raises(TrainingDiverged, match="non-finite loss at epoch"):
+        fit(_model(labels), ds, cfg, Checkpoints(tmp_path / "d"), "fp", torch.device("cpu"),
+            progress=False)
+
+
+def test_corrupt_image_at_training_time_names_the_file(tiny_prepared):
+    ds, _ = _data(tiny_prepared)
+    path = ds.image_path(0)
+    path.write_bytes(path.read_bytes()[:50])
+    with pytest.raises(DataError, match=str(path)):
+        ds[0]

@@ -1,0 +1,99 @@
+"""Shared fixtures: tiny generated datasets and projects (no network, CPU only)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import os
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from rcnnops.config import DataParams, GenerateParams, PrepareParams, SplitSource
+from rcnnops.data.prepare import prepare
+from rcnnops.data.shapes import generate
+
+REPO = Path(__file__).resolve().parents[1]
+COCO_MINI = REPO.parent / "shared" / "data" / "coco-mini"
+
+TINY = GenerateParams(out="raw", num_train=12, num_val=6, image_size=64,
+                      min_object_size=12, max_object_size=30, max_objects=3,
+                      empty_fraction=0.2, seed=1)
+
+
+@pytest.fixture
+def tiny_raw(tmp_path, monkeypatch) -> Path:
+    """A tiny shapes dataset (64 px) written as COCO under tmp_path/raw."""
+    monkeypatch.chdir(tmp_path)
+    return generate(dataclasses.replace(TINY, out=str(tmp_path / "raw")))
+
+
+@pytest.fixture
+def tiny_prepared(tiny_raw, tmp_path) -> Path:
+    """``tiny_raw`` through ``prepare`` into tmp_path/prepared."""
+    data = DataParams(root=str(tiny_raw),
+                      train=SplitSource("annotations/instances_train.json", "train"),
+                      val=SplitSource("annotations/instances_val.json", "val"))
+    prepare(data, PrepareParams(out=str(tmp_path / "prepared")))
+    return tmp_path / "prepared"
+
+
+def write_json(path: Path, obj) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+    return path
+
+
+TINY_PARAMS = """\
+variants: [faster_rcnn]
+data:
+  root: data/raw/shapes
+  train: {annotations: annotations/instances_train.json, images: train}
+  val: {annotations: annotations/instances_val.json, images: val}
+generate:
+  out: data/raw/shapes
+  num_train: 16
+  num_val: 8
+  image_size: 64
+  classes: [circle, square]
+  max_objects: 2
+  min_object_size: 14
+  max_object_size: 30
+  empty_fraction: 0.1
+  seed: 0
+prepare: {out: data/prepared}
+train:
+  out: models
+  device: cpu
+  seed: 0
+  workers: 0
+  log_every: 2
+  eval_every: 1
+  faster_rcnn:
+    epochs: 1
+    batch_size: 4
+    lr: 0.01
+    warmup_iters: 2
+    lr_steps: []
+    model: {backbone: small, min_size: 64, max_size: 64, anchor_sizes: [16, 32],
+            roi_op: pool, representation_size: 32, box_batch_size_per_image: 32,
+            rpn_pre_nms_top_n_test: 50, rpn_post_nms_top_n_test: 20}
+evaluate: {out: reports, batch_size: 8}
+register: {experiment: rcnnops-test, metric: bbox_AP}
+"""
+
+
+@pytest.fixture
+def tiny_project(tmp_path) -> Path:
+    """A project folder like the repo (dvc.yaml, stage sources) with tiny params."""
+    proj = tmp_path / "project"
+    proj.mkdir()
+    shutil.copy(REPO / "dvc.yaml", proj / "dvc.yaml")
+    shutil.copytree(REPO / "src", proj / "src",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    (proj / "params.yaml").write_text(TINY_PARAMS)
+    return proj
