@@ -60,10 +60,12 @@ def register(project: str, variant: str) -> dict:
     from rcnnops import registry
 
     p = load_params(Path(project) / "params.yaml")
-    r = registry.register(variant, Path(p.train.out) / variant, Path(p.evaluate.out) / variant,
-                          p.register.experiment)
-    get_run_logger().info("%s version %s (%s)", r.name, r.version,
-                          "new" if r.created else "already registered")
+    r = registry.register(
+        variant, Path(p.train.out) / variant, Path(p.evaluate.out) / variant, p.register.experiment
+    )
+    get_run_logger().info(
+        "%s version %s (%s)", r.name, r.version, "new" if r.created else "already registered"
+    )
     return {"name": r.name, "version": r.version, "created": r.created}
 
 
@@ -75,10 +77,21 @@ def promote(project: str, variant: str, version: str) -> dict:
 
     p = load_params(Path(project) / "params.yaml")
     actor = f"prefect flow run {flow_run.get_name() or flow_run.get_id()}"
-    d = registry.promote(variant, version, p.register.metric, p.register.min_improvement,
-                         actor=actor, experiment=p.register.experiment)
-    get_run_logger().info("%s v%s: %s (%s)", d.name, d.version,
-                          "promoted to champion" if d.promoted else "champion kept", d.reason)
+    d = registry.promote(
+        variant,
+        version,
+        p.register.metric,
+        p.register.min_improvement,
+        actor=actor,
+        experiment=p.register.experiment,
+    )
+    get_run_logger().info(
+        "%s v%s: %s (%s)",
+        d.name,
+        d.version,
+        "promoted to champion" if d.promoted else "champion kept",
+        d.reason,
+    )
     return registry.decision_dict(d)
 
 
@@ -88,19 +101,21 @@ def push(project: str) -> None:
 
 
 def _summary(decisions: list[dict]) -> str:
-    rows = ["| model | version | decision | metric | value | reason |",
-            "|---|---|---|---|---|---|"]
+    rows = ["| model | version | decision | metric | value | reason |", "|---|---|---|---|---|---|"]
     for d in decisions:
         value = "n/a" if d["value"] is None else f"{d['value']:.4f}"
-        rows.append(f"| {d['name']} | {d['version']} | "
-                    f"{'promoted' if d['promoted'] else 'kept'} | {d['metric']} | {value} | "
-                    f"{d['reason']} |")
+        rows.append(
+            f"| {d['name']} | {d['version']} | "
+            f"{'promoted' if d['promoted'] else 'kept'} | {d['metric']} | {value} | "
+            f"{d['reason']} |"
+        )
     return "\n".join(rows)
 
 
 @flow(name="rcnnops-retrain", log_prints=True)
-def retrain(project: str = ".", variants: list[str] | None = None, push_to_remote: bool = True
-            ) -> list[dict]:
+def retrain(
+    project: str = ".", variants: list[str] | None = None, push_to_remote: bool = True
+) -> list[dict]:
     """Retrain, evaluate, register and promote ``variants`` (default: params.yaml's)."""
     root = _chdir(project)
     params = load_params(root / "params.yaml")
@@ -115,6 +130,9 @@ def retrain(project: str = ".", variants: list[str] | None = None, push_to_remot
         decisions.append(promote(str(root), v, reg["version"]))
     if push_to_remote:
         push(str(root))
-    create_markdown_artifact(_summary(decisions), key="rcnnops-promotion",
-                             description="Promotion decisions of this retraining run")
+    create_markdown_artifact(
+        _summary(decisions),
+        key="rcnnops-promotion",
+        description="Promotion decisions of this retraining run",
+    )
     return decisions

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 from pathlib import Path
-
-import os
 
 import pytest
 
@@ -20,9 +19,17 @@ from rcnnops.data.shapes import generate
 REPO = Path(__file__).resolve().parents[1]
 COCO_MINI = REPO.parent / "shared" / "data" / "coco-mini"
 
-TINY = GenerateParams(out="raw", num_train=12, num_val=6, image_size=64,
-                      min_object_size=12, max_object_size=30, max_objects=3,
-                      empty_fraction=0.2, seed=1)
+TINY = GenerateParams(
+    out="raw",
+    num_train=12,
+    num_val=6,
+    image_size=64,
+    min_object_size=12,
+    max_object_size=30,
+    max_objects=3,
+    empty_fraction=0.2,
+    seed=1,
+)
 
 
 @pytest.fixture
@@ -35,9 +42,11 @@ def tiny_raw(tmp_path, monkeypatch) -> Path:
 @pytest.fixture
 def tiny_prepared(tiny_raw, tmp_path) -> Path:
     """``tiny_raw`` through ``prepare`` into tmp_path/prepared."""
-    data = DataParams(root=str(tiny_raw),
-                      train=SplitSource("annotations/instances_train.json", "train"),
-                      val=SplitSource("annotations/instances_val.json", "val"))
+    data = DataParams(
+        root=str(tiny_raw),
+        train=SplitSource("annotations/instances_train.json", "train"),
+        val=SplitSource("annotations/instances_val.json", "val"),
+    )
     prepare(data, PrepareParams(out=str(tmp_path / "prepared")))
     return tmp_path / "prepared"
 
@@ -93,7 +102,14 @@ def tiny_project(tmp_path) -> Path:
     proj = tmp_path / "project"
     proj.mkdir()
     shutil.copy(REPO / "dvc.yaml", proj / "dvc.yaml")
-    shutil.copytree(REPO / "src", proj / "src",
-                    ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    shutil.copytree(
+        REPO / "src", proj / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+    )
     (proj / "params.yaml").write_text(TINY_PARAMS)
     return proj
+
+
+@pytest.fixture(autouse=True)
+def _restore_cwd(monkeypatch):
+    """Stage code and the CLI chdir into the project; put the cwd back after each test."""
+    monkeypatch.chdir(os.getcwd())

@@ -37,8 +37,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     p = _params(args).generate
     out = generate(p)
-    print(f"wrote {p.num_train} train + {p.num_val} val images ({len(p.classes)} classes) "
-          f"to {out}")
+    print(f"wrote {p.num_train} train + {p.num_val} val images ({len(p.classes)} classes) to {out}")
     return 0
 
 
@@ -53,8 +52,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from rcnnops import train
 
     meta = train.run(_params(args), args.variant, progress=not args.no_progress)
-    print(f"trained {args.variant} in {meta['train_seconds']:.1f} s on {meta['device']} "
-          f"(MLflow run {meta['run_id']})")
+    print(
+        f"trained {args.variant} in {meta['train_seconds']:.1f} s on {meta['device']} "
+        f"(MLflow run {meta['run_id']})"
+    )
     return 0
 
 
@@ -71,8 +72,12 @@ def cmd_register(args: argparse.Namespace) -> int:
     from rcnnops import registry
 
     p = _params(args)
-    r = registry.register(args.variant, Path(p.train.out) / args.variant,
-                          Path(p.evaluate.out) / args.variant, p.register.experiment)
+    r = registry.register(
+        args.variant,
+        Path(p.train.out) / args.variant,
+        Path(p.evaluate.out) / args.variant,
+        p.register.experiment,
+    )
     print(f"{r.name} version {r.version}" + ("" if r.created else " (already registered)"))
     return 0
 
@@ -81,11 +86,18 @@ def cmd_promote(args: argparse.Namespace) -> int:
     from rcnnops import registry
 
     p = _params(args)
-    d = registry.promote(args.variant, args.version, p.register.metric,
-                         p.register.min_improvement, force=args.force,
-                         experiment=p.register.experiment)
-    print(f"{d.name} v{d.version}: {'promoted to champion' if d.promoted else 'not promoted'}"
-          f" - {d.reason}")
+    d = registry.promote(
+        args.variant,
+        args.version,
+        p.register.metric,
+        p.register.min_improvement,
+        force=args.force,
+        experiment=p.register.experiment,
+    )
+    print(
+        f"{d.name} v{d.version}: {'promoted to champion' if d.promoted else 'not promoted'}"
+        f" - {d.reason}"
+    )
     return 0
 
 
@@ -101,15 +113,18 @@ def cmd_models(args: argparse.Namespace) -> int:
         for alias, version in (rm.aliases or {}).items():
             aliases.setdefault(str(version), []).append(alias)
         for mv in registry._versions(rm.name):
-            rows.append({
-                "model": rm.name, "version": mv.version,
-                "aliases": ",".join(sorted(aliases.get(str(mv.version), []))),
-                "bbox_AP": mv.tags.get("metric.bbox_AP", ""),
-                "decision": mv.tags.get("promotion.decision", ""),
-                "data_hash": mv.tags.get("data_hash", "")[:12],
-                "git_commit": mv.tags.get("git_commit", "")[:12],
-                "run_id": mv.run_id,
-            })
+            rows.append(
+                {
+                    "model": rm.name,
+                    "version": mv.version,
+                    "aliases": ",".join(sorted(aliases.get(str(mv.version), []))),
+                    "bbox_AP": mv.tags.get("metric.bbox_AP", ""),
+                    "decision": mv.tags.get("promotion.decision", ""),
+                    "data_hash": mv.tags.get("data_hash", "")[:12],
+                    "git_commit": mv.tags.get("git_commit", "")[:12],
+                    "run_id": mv.run_id,
+                }
+            )
     rows.sort(key=lambda r: (r["model"], int(r["version"])))
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -128,8 +143,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from pipelines.retrain import retrain
 
-    decisions = retrain(project=".", variants=args.variants or None,
-                        push_to_remote=not args.no_push)
+    decisions = retrain(
+        project=".", variants=args.variants or None, push_to_remote=not args.no_push
+    )
     for d in decisions:
         state = "champion" if d["promoted"] else "kept previous champion"
         print(f"{d['name']} v{d['version']}: {state} ({d['reason']})")
@@ -138,12 +154,22 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="rcnnops", description="Retraining pipeline for the R-CNN family of detectors.",
-        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-C", "--project", default=".",
-                        help="project folder holding params.yaml and dvc.yaml (default: .)")
-    parser.add_argument("--params", default="params.yaml",
-                        help="params file, relative to the project (default: params.yaml)")
+        prog="rcnnops",
+        description="Retraining pipeline for the R-CNN family of detectors.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "-C",
+        "--project",
+        default=".",
+        help="project folder holding params.yaml and dvc.yaml (default: .)",
+    )
+    parser.add_argument(
+        "--params",
+        default="params.yaml",
+        help="params file, relative to the project (default: params.yaml)",
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, fn, help_: str) -> argparse.ArgumentParser:
@@ -156,15 +182,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-push", action="store_true", help="skip `dvc push` at the end")
     add("generate", cmd_generate, "[stage] write the generated 'shapes' dataset as COCO")
     add("prepare", cmd_prepare, "[stage] validate a COCO dataset and write prepared splits")
-    for name, fn, help_ in (("train", cmd_train, "[stage] train one variant (resumes)"),
-                            ("evaluate", cmd_evaluate, "[stage] COCO-evaluate one variant")):
+    for name, fn, help_ in (
+        ("train", cmd_train, "[stage] train one variant (resumes)"),
+        ("evaluate", cmd_evaluate, "[stage] COCO-evaluate one variant"),
+    ):
         sp = add(name, fn, help_)
         sp.add_argument("--variant", required=True, help="e.g. faster_rcnn")
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
     sp = add("register", cmd_register, "register a trained, evaluated variant in MLflow")
     sp.add_argument("variant")
-    sp = add("promote", cmd_promote,
-             "run the promotion gate: move 'champion' to VERSION if it beats the champion")
+    sp = add(
+        "promote",
+        cmd_promote,
+        "run the promotion gate: move 'champion' to VERSION if it beats the champion",
+    )
     sp.add_argument("variant")
     sp.add_argument("version")
     sp.add_argument("--force", action="store_true", help="promote without comparing")
@@ -185,8 +216,15 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.fn(args)
-    except (ParamsError, DataError, StageError, CheckpointError, TrainingDiverged,
-            FileNotFoundError, ValueError) as e:
+    except (
+        ParamsError,
+        DataError,
+        StageError,
+        CheckpointError,
+        TrainingDiverged,
+        FileNotFoundError,
+        ValueError,
+    ) as e:
         print(f"rcnnops {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -218,9 +218,7 @@ def _check(p: Params, src: str) -> None:
     if not g.classes:
         raise ParamsError(f"{src}: generate.classes: at least one class is needed")
     if g.max_object_size > g.image_size or g.min_object_size > g.max_object_size:
-        raise ParamsError(
-            f"{src}: generate: need min_object_size <= max_object_size <= image_size"
-        )
+        raise ParamsError(f"{src}: generate: need min_object_size <= max_object_size <= image_size")
     if not 0.0 <= g.empty_fraction <= 1.0:
         raise ParamsError(f"{src}: generate.empty_fraction: must be in [0, 1]")
     if not 0.0 < p.prepare.val_fraction < 1.0:
@@ -262,8 +260,13 @@ def parse_params(raw: Any, src: str = "params.yaml") -> Params:
         k: _build(VariantTrainParams, v, f"{src}: train.{k}") for k, v in variant_sections.items()
     }
     train = dataclasses.replace(train, variants=variants_parsed)
-    sections = {"data": DataParams, "generate": GenerateParams, "prepare": PrepareParams,
-                "evaluate": EvaluateParams, "register": RegisterParams}
+    sections = {
+        "data": DataParams,
+        "generate": GenerateParams,
+        "prepare": PrepareParams,
+        "evaluate": EvaluateParams,
+        "register": RegisterParams,
+    }
     unknown = sorted(set(raw) - set(sections) - {"variants"})
     if unknown:
         raise ParamsError(f"{src}: unknown section(s) {unknown}")

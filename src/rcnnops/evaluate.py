@@ -33,8 +33,13 @@ def plot_pr(precision: np.ndarray, names: Iterable[str], path: Path, title: str)
         valid = (p > -1).all(axis=0)
         if valid.any():
             axes[0].plot(recall, p[:, valid].mean(axis=1), label=f"IoU={iou:.2f}")
-    axes[0].set(title=f"{title}: mean over classes", xlabel="recall", ylabel="precision",
-                xlim=(0, 1), ylim=(0, 1.02))
+    axes[0].set(
+        title=f"{title}: mean over classes",
+        xlabel="recall",
+        ylabel="precision",
+        xlim=(0, 1),
+        ylim=(0, 1.02),
+    )
     axes[0].legend(loc="lower left")
     for k, name in enumerate(names):
         p = precision[0, :, k, 0, -1]
@@ -49,8 +54,12 @@ def plot_pr(precision: np.ndarray, names: Iterable[str], path: Path, title: str)
 
 
 def write_report(
-    out_dir: Path, metrics: dict, results: list[dict], precision: np.ndarray,
-    names: list[str], title: str,
+    out_dir: Path,
+    metrics: dict,
+    results: list[dict],
+    precision: np.ndarray,
+    names: list[str],
+    title: str,
 ) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "predictions.json").write_text(json.dumps(results))
@@ -64,8 +73,7 @@ def summarise(stats: dict, per_class: dict, ms: float) -> dict:
     return {
         **{k: round(v, 6) for k, v in stats.items()},
         "infer_ms_per_image": round(ms, 3),
-        "per_class_AP": {k: (None if math.isnan(v) else round(v, 6))
-                         for k, v in per_class.items()},
+        "per_class_AP": {k: (None if math.isnan(v) else round(v, 6)) for k, v in per_class.items()},
     }
 
 
@@ -83,8 +91,10 @@ def run(params, variant: str, progress: bool = True) -> dict:
     model_dir = Path(params.train.out) / variant
     model, meta = load_model(model_dir, device)
     if meta["data_hash"] != manifest["data_hash"]:
-        raise DataError(f"{model_dir / 'model.json'}: the model was trained on other data "
-                        f"than {prepared}; retrain with `dvc repro train@{variant}`")
+        raise DataError(
+            f"{model_dir / 'model.json'}: the model was trained on other data "
+            f"than {prepared}; retrain with `dvc repro train@{variant}`"
+        )
     dataset = CocoDetection(val_coco, val_root, labels)
     results, ms = predict(model, dataset, labels, device, params.evaluate.batch_size, progress)
     stats, per_class, precision = coco_evaluate(val_coco, results)
@@ -93,8 +103,9 @@ def run(params, variant: str, progress: bool = True) -> dict:
     write_report(out_dir, metrics, results, precision, list(labels.names), variant)
     with tracking.stage_run(params.register.experiment, variant, meta["run_id"]):
         tracking.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
-        tracking.log_metrics({f"AP_class/{k}": v for k, v in per_class.items()
-                              if not math.isnan(v)})
+        tracking.log_metrics(
+            {f"AP_class/{k}": v for k, v in per_class.items() if not math.isnan(v)}
+        )
         tracking.set_tags({"val_hash": manifest["val_hash"]})
         for name in ("metrics.json", "pr_curve.png"):
             tracking.log_artifact(out_dir / name, "evaluation")

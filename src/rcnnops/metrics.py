@@ -20,8 +20,20 @@ from tqdm import tqdm
 
 from rcnnops.data.coco import LabelMap
 
-STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl",
-              "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+STAT_NAMES = (
+    "AP",
+    "AP50",
+    "AP75",
+    "APs",
+    "APm",
+    "APl",
+    "AR1",
+    "AR10",
+    "AR100",
+    "ARs",
+    "ARm",
+    "ARl",
+)
 
 
 def _quiet_coco(dataset: dict) -> COCO:
@@ -37,8 +49,11 @@ def _results_coco(gt: COCO, results: list[dict]) -> COCO:
     if results:
         with contextlib.redirect_stdout(io.StringIO()):
             return gt.loadRes(results)
-    empty = {"images": gt.dataset["images"], "categories": gt.dataset["categories"],
-             "annotations": []}
+    empty = {
+        "images": gt.dataset["images"],
+        "categories": gt.dataset["categories"],
+        "annotations": [],
+    }
     return _quiet_coco(empty)
 
 
@@ -59,8 +74,7 @@ def coco_evaluate(
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    stats = {f"{iou_type}_{n}": float(v) for n, v in zip(STAT_NAMES, ev.stats,
-                                                                    strict=True)}
+    stats = {f"{iou_type}_{n}": float(v) for n, v in zip(STAT_NAMES, ev.stats, strict=True)}
     precision = ev.eval["precision"]  # [T, R, K, A(all, s, m, l), M(1, 10, 100)]
     per_class = {}
     for k, cat_id in enumerate(ev.params.catIds):
@@ -84,7 +98,7 @@ def predict(
     results: list[dict] = []
     elapsed, n = 0.0, 0
     indices = list(range(len(dataset)))
-    batches = [indices[i:i + batch_size] for i in range(0, len(indices), batch_size)]
+    batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
     for batch in tqdm(batches, desc="predict", unit="batch", disable=not progress, leave=False):
         samples = [dataset[i] for i in batch]
         images = [s[0].to(device) for s in samples]
@@ -106,8 +120,13 @@ def to_coco_results(image_id: int, output: dict, labels: LabelMap) -> list[dict]
     boxes = output["boxes"].detach().float().cpu()
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
     return [
-        {"image_id": image_id, "category_id": labels.category_id(int(lab)),
-         "bbox": [round(v, 2) for v in box], "score": round(float(s), 5)}
-        for box, lab, s in zip(xywh, output["labels"].tolist(), output["scores"].tolist(),
-                               strict=True)
+        {
+            "image_id": image_id,
+            "category_id": labels.category_id(int(lab)),
+            "bbox": [round(v, 2) for v in box],
+            "score": round(float(s), 5),
+        }
+        for box, lab, s in zip(
+            xywh, output["labels"].tolist(), output["scores"].tolist(), strict=True
+        )
     ]

@@ -31,8 +31,13 @@ def env() -> dict[str, str]:
     return e
 
 
-def dvc(project: Path, *args: str, check: bool = True, capture: bool = False,
-        timeout: float | None = None) -> subprocess.CompletedProcess:
+def dvc(
+    project: Path,
+    *args: str,
+    check: bool = True,
+    capture: bool = False,
+    timeout: float | None = None,
+) -> subprocess.CompletedProcess:
     """Run ``dvc ARGS`` in ``project`` with this interpreter.
 
     Without ``capture`` the output streams through (progress stays visible) and
@@ -40,13 +45,21 @@ def dvc(project: Path, *args: str, check: bool = True, capture: bool = False,
     """
     cmd = [sys.executable, "-m", "dvc", *args]
     if capture:
-        proc = subprocess.run(cmd, cwd=project, env=env(), text=True, timeout=timeout,
-                              capture_output=True)
+        proc = subprocess.run(
+            cmd, cwd=project, env=env(), text=True, timeout=timeout, capture_output=True
+        )
         out = (proc.stdout or "") + (proc.stderr or "")
     else:
         tail: deque[str] = deque(maxlen=40)
-        with subprocess.Popen(cmd, cwd=project, env=env(), text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, bufsize=1) as p:
+        with subprocess.Popen(
+            cmd,
+            cwd=project,
+            env=env(),
+            text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            bufsize=1,
+        ) as p:
             assert p.stdout is not None
             for line in p.stdout:
                 sys.stdout.write(line)
@@ -57,15 +70,22 @@ def dvc(project: Path, *args: str, check: bool = True, capture: bool = False,
     if check and proc.returncode != 0:
         errors = [ln for ln in out.splitlines() if "error" in ln.lower()]
         detail = "\n".join(errors[-5:] or out.strip().splitlines()[-15:])
-        raise StageError(f"`dvc {' '.join(args)}` failed in {project} "
-                         f"(exit {proc.returncode})" + (f":\n{detail}" if detail else ""))
+        raise StageError(
+            f"`dvc {' '.join(args)}` failed in {project} "
+            f"(exit {proc.returncode})" + (f":\n{detail}" if detail else "")
+        )
     return proc
 
 
 def _git_toplevel(project: Path) -> Path | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=project,
-                             capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "--show-toplevel"],
+            cwd=project,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except OSError:
         return None
     return Path(out.stdout.strip()).resolve() if out.returncode == 0 else None
@@ -84,10 +104,13 @@ def ensure_dvc(project: Path) -> list[str]:
         done.append("initialised DVC" + (f" ({' '.join(flags)})" if flags else ""))
     remote = dvc(project, "remote", "default", check=False, capture=True)
     if remote.returncode != 0 or not remote.stdout.strip():
-        dvc(project, "remote", "add", "-d", "-f", DEFAULT_REMOTE_NAME,
-            DEFAULT_REMOTE_DIR)  # relative to the cwd; DVC stores it relative to .dvc/
-        done.append(f"configured default DVC remote '{DEFAULT_REMOTE_NAME}' -> "
-                    f"{project / DEFAULT_REMOTE_DIR}")
+        dvc(
+            project, "remote", "add", "-d", "-f", DEFAULT_REMOTE_NAME, DEFAULT_REMOTE_DIR
+        )  # relative to the cwd; DVC stores it relative to .dvc/
+        done.append(
+            f"configured default DVC remote '{DEFAULT_REMOTE_NAME}' -> "
+            f"{project / DEFAULT_REMOTE_DIR}"
+        )
     (project / DEFAULT_REMOTE_DIR).mkdir(exist_ok=True)
     return done
 

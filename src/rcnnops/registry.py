@@ -83,12 +83,14 @@ class DetectorPyfunc(mlflow.pyfunc.PythonModel):
         for out in outputs:
             keep = out["scores"] >= threshold
             labels = out["labels"][keep].tolist()
-            detections.append({
-                "boxes": [[round(v, 2) for v in b] for b in out["boxes"][keep].tolist()],
-                "labels": labels,
-                "names": [self.labels.name(lab) for lab in labels],
-                "scores": [round(s, 4) for s in out["scores"][keep].tolist()],
-            })
+            detections.append(
+                {
+                    "boxes": [[round(v, 2) for v in b] for b in out["boxes"][keep].tolist()],
+                    "labels": labels,
+                    "names": [self.labels.name(lab) for lab in labels],
+                    "scores": [round(s, 4) for s in out["scores"][keep].tolist()],
+                }
+            )
         return detections
 
 
@@ -141,9 +143,13 @@ def register(variant: str, model_dir: Path, report_dir: Path, experiment: str) -
             )
     numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
     tags = {
-        "variant": variant, "model_hash": model_hash, "data_hash": meta["data_hash"],
-        "val_hash": meta["val_hash"], "params_hash": meta["params_hash"],
-        "git_commit": meta["git_commit"], "run_id": meta["run_id"],
+        "variant": variant,
+        "model_hash": model_hash,
+        "data_hash": meta["data_hash"],
+        "val_hash": meta["val_hash"],
+        "params_hash": meta["params_hash"],
+        "git_commit": meta["git_commit"],
+        "run_id": meta["run_id"],
         **{f"metric.{k}": str(v) for k, v in numeric.items()},
     }
     mv = mlflow.register_model(info.model_uri, name, tags=tags)
@@ -185,8 +191,9 @@ def get_alias(name: str, alias: str) -> Any | None:
         return None
 
 
-def decide(candidate: Any, champion: Any | None, metric: str, min_improvement: float,
-           force: bool = False) -> tuple[bool, str]:
+def decide(
+    candidate: Any, champion: Any | None, metric: str, min_improvement: float, force: bool = False
+) -> tuple[bool, str]:
     """The promotion gate, as a pure decision over two model versions."""
     value = _metric(candidate, metric)
     if force:
@@ -198,19 +205,30 @@ def decide(candidate: Any, champion: Any | None, metric: str, min_improvement: f
     if str(champion.version) == str(candidate.version):
         return False, f"version {candidate.version} is already champion"
     if champion.tags.get("val_hash") != candidate.tags.get("val_hash"):
-        return False, (f"validation data differs from champion v{champion.version}'s "
-                       "(val_hash); refusing to compare, champion kept (use --force)")
+        return False, (
+            f"validation data differs from champion v{champion.version}'s "
+            "(val_hash); refusing to compare, champion kept (use --force)"
+        )
     best = _metric(champion, metric)
     if best is None:
         return True, f"champion v{champion.version} has no {metric}"
     if value > best + min_improvement:
         return True, f"{metric} {value:.4f} beats champion v{champion.version}'s {best:.4f}"
-    return False, (f"{metric} {value:.4f} does not beat champion v{champion.version}'s "
-                   f"{best:.4f} by more than {min_improvement}")
+    return False, (
+        f"{metric} {value:.4f} does not beat champion v{champion.version}'s "
+        f"{best:.4f} by more than {min_improvement}"
+    )
 
 
-def promote(variant: str, version: str, metric: str = "bbox_AP", min_improvement: float = 0.0,
-            force: bool = False, actor: str | None = None, experiment: str = "rcnnops") -> Decision:
+def promote(
+    variant: str,
+    version: str,
+    metric: str = "bbox_AP",
+    min_improvement: float = 0.0,
+    force: bool = False,
+    actor: str | None = None,
+    experiment: str = "rcnnops",
+) -> Decision:
     """Run the gate for ``version``; move ``champion`` if it passes. Records the
     decision, its reason, the metrics compared and who decided as version tags."""
     tracking.setup(experiment)
@@ -222,17 +240,26 @@ def promote(variant: str, version: str, metric: str = "bbox_AP", min_improvement
         raise ValueError(f"model {name} has no version {version}") from None
     champion = get_alias(name, CHAMPION)
     promoted, reason = decide(candidate, champion, metric, min_improvement, force)
-    decision = Decision(name, str(version), promoted, reason, metric,
-                        _metric(candidate, metric),
-                        str(champion.version) if champion else None,
-                        _metric(champion, metric) if champion else None)
+    decision = Decision(
+        name,
+        str(version),
+        promoted,
+        reason,
+        metric,
+        _metric(candidate, metric),
+        str(champion.version) if champion else None,
+        _metric(champion, metric) if champion else None,
+    )
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, str(version))
     actor = actor or os.environ.get("RCNNOPS_ACTOR") or getpass.getuser()
-    tags = {"promotion.decision": "promoted" if promoted else "kept",
-            "promotion.reason": reason, "promotion.by": actor,
-            "promotion.at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "promotion.champion_before": decision.champion_before or "none"}
+    tags = {
+        "promotion.decision": "promoted" if promoted else "kept",
+        "promotion.reason": reason,
+        "promotion.by": actor,
+        "promotion.at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "promotion.champion_before": decision.champion_before or "none",
+    }
     for k, v in tags.items():
         client.set_model_version_tag(name, str(version), k, v)
     return decision

@@ -53,18 +53,30 @@ def setup(experiment: str, project: Path | None = None) -> str:
 
 
 def client() -> MlflowClient:
-    return MlflowClient(tracking_uri=mlflow.get_tracking_uri(),
-                        registry_uri=mlflow.get_registry_uri())
+    return MlflowClient(
+        tracking_uri=mlflow.get_tracking_uri(), registry_uri=mlflow.get_registry_uri()
+    )
 
 
 def git_commit(project: Path | None = None) -> str:
     """The project's git commit (``-dirty`` suffix if modified), or ``unknown``."""
     cwd = Path(project or Path.cwd())
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True,
-                             text=True, check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=cwd, capture_output=True, text=True, timeout=10).stdout
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return sha + ("-dirty" if dirty.strip() else "")

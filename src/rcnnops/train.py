@@ -124,8 +124,14 @@ def _loader(dataset: Dataset, cfg: FitConfig, epoch: int, device: torch.device) 
     # The order depends only on (seed, epoch): resuming at epoch e replays it.
     g = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
     order = torch.randperm(len(dataset), generator=g).tolist()
-    return DataLoader(dataset, batch_size=cfg.batch_size, sampler=order, collate_fn=collate,
-                      num_workers=cfg.workers, pin_memory=device.type == "cuda")
+    return DataLoader(
+        dataset,
+        batch_size=cfg.batch_size,
+        sampler=order,
+        collate_fn=collate,
+        num_workers=cfg.workers,
+        pin_memory=device.type == "cuda",
+    )
 
 
 def _to(device: torch.device, images: list, targets: list) -> tuple[list, list]:
@@ -156,11 +162,11 @@ def fit(
     """
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                          weight_decay=cfg.weight_decay)
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     iters = math.ceil(len(train_set) / cfg.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lr_factor(cfg.warmup_iters, iters, cfg.lr_steps, cfg.gamma))
+        opt, lr_factor(cfg.warmup_iters, iters, cfg.lr_steps, cfg.gamma)
+    )
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
     start_epoch, step, history = 0, 0, []
@@ -178,16 +184,24 @@ def fit(
             history, extra = state["history"], state.get("extra", extra)
             print(f"resuming from {latest} (epoch {start_epoch}/{cfg.epochs})")
         else:
-            print(f"{checkpoints.folder}: checkpoints are from other params or data; "
-                  "training from scratch")
+            print(
+                f"{checkpoints.folder}: checkpoints are from other params or data; "
+                "training from scratch"
+            )
             checkpoints.clear()
     else:
         torch.manual_seed(cfg.seed)
     for epoch in range(start_epoch, cfg.epochs):
         model.train()
         sums: dict[str, float] = {}
-        bar = tqdm(_loader(train_set, cfg, epoch, device), total=iters, disable=not progress,
-                   desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", leave=False)
+        bar = tqdm(
+            _loader(train_set, cfg, epoch, device),
+            total=iters,
+            disable=not progress,
+            desc=f"epoch {epoch + 1}/{cfg.epochs}",
+            unit="batch",
+            leave=False,
+        )
         for images, targets in bar:
             images, targets = _to(device, images, targets)
             with torch.autocast(device_type=device.type, enabled=use_amp):
@@ -213,8 +227,11 @@ def fit(
                 sums[k] = sums.get(k, 0.0) + v
             bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{opt.param_groups[0]['lr']:.4f}")
             if log is not None and step % cfg.log_every == 0:
-                log({f"train/{k}": v for k, v in values.items()}
-                    | {"train/loss": loss_value, "train/lr": opt.param_groups[0]["lr"]}, step)
+                log(
+                    {f"train/{k}": v for k, v in values.items()}
+                    | {"train/loss": loss_value, "train/lr": opt.param_groups[0]["lr"]},
+                    step,
+                )
         n = max(1, iters)
         record = {"epoch": epoch + 1, **{f"train/{k}": v / n for k, v in sums.items()}}
         if validate is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
@@ -222,13 +239,24 @@ def fit(
         if log is not None:
             log({k: v for k, v in record.items() if k != "epoch"}, epoch + 1)
         history.append(record)
-        print(" ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}"
-                       for k, v in record.items()))
+        print(
+            " ".join(
+                f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()
+            )
+        )
         checkpoints.save(
-            {"model": model.state_dict(), "optimizer": opt.state_dict(),
-             "scheduler": sched.state_dict(), "scaler": scaler.state_dict(),
-             "rng": torch.get_rng_state(), "epoch": epoch + 1, "step": step,
-             "history": history, "fingerprint": fingerprint, "extra": extra},
+            {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "scaler": scaler.state_dict(),
+                "rng": torch.get_rng_state(),
+                "epoch": epoch + 1,
+                "step": step,
+                "history": history,
+                "fingerprint": fingerprint,
+                "extra": extra,
+            },
             epoch + 1,
         )
     return {"epochs": cfg.epochs, "steps": step, "history": history, "extra": extra}
@@ -247,7 +275,8 @@ def read_model_meta(model_dir: Path) -> dict:
     path = Path(model_dir) / "model.json"
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path}: no trained model here; train it with `dvc repro train@<variant>`")
+            f"{path}: no trained model here; train it with `dvc repro train@<variant>`"
+        )
     return json.loads(path.read_text())
 
 
@@ -265,7 +294,8 @@ def load_model(model_dir: Path, device: torch.device | str = "cpu") -> tuple[nn.
     except Exception as e:
         raise CheckpointError(
             f"{path}: cannot load model weights ({type(e).__name__}: {e}); "
-            f"retrain with `dvc repro -f train@{meta['variant']}`") from None
+            f"retrain with `dvc repro -f train@{meta['variant']}`"
+        ) from None
     return model.to(device).eval(), meta
 
 
@@ -304,43 +334,84 @@ def run(params, variant: str, progress: bool = True) -> dict:
     out_dir = Path(common.out) / variant
     checkpoints = Checkpoints(out_dir / "checkpoints")
     cfg = FitConfig(
-        epochs=vp.epochs, batch_size=vp.batch_size, lr=vp.lr, momentum=vp.momentum,
-        weight_decay=vp.weight_decay, warmup_iters=vp.warmup_iters, lr_steps=vp.lr_steps,
-        gamma=vp.gamma, amp=vp.amp, clip_grad_norm=vp.clip_grad_norm, seed=common.seed,
-        workers=common.workers, log_every=common.log_every, eval_every=common.eval_every,
+        epochs=vp.epochs,
+        batch_size=vp.batch_size,
+        lr=vp.lr,
+        momentum=vp.momentum,
+        weight_decay=vp.weight_decay,
+        warmup_iters=vp.warmup_iters,
+        lr_steps=vp.lr_steps,
+        gamma=vp.gamma,
+        amp=vp.amp,
+        clip_grad_norm=vp.clip_grad_norm,
+        seed=common.seed,
+        workers=common.workers,
+        log_every=common.log_every,
+        eval_every=common.eval_every,
     )
 
     def validate(m: nn.Module, epoch: int) -> dict[str, float]:
-        results, ms = predict(m, val_set, labels, device, params.evaluate.batch_size,
-                              progress=False)
+        results, ms = predict(
+            m, val_set, labels, device, params.evaluate.batch_size, progress=False
+        )
         stats, _, _ = coco_evaluate(val_coco, results)
         return {f"val/{k}": v for k, v in stats.items()} | {"val/infer_ms_per_image": ms}
 
-    tags = {"variant": variant, "data_hash": manifest["data_hash"], "params_hash": params_hash,
-            "git_commit": tracking.git_commit(), "device": str(device),
-            "mlflow.runName": variant}
+    tags = {
+        "variant": variant,
+        "data_hash": manifest["data_hash"],
+        "params_hash": params_hash,
+        "git_commit": tracking.git_commit(),
+        "device": str(device),
+        "mlflow.runName": variant,
+    }
     run_id = _resumable_run_id(checkpoints, fingerprint)
     t0 = time.perf_counter()
     with tracking.stage_run(params.register.experiment, variant, run_id, tags) as active:
-        tracking.log_params(flatten(to_dict(vp), "train.") | {
-            "variant": variant, "seed": common.seed, "device": str(device),
-            "num_classes": labels.num_classes, "train_images": len(train_set),
-            "val_images": len(val_set)})
-        summary = fit(model, train_set, cfg, checkpoints, fingerprint, device, validate,
-                      tracking.log_metrics, {"run_id": active.info.run_id}, progress)
+        tracking.log_params(
+            flatten(to_dict(vp), "train.")
+            | {
+                "variant": variant,
+                "seed": common.seed,
+                "device": str(device),
+                "num_classes": labels.num_classes,
+                "train_images": len(train_set),
+                "val_images": len(val_set),
+            }
+        )
+        summary = fit(
+            model,
+            train_set,
+            cfg,
+            checkpoints,
+            fingerprint,
+            device,
+            validate,
+            tracking.log_metrics,
+            {"run_id": active.info.run_id},
+            progress,
+        )
         seconds = time.perf_counter() - t0
         tracking.log_metrics({"train_seconds": seconds})
         run_id = active.info.run_id
     from rcnnops.models.parts import count_parameters
 
     meta = {
-        "variant": variant, "num_classes": labels.num_classes + 1,
-        "model_params": vp.model, "labels": labels.to_json(),
-        "data_hash": manifest["data_hash"], "val_hash": manifest["val_hash"],
-        "params_hash": params_hash, "git_commit": tags["git_commit"], "run_id": run_id,
-        "device": str(device), "train_seconds": round(seconds, 2),
-        "parameters": count_parameters(model), "epochs": summary["epochs"],
-        "steps": summary["steps"], "final": summary["history"][-1] if summary["history"] else {},
+        "variant": variant,
+        "num_classes": labels.num_classes + 1,
+        "model_params": vp.model,
+        "labels": labels.to_json(),
+        "data_hash": manifest["data_hash"],
+        "val_hash": manifest["val_hash"],
+        "params_hash": params_hash,
+        "git_commit": tags["git_commit"],
+        "run_id": run_id,
+        "device": str(device),
+        "train_seconds": round(seconds, 2),
+        "parameters": count_parameters(model),
+        "epochs": summary["epochs"],
+        "steps": summary["steps"],
+        "final": summary["history"][-1] if summary["history"] else {},
     }
     save_model(model, out_dir, meta)
     return meta

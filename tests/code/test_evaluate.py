@@ -11,8 +11,16 @@ from rcnnops.metrics import coco_evaluate, to_coco_results
 
 
 def _gt_as_results(coco):
-    return [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"],
-             "score": 1.0} for a in coco["annotations"] if not a.get("iscrowd", 0)]
+    return [
+        {
+            "image_id": a["image_id"],
+            "category_id": a["category_id"],
+            "bbox": a["bbox"],
+            "score": 1.0,
+        }
+        for a in coco["annotations"]
+        if not a.get("iscrowd", 0)
+    ]
 
 
 def test_ground_truth_as_predictions_gives_ap_1(tiny_prepared):
@@ -44,11 +52,18 @@ def test_shifted_boxes_lose_strict_iou(tiny_prepared):
 
 def test_to_coco_results_converts_xyxy_to_xywh_and_category_ids(tiny_prepared):
     _, _, labels = load_split(tiny_prepared, "val")
-    out = {"boxes": torch.tensor([[10.0, 20.0, 30.0, 60.0]]), "labels": torch.tensor([2]),
-           "scores": torch.tensor([0.9])}
+    out = {
+        "boxes": torch.tensor([[10.0, 20.0, 30.0, 60.0]]),
+        "labels": torch.tensor([2]),
+        "scores": torch.tensor([0.9]),
+    }
     (r,) = to_coco_results(7, out, labels)
-    assert r == {"image_id": 7, "category_id": labels.category_id(2),
-                 "bbox": [10.0, 20.0, 20.0, 40.0], "score": 0.9}
+    assert r == {
+        "image_id": 7,
+        "category_id": labels.category_id(2),
+        "bbox": [10.0, 20.0, 20.0, 40.0],
+        "score": 0.9,
+    }
 
 
 def test_report_files(tiny_prepared, tmp_path):

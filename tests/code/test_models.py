@@ -8,32 +8,41 @@ import torch
 from rcnnops.models import MODELS, build_model
 from rcnnops.models.parts import load_pretrained
 
-SMALL = {"backbone": "small", "min_size": 64, "max_size": 64, "anchor_sizes": [16, 32],
-         "representation_size": 32, "box_batch_size_per_image": 16}
+SMALL = {
+    "backbone": "small",
+    "min_size": 64,
+    "max_size": 64,
+    "anchor_sizes": [16, 32],
+    "representation_size": 32,
+    "box_batch_size_per_image": 16,
+}
 
 
 def _batch():
     g = torch.Generator().manual_seed(0)
     images = [torch.rand(3, 64, 64, generator=g), torch.rand(3, 48, 64, generator=g)]
     targets = [
-        {"boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0], [30.0, 30.0, 60.0, 60.0]]),
-         "labels": torch.tensor([1, 2])},
+        {
+            "boxes": torch.tensor([[4.0, 6.0, 30.0, 40.0], [30.0, 30.0, 60.0, 60.0]]),
+            "labels": torch.tensor([1, 2]),
+        },
         {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},  # no objects
     ]
     return images, targets
 
 
 @pytest.mark.parametrize("variant", sorted(MODELS))
-@pytest.mark.parametrize("options", [{"roi_op": "pool"}, {"roi_op": "align", "stride": 4},
-                                     {"box_head": "conv", "norm": "group"}])
+@pytest.mark.parametrize(
+    "options",
+    [{"roi_op": "pool"}, {"roi_op": "align", "stride": 4}, {"box_head": "conv", "norm": "group"}],
+)
 def test_losses_and_outputs(variant, options):
     torch.manual_seed(0)
     model = build_model(variant, 3, SMALL | options)
     images, targets = _batch()
     model.train()
     losses = model(images, targets)
-    assert {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"} <= set(
-        losses)
+    assert {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"} <= set(losses)
     assert all(v.ndim == 0 and torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
@@ -43,7 +52,9 @@ def test_losses_and_outputs(variant, options):
     assert len(out) == 2
     for o, im in zip(out, images, strict=True):
         n = len(o["boxes"])
-        assert o["boxes"].shape == (n, 4) and o["labels"].shape == (n,) and o["scores"].shape == (n,)
+        assert (
+            o["boxes"].shape == (n, 4) and o["labels"].shape == (n,) and o["scores"].shape == (n,)
+        )
         assert o["boxes"].dtype == torch.float32 and o["labels"].dtype == torch.int64
         if n:
             h, w = im.shape[1:]
@@ -82,7 +93,7 @@ def test_pretrained_weights_from_local_file(tmp_path):
     torch.save(state, path)
     torch.manual_seed(2)
     model = build_model("faster_rcnn", 3, SMALL | {"pretrained": str(path)})
-    key = "backbone.stem.0.weight"
+    key = "backbone.stages.0.0.weight"
     assert torch.equal(model.state_dict()[key], src.state_dict()[key])
     # pretrained -> norm auto freezes BatchNorm
     assert not [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]

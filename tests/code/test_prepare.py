@@ -13,8 +13,11 @@ ANN = "annotations/instances_train.json"
 
 
 def _data(root, val=True):
-    return DataParams(root=str(root), train=SplitSource(ANN, "train"),
-                      val=SplitSource("annotations/instances_val.json", "val") if val else None)
+    return DataParams(
+        root=str(root),
+        train=SplitSource(ANN, "train"),
+        val=SplitSource("annotations/instances_val.json", "val") if val else None,
+    )
 
 
 def _edit(root, fn):
@@ -38,8 +41,10 @@ def test_prepare_writes_contiguous_labels_and_hashes(tiny_raw, tmp_path):
     assert again["data_hash"] == m["data_hash"]
     img = next((tiny_raw / "val").glob("*.png"))
     img.write_bytes(img.read_bytes())  # same bytes: unchanged
-    assert prepare(_data(tiny_raw), PrepareParams(out=str(tmp_path / "r")))["val_hash"] == \
-        m["val_hash"]
+    assert (
+        prepare(_data(tiny_raw), PrepareParams(out=str(tmp_path / "r")))["val_hash"]
+        == m["val_hash"]
+    )
 
 
 def test_label_map_round_trip():
@@ -59,8 +64,9 @@ def test_split_is_deterministic_and_disjoint(tiny_raw):
 
 
 def test_prepare_without_val_splits_train(tiny_raw, tmp_path):
-    m = prepare(_data(tiny_raw, val=False), PrepareParams(out=str(tmp_path / "p"),
-                                                          val_fraction=0.25))
+    m = prepare(
+        _data(tiny_raw, val=False), PrepareParams(out=str(tmp_path / "p"), val_fraction=0.25)
+    )
     assert m["splits"]["val"]["images"] == 3 and m["splits"]["train"]["images"] == 9
 
 
@@ -70,30 +76,54 @@ def _first_ann(c):
 
 BAD = {
     "missing key": (lambda c: c.pop("categories"), "missing required key 'categories'"),
-    "zero-size box": (lambda c: _first_ann(c).update(bbox=[1, 1, 0, 5]),
-                      r"annotation id 1: bbox \[1, 1, 0, 5\] has zero or negative size"),
-    "negative box": (lambda c: _first_ann(c).update(bbox=[1, 1, 5, -2]),
-                     "annotation id 1: .* zero or negative size"),
-    "box outside": (lambda c: _first_ann(c).update(bbox=[50, 50, 40, 10]),
-                    "annotation id 1: bbox .* lies outside image id"),
-    "unknown category": (lambda c: _first_ann(c).update(category_id=77),
-                         "annotation id 1: unknown category_id 77"),
-    "duplicate image id": (lambda c: c["images"].append(dict(c["images"][0])),
-                           "image id 1: duplicate image id"),
-    "duplicate annotation id": (lambda c: c["annotations"].append(dict(_first_ann(c))),
-                                "annotation id 1: duplicate annotation id"),
-    "unknown image id": (lambda c: _first_ann(c).update(image_id=999),
-                         "annotation id 1: image_id 999 is not in 'images'"),
-    "path escape": (lambda c: c["images"][0].update(file_name="../../etc/passwd"),
-                    "image id 1: file_name '../../etc/passwd' escapes the image folder"),
-    "absolute path": (lambda c: c["images"][0].update(file_name="/etc/passwd"),
-                      "image id 1: file_name '/etc/passwd' escapes"),
-    "missing image": (lambda c: c["images"][0].update(file_name="nope.png"),
-                      r"image id 1: image file .*nope.png not found"),
-    "bad bbox type": (lambda c: _first_ann(c).update(bbox="1,2,3,4"),
-                      "annotation id 1: 'bbox' must be 4 finite numbers"),
-    "wrong size": (lambda c: c["images"][0].update(width=99),
-                   "image id 1: .* is 64x64 but the annotation says 99x64"),
+    "zero-size box": (
+        lambda c: _first_ann(c).update(bbox=[1, 1, 0, 5]),
+        r"annotation id 1: bbox \[1, 1, 0, 5\] has zero or negative size",
+    ),
+    "negative box": (
+        lambda c: _first_ann(c).update(bbox=[1, 1, 5, -2]),
+        "annotation id 1: .* zero or negative size",
+    ),
+    "box outside": (
+        lambda c: _first_ann(c).update(bbox=[50, 50, 40, 10]),
+        "annotation id 1: bbox .* lies outside image id",
+    ),
+    "unknown category": (
+        lambda c: _first_ann(c).update(category_id=77),
+        "annotation id 1: unknown category_id 77",
+    ),
+    "duplicate image id": (
+        lambda c: c["images"].append(dict(c["images"][0])),
+        "image id 1: duplicate image id",
+    ),
+    "duplicate annotation id": (
+        lambda c: c["annotations"].append(dict(_first_ann(c))),
+        "annotation id 1: duplicate annotation id",
+    ),
+    "unknown image id": (
+        lambda c: _first_ann(c).update(image_id=999),
+        "annotation id 1: image_id 999 is not in 'images'",
+    ),
+    "path escape": (
+        lambda c: c["images"][0].update(file_name="../../etc/passwd"),
+        "image id 1: file_name '../../etc/passwd' escapes the image folder",
+    ),
+    "absolute path": (
+        lambda c: c["images"][0].update(file_name="/etc/passwd"),
+        "image id 1: file_name '/etc/passwd' escapes",
+    ),
+    "missing image": (
+        lambda c: c["images"][0].update(file_name="nope.png"),
+        r"image id 1: image file .*nope.png not found",
+    ),
+    "bad bbox type": (
+        lambda c: _first_ann(c).update(bbox="1,2,3,4"),
+        "annotation id 1: 'bbox' must be 4 finite numbers",
+    ),
+    "wrong size": (
+        lambda c: c["images"][0].update(width=99),
+        "image id 1: .* is 64x64 but the annotation says 99x64",
+    ),
 }
 
 

@@ -16,10 +16,16 @@ from rcnnops.train import (
     lr_factor,
 )
 
-MODEL = {"backbone": "small", "min_size": 64, "max_size": 64, "anchor_sizes": [16, 32],
-         "roi_op": "pool", "representation_size": 32, "box_batch_size_per_image": 16}
-CFG = FitConfig(epochs=2, batch_size=4, lr=0.01, warmup_iters=2, lr_steps=[1], seed=3,
-                log_every=1)
+MODEL = {
+    "backbone": "small",
+    "min_size": 64,
+    "max_size": 64,
+    "anchor_sizes": [16, 32],
+    "roi_op": "pool",
+    "representation_size": 32,
+    "box_batch_size_per_image": 16,
+}
+CFG = FitConfig(epochs=2, batch_size=4, lr=0.01, warmup_iters=2, lr_steps=[1], seed=3, log_every=1)
 
 
 def test_lr_schedule_warmup_then_steps():
@@ -27,7 +33,7 @@ def test_lr_schedule_warmup_then_steps():
     assert f(0) == pytest.approx(0.001)
     assert f(5) == pytest.approx(0.001 * 0.5 + 0.5)
     assert f(10) == 1.0 * 0.1  # epoch 2 >= first step
-    assert f(9) == pytest.approx((0.001 * 0.1 + 0.9))
+    assert f(9) == pytest.approx(0.001 * 0.1 + 0.9)
     assert f(15) == pytest.approx(0.01)
 
 
@@ -66,13 +72,20 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_prepared, tmp_
 
     ckpts = Checkpoints(tmp_path / "run")
     with pytest.raises(KeyboardInterrupt):
-        fit(_model(labels), ds, CFG, ckpts, "fp", torch.device("cpu"), log=crash,
-            progress=False)
+        fit(_model(labels), ds, CFG, ckpts, "fp", torch.device("cpu"), log=crash, progress=False)
     assert [p.name for p in ckpts.folder.iterdir()] == ["epoch_0001.pt"]
     resumed = _model(labels)
     logged = []
-    out = fit(resumed, ds, CFG, ckpts, "fp", torch.device("cpu"),
-              log=lambda m, s: logged.append(s), progress=False)
+    out = fit(
+        resumed,
+        ds,
+        CFG,
+        ckpts,
+        "fp",
+        torch.device("cpu"),
+        log=lambda m, s: logged.append(s),
+        progress=False,
+    )
     assert out["steps"] == 6 and logged[0] == 4  # continues at step 4, nothing repeated
     for (k, a), b in zip(ref.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
@@ -90,8 +103,15 @@ def test_changed_params_do_not_resume(tiny_prepared, tmp_path, capsys):
 def test_truncated_checkpoint_is_named(tiny_prepared, tmp_path):
     ds, labels = _data(tiny_prepared)
     ckpts = Checkpoints(tmp_path / "c")
-    fit(_model(labels), ds, FitConfig(**{**CFG.__dict__, "epochs": 1}), ckpts, "fp",
-        torch.device("cpu"), progress=False)
+    fit(
+        _model(labels),
+        ds,
+        FitConfig(**{**CFG.__dict__, "epochs": 1}),
+        ckpts,
+        "fp",
+        torch.device("cpu"),
+        progress=False,
+    )
     path = ckpts.latest()
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match=r"epoch_0001.pt: cannot load checkpoint"):
@@ -102,8 +122,15 @@ def test_non_finite_loss_stops_with_clear_error(tiny_prepared, tmp_path):
     ds, labels = _data(tiny_prepared)
     cfg = FitConfig(**{**CFG.__dict__, "lr": 1e30, "clip_grad_norm": None, "warmup_iters": 0})
     with pytest.raises(TrainingDiverged, match="non-finite loss at epoch"):
-        fit(_model(labels), ds, cfg, Checkpoints(tmp_path / "d"), "fp", torch.device("cpu"),
-            progress=False)
+        fit(
+            _model(labels),
+            ds,
+            cfg,
+            Checkpoints(tmp_path / "d"),
+            "fp",
+            torch.device("cpu"),
+            progress=False,
+        )
 
 
 def test_corrupt_image_at_training_time_names_the_file(tiny_prepared):

@@ -221,9 +221,7 @@ def validate_coco(
         w, h = sizes[iid]
         t = box_tolerance
         if x < -t or y < -t or x + bw > w + t or y + bh > h + t:
-            raise DataError(
-                f"{where}: bbox {bbox} lies outside image id {iid} ({w}x{h})"
-            )
+            raise DataError(f"{where}: bbox {bbox} lies outside image id {iid} ({w}x{h})")
         x1, y1 = max(0.0, x), max(0.0, y)
         x2, y2 = min(float(w), x + bw), min(float(h), y + bh)
         out = dict(a, iscrowd=crowd)

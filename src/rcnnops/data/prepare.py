@@ -33,9 +33,11 @@ SPLITS = ("train", "val")
 def _split_hash(coco: dict, image_root: Path) -> str:
     """sha256 over the canonical annotations and every image's bytes."""
     h = hashlib.sha256()
-    h.update(json.dumps(
-        {k: coco[k] for k in ("images", "annotations", "categories")}, sort_keys=True
-    ).encode())
+    h.update(
+        json.dumps(
+            {k: coco[k] for k in ("images", "annotations", "categories")}, sort_keys=True
+        ).encode()
+    )
     for im in sorted(coco["images"], key=lambda r: r["id"]):
         path = safe_image_path(image_root, im["file_name"], f"image id {im['id']}")
         h.update(im["file_name"].encode())
@@ -110,8 +112,11 @@ def prepare(data: DataParams, p: PrepareParams) -> dict:
         "source": _display_path(Path(data.root)),
         "num_classes": labels.num_classes,
         "splits": {
-            s: {"images": len(splits[s]["images"]), "annotations": len(splits[s]["annotations"]),
-                "hash": hashes[s]}
+            s: {
+                "images": len(splits[s]["images"]),
+                "annotations": len(splits[s]["annotations"]),
+                "hash": hashes[s],
+            }
             for s in SPLITS
         },
         "validation": reports,
@@ -158,8 +163,10 @@ def load_split(prepared: Path, split: str) -> tuple[dict, Path, LabelMap]:
         raise DataError(f"{path}: prepared split not found; {REBUILD}") from None
     expected = manifest.get("files", {}).get(f"{split}.json")
     if expected != hashlib.sha256(text).hexdigest():
-        raise DataError(f"{path}: checksum does not match {prepared / 'manifest.json'} "
-                        f"(file corrupt or edited by hand); {REBUILD}")
+        raise DataError(
+            f"{path}: checksum does not match {prepared / 'manifest.json'} "
+            f"(file corrupt or edited by hand); {REBUILD}"
+        )
     coco = json.loads(text)
     labels = LabelMap.from_json(read_json(prepared / "labels.json"))
     return coco, Path(coco["rcnnops"]["image_root"]), labels

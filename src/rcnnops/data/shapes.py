@@ -61,9 +61,11 @@ def _polygon(kind: str, cx: float, cy: float, size: float, angle: float) -> np.n
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     """A textured, cluttered RGB background ``uint8 [size, size, 3]``."""
     c0, c1 = rng.uniform(40, 215, size=(2, 3))
-    ramp = np.linspace(0.0, 1.0, size)[:, None] if rng.random() < 0.5 else np.linspace(
-        0.0, 1.0, size
-    )[None, :]
+    ramp = (
+        np.linspace(0.0, 1.0, size)[:, None]
+        if rng.random() < 0.5
+        else np.linspace(0.0, 1.0, size)[None, :]
+    )
     img = c0 + (c1 - c0) * ramp[..., None]
     img = img + rng.normal(0, rng.uniform(4, 14), size=(size, size, 3))
     img = np.clip(img, 0, 255).astype(np.uint8)
@@ -197,8 +199,10 @@ def generate(p: GenerateParams) -> Path:
     try:
         (tmp / "annotations").mkdir()
         # Separate seeds per split; val ids follow train ids so ids never clash.
-        splits = {"train": (p.num_train, p.seed * 2 + 0, 1),
-                  "val": (p.num_val, p.seed * 2 + 1, 1 + p.num_train)}
+        splits = {
+            "train": (p.num_train, p.seed * 2 + 0, 1),
+            "val": (p.num_val, p.seed * 2 + 1, 1 + p.num_train),
+        }
         for split, (num, seed, first) in splits.items():
             coco = generate_split(p, split, num, seed, tmp, first_id=first)
             (tmp / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))

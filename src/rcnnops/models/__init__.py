@@ -27,8 +27,9 @@ def build_model(variant: str, num_classes: int, model_params: dict[str, Any]) ->
     Unknown variants or parameter names raise ``ValueError`` listing what exists.
     """
     if variant not in MODELS:
-        raise ValueError(f"unknown or not yet available variant {variant!r}; "
-                         f"available: {sorted(MODELS)}")
+        raise ValueError(
+            f"unknown or not yet available variant {variant!r}; available: {sorted(MODELS)}"
+        )
     builder = MODELS[variant]
     allowed = set(inspect.signature(builder).parameters) - {"num_classes"}
     unknown = sorted(set(model_params) - allowed)

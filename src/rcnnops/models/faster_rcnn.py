@@ -42,6 +42,7 @@ def build(
     representation_size: int = 256,
     box_head: str = "mlp",
     roi_op: str = "align",
+    sampling_ratio: int = 2,
     rpn_pre_nms_top_n_train: int = 1000,
     rpn_post_nms_top_n_train: int = 500,
     rpn_pre_nms_top_n_test: int = 500,
@@ -69,9 +70,14 @@ def build(
         rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
         rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test,
         rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
-        box_roi_pool=parts.roi_pooler(names, 7, roi_op),
-        box_head=parts.box_head(box_head, body.out_channels, 7, representation_size,
-                                parts.norm_layer(norm, pretrained is not None)),
+        box_roi_pool=parts.roi_pooler(names, 7, roi_op, sampling_ratio),
+        box_head=parts.box_head(
+            box_head,
+            body.out_channels,
+            7,
+            representation_size,
+            parts.norm_layer(norm, pretrained is not None),
+        ),
         box_predictor=FastRCNNPredictor(representation_size, num_classes),
         box_batch_size_per_image=box_batch_size_per_image,
         box_score_thresh=box_score_thresh,
@@ -80,6 +86,3 @@ def build(
     if pretrained is not None:
         parts.load_pretrained(model, pretrained)
     return model
-
-
-
