@@ -57,6 +57,7 @@ class GenerateParams:
     max_objects: int = 4
     min_object_size: int = 16
     max_object_size: int = 48
+    max_rotation: float = 15.0  # degrees, each shape turned uniformly within +-this
     empty_fraction: float = 0.05
     seed: int = 0
 

@@ -140,6 +140,7 @@ def register(variant: str, model_dir: Path, report_dir: Path, experiment: str) -
                 python_model=DetectorPyfunc(),
                 artifacts={"model_dir": str(bundle)},
                 pip_requirements=_requirements(),
+                signature=_signature(),
             )
     numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
     tags = {
@@ -155,6 +156,16 @@ def register(variant: str, model_dir: Path, report_dir: Path, experiment: str) -
     mv = mlflow.register_model(info.model_uri, name, tags=tags)
     client.set_registered_model_alias(name, CHALLENGER, mv.version)
     return Registered(name, str(mv.version), created=True)
+
+
+def _signature():
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
+
+    return ModelSignature(
+        inputs=Schema([ColSpec("string", "image")]),
+        params=ParamSchema([ParamSpec("score_threshold", "double", 0.5)]),
+    )
 
 
 def _requirements() -> list[str]:

@@ -2,7 +2,11 @@
 real DVC and a real MLflow SQLite store."""
 
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -42,6 +46,29 @@ def test_flow_end_to_end_then_noop_then_param_change(harness, tiny_project, monk
     for tag in ("git_commit", "data_hash", "params_hash", "variant", "model_hash"):
         assert champion.tags.get(tag), tag
 
+    # The champion loads as a pyfunc in a fresh process and detects on an image.
+    img = next((tiny_project / "data/raw/shapes/val").glob("*.png"))
+    script = (
+        "import base64, json, sys, mlflow, pandas as pd\n"
+        "m = mlflow.pyfunc.load_model('models:/rcnnops-faster_rcnn@champion')\n"
+        "b64 = base64.b64encode(open(sys.argv[1], 'rb').read()).decode()\n"
+        "out = m.predict(pd.DataFrame({'image': [b64]}), params={'score_threshold': 0.0})\n"
+        "print(json.dumps(out))\n"
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tiny_project / 'mlflow.db'}"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(img)],
+        env=env,
+        cwd=tiny_project,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (det,) = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(det) == {"boxes", "labels", "names", "scores"}
+    assert all(n in ("circle", "square") for n in det["names"])
+
     # Nothing changed: DVC skips everything, registration is idempotent.
     lock = (tiny_project / "dvc.lock").read_text()
     model_mtime = (tiny_project / "models/faster_rcnn/model.pt").stat().st_mtime_ns
@@ -60,16 +87,22 @@ def test_flow_end_to_end_then_noop_then_param_change(harness, tiny_project, monk
 
 
 def test_bad_data_fails_the_flow_before_training(harness, tiny_project, monkeypatch):
+    """A user dataset with an unknown category id stops the flow at prepare,
+    with the record named, and nothing downstream is written."""
     from pipelines.retrain import retrain
 
     monkeypatch.chdir(tiny_project)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     dvcproj.ensure_dvc(tiny_project)
     dvcproj.repro(tiny_project, "generate")
-    ann = tiny_project / "data/raw/shapes/annotations/instances_train.json"
+    shutil.copytree(tiny_project / "data/raw/shapes", tiny_project / "mydata")
+    ann = tiny_project / "mydata/annotations/instances_train.json"
     coco = json.loads(ann.read_text())
     coco["annotations"][0]["category_id"] = 999
     ann.write_text(json.dumps(coco))
+    params = yaml.safe_load((tiny_project / "params.yaml").read_text())
+    params["data"]["root"] = "mydata"
+    (tiny_project / "params.yaml").write_text(yaml.safe_dump(params))
     with pytest.raises(dvcproj.StageError, match=re.escape("unknown category_id 999")):
         retrain(project=str(tiny_project))
     assert not (tiny_project / "data/prepared").exists()
