@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-from collections import deque
 from pathlib import Path
 
 DEFAULT_REMOTE_NAME = "local"
@@ -50,23 +49,22 @@ def dvc(
         )
         out = (proc.stdout or "") + (proc.stderr or "")
     else:
-        tail: deque[str] = deque(maxlen=40)
-        with subprocess.Popen(
-            cmd,
-            cwd=project,
-            env=env(),
-            text=True,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            bufsize=1,
-        ) as p:
+        # Stream raw bytes so progress bars (carriage returns) stay live; keep a tail.
+        tail = bytearray()
+        with subprocess.Popen(cmd, cwd=project, env=env(), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT) as p:
             assert p.stdout is not None
-            for line in p.stdout:
-                sys.stdout.write(line)
-                tail.append(line)
+            sink = getattr(sys.stdout, "buffer", None)
+            while chunk := p.stdout.read1(4096):
+                if sink is not None:
+                    sink.write(chunk)
+                else:
+                    sys.stdout.write(chunk.decode(errors="replace"))
+                sys.stdout.flush()
+                tail = (tail + chunk)[-16384:]
             code = p.wait(timeout=timeout)
-        proc = subprocess.CompletedProcess(cmd, code, "".join(tail), "")
-        out = proc.stdout
+        out = tail.decode(errors="replace").replace("\r", "\n")
+        proc = subprocess.CompletedProcess(cmd, code, out, "")
     if check and proc.returncode != 0:
         errors = [ln for ln in out.splitlines() if "error" in ln.lower()]
         detail = "\n".join(errors[-5:] or out.strip().splitlines()[-15:])

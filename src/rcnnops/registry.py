@@ -61,7 +61,7 @@ class DetectorPyfunc(mlflow.pyfunc.PythonModel):
 
         self.labels = LabelMap.from_json(self.meta["labels"])
 
-    def predict(self, context: Any, model_input: Any, params: dict | None = None) -> list[dict]:
+    def predict(self, context, model_input, params=None):  # no hints: MLflow reads them as schema
         import numpy as np
         import torch
         from PIL import Image
