@@ -1,4 +1,5 @@
-"""The retraining flow: data versioning -> prepare -> train -> evaluate -> register -> promote.
+"""The retraining flow: data versioning -> prepare -> [proposals] -> train -> evaluate ->
+register -> promote.
 
 Reads as an outline of named tasks. File-producing stages run through
 ``dvc repro`` (DVC decides what is stale and caches outputs); register and
@@ -16,6 +17,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from rcnnops import project as dvcproj
 from rcnnops.config import load_params
+from rcnnops.models import USES_PROPOSALS
 
 
 def _chdir(project: str) -> Path:
@@ -122,6 +124,8 @@ def retrain(
     variants = variants or params.variants
     ensure_dvc(str(root))
     version_data(str(root))
+    if USES_PROPOSALS & set(variants):
+        repro(str(root), "proposals")
     decisions = []
     for v in variants:
         repro(str(root), f"train@{v}")

@@ -48,6 +48,13 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_proposals(args: argparse.Namespace) -> int:
+    from rcnnops.proposals import precompute
+
+    precompute.run(_params(args))
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from rcnnops import train
 
@@ -182,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-push", action="store_true", help="skip `dvc push` at the end")
     add("generate", cmd_generate, "[stage] write the generated 'shapes' dataset as COCO")
     add("prepare", cmd_prepare, "[stage] validate a COCO dataset and write prepared splits")
+    add(
+        "proposals",
+        cmd_proposals,
+        "[stage] selective-search proposals for both splits (+ recall report)",
+    )
     for name, fn, help_ in (
         ("train", cmd_train, "[stage] train one variant (resumes)"),
         ("evaluate", cmd_evaluate, "[stage] COCO-evaluate one variant"),

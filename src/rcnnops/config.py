@@ -75,6 +75,18 @@ class PrepareParams:
 
 
 @dataclass(frozen=True)
+class ProposalsParams:
+    """Selective search (stage ``proposals``), for the rcnn and fast_rcnn variants."""
+
+    out: str = "data/proposals"
+    mode: Literal["fast", "quality", "single"] = "fast"
+    max_boxes: int = 2000
+    min_size: int = 8
+    dedup_iou: float = 0.95
+    workers: int = 2
+
+
+@dataclass(frozen=True)
 class VariantTrainParams:
     """Solver settings for one variant plus the keyword arguments of its builder."""
 
@@ -123,6 +135,7 @@ class Params:
     data: DataParams
     generate: GenerateParams
     prepare: PrepareParams
+    proposals: ProposalsParams
     train: TrainParams
     evaluate: EvaluateParams
     register: RegisterParams
@@ -222,6 +235,8 @@ def _check(p: Params, src: str) -> None:
         raise ParamsError(f"{src}: generate: need min_object_size <= max_object_size <= image_size")
     if not 0.0 <= g.empty_fraction <= 1.0:
         raise ParamsError(f"{src}: generate.empty_fraction: must be in [0, 1]")
+    _positive(f"{src}: proposals.max_boxes", p.proposals.max_boxes)
+    _positive(f"{src}: proposals.workers", p.proposals.workers)
     if not 0.0 < p.prepare.val_fraction < 1.0:
         raise ParamsError(f"{src}: prepare.val_fraction: must be in (0, 1)")
     for name, vp in p.train.variants.items():
@@ -265,6 +280,7 @@ def parse_params(raw: Any, src: str = "params.yaml") -> Params:
         "data": DataParams,
         "generate": GenerateParams,
         "prepare": PrepareParams,
+        "proposals": ProposalsParams,
         "evaluate": EvaluateParams,
         "register": RegisterParams,
     }

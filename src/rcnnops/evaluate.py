@@ -82,6 +82,7 @@ def run(params, variant: str, progress: bool = True) -> dict:
     from rcnnops import tracking
     from rcnnops.data.coco import CocoDetection, DataError
     from rcnnops.data.prepare import load_manifest, load_split
+    from rcnnops.models import USES_PROPOSALS
     from rcnnops.train import load_model, resolve_device
 
     prepared = Path(params.prepare.out)
@@ -95,7 +96,12 @@ def run(params, variant: str, progress: bool = True) -> dict:
             f"{model_dir / 'model.json'}: the model was trained on other data "
             f"than {prepared}; retrain with `dvc repro train@{variant}`"
         )
-    dataset = CocoDetection(val_coco, val_root, labels)
+    proposals = None
+    if variant in USES_PROPOSALS:
+        from rcnnops.proposals.precompute import open_store
+
+        proposals = open_store(params, "val").boxes_for
+    dataset = CocoDetection(val_coco, val_root, labels, proposals=proposals)
     results, ms = predict(model, dataset, labels, device, params.evaluate.batch_size, progress)
     stats, per_class, precision = coco_evaluate(val_coco, results)
     metrics = summarise(stats, per_class, ms)

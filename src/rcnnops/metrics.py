@@ -102,10 +102,15 @@ def predict(
     for batch in tqdm(batches, desc="predict", unit="batch", disable=not progress, leave=False):
         samples = [dataset[i] for i in batch]
         images = [s[0].to(device) for s in samples]
+        proposals = (
+            [s[1]["proposals"].to(device) for s in samples]
+            if ("proposals" in samples[0][1])
+            else None
+        )
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        outputs = model(images)
+        outputs = model(images, proposals=proposals) if proposals is not None else model(images)
         if device.type == "cuda":
             torch.cuda.synchronize()
         elapsed += time.perf_counter() - t0

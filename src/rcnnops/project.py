@@ -51,8 +51,9 @@ def dvc(
     else:
         # Stream raw bytes so progress bars (carriage returns) stay live; keep a tail.
         tail = bytearray()
-        with subprocess.Popen(cmd, cwd=project, env=env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT) as p:
+        with subprocess.Popen(
+            cmd, cwd=project, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        ) as p:
             assert p.stdout is not None
             sink = getattr(sys.stdout, "buffer", None)
             while chunk := p.stdout.read1(4096):

@@ -134,6 +134,13 @@ def _loader(dataset: Dataset, cfg: FitConfig, epoch: int, device: torch.device) 
     )
 
 
+def split_proposals(targets: list[dict]) -> list | None:
+    """Take precomputed proposals out of the targets (they are a model input)."""
+    if not targets or "proposals" not in targets[0]:
+        return None
+    return [t.pop("proposals") for t in targets]
+
+
 def _to(device: torch.device, images: list, targets: list) -> tuple[list, list]:
     images = [im.to(device, non_blocking=True) for im in images]
     targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
@@ -204,8 +211,9 @@ def fit(
         )
         for images, targets in bar:
             images, targets = _to(device, images, targets)
+            proposals = split_proposals(targets)
             with torch.autocast(device_type=device.type, enabled=use_amp):
-                losses = model(images, targets)
+                losses = model(images, targets, proposals) if proposals else model(images, targets)
             loss = sum(losses.values())
             values = {k: float(v.detach()) for k, v in losses.items()}
             loss_value = float(loss.detach())
@@ -317,19 +325,35 @@ def run(params, variant: str, progress: bool = True) -> dict:
     from rcnnops.data.prepare import load_manifest, load_split
     from rcnnops.data.transforms import RandomHorizontalFlip
     from rcnnops.metrics import coco_evaluate, predict
-    from rcnnops.models import build_model
+    from rcnnops.models import USES_PROPOSALS, build_model
 
     vp, common = params.variant(variant), params.train
     prepared = Path(params.prepare.out)
     manifest = load_manifest(prepared)
     train_coco, train_root, labels = load_split(prepared, "train")
     val_coco, val_root, _ = load_split(prepared, "val")
-    train_set = CocoDetection(train_coco, train_root, labels, RandomHorizontalFlip(vp.hflip))
-    val_set = CocoDetection(val_coco, val_root, labels)
+    train_props = val_props = None
+    extra_hash: dict = {}
+    if variant in USES_PROPOSALS:
+        from rcnnops.proposals.precompute import open_store
+
+        train_store, val_store = open_store(params, "train"), open_store(params, "val")
+        train_props, val_props = train_store.boxes_for, val_store.boxes_for
+        extra_hash = {"proposals": train_store.index["params"]}
+        for split, store in (("train", train_store), ("val", val_store)):
+            if store.empty_images:
+                print(
+                    f"{split}: {len(store.empty_images)} image(s) without any proposal "
+                    "(they train on ground truth only and get no detections)"
+                )
+    train_set = CocoDetection(
+        train_coco, train_root, labels, RandomHorizontalFlip(vp.hflip), proposals=train_props
+    )
+    val_set = CocoDetection(val_coco, val_root, labels, proposals=val_props)
     device = resolve_device(common.device)
     torch.manual_seed(common.seed)  # model initialisation
     model = build_model(variant, labels.num_classes + 1, vp.model)
-    params_hash = stable_hash({"variant": variant, "train": vp, "seed": common.seed})
+    params_hash = stable_hash({"variant": variant, "train": vp, "seed": common.seed} | extra_hash)
     fingerprint = f"{params_hash}:{manifest['data_hash']}"
     out_dir = Path(common.out) / variant
     checkpoints = Checkpoints(out_dir / "checkpoints")

@@ -5,7 +5,7 @@ import pickle
 import pytest
 import torch
 
-from rcnnops.models import MODELS, build_model
+from rcnnops.models import MODELS, USES_PROPOSALS, build_model
 from rcnnops.models.parts import load_pretrained
 
 SMALL = {
@@ -31,36 +31,79 @@ def _batch():
     return images, targets
 
 
-@pytest.mark.parametrize("variant", sorted(MODELS))
-@pytest.mark.parametrize(
-    "options",
-    [{"roi_op": "pool"}, {"roi_op": "align", "stride": 4}, {"box_head": "conv", "norm": "group"}],
-)
+CASES = {
+    "faster_rcnn": [
+        {"roi_op": "pool"},
+        {"roi_op": "align", "stride": 4},
+        {"box_head": "conv", "norm": "group"},
+    ],
+    "fast_rcnn": [{"roi_op": "pool"}, {"roi_op": "align", "box_head": "mlp_bn", "stride": 4}],
+    "rcnn": [{"warp_size": 24, "context": 2, "width": 8}],
+}
+PROPOSAL_SMALL = {
+    "min_size": 64,
+    "max_size": 64,
+    "representation_size": 32,
+    "box_batch_size_per_image": 16,
+}
+
+
+def _props():
+    # Image 0: boxes near the objects; image 1 (no objects): none at all.
+    return [
+        torch.tensor(
+            [
+                [5.0, 5.0, 30.0, 38.0],
+                [28.0, 31.0, 61.0, 60.0],
+                [0.0, 0.0, 20.0, 20.0],
+                [40.0, 0.0, 64.0, 20.0],
+            ]
+        ),
+        torch.zeros(0, 4),
+    ]
+
+
+@pytest.mark.parametrize(("variant", "options"), [(v, o) for v in sorted(CASES) for o in CASES[v]])
 def test_losses_and_outputs(variant, options):
+    assert set(CASES) == set(MODELS)
     torch.manual_seed(0)
-    model = build_model(variant, 3, SMALL | options)
+    uses_props = variant in USES_PROPOSALS
+    base = PROPOSAL_SMALL if uses_props else SMALL
+    model = build_model(variant, 3, base | options)
     images, targets = _batch()
+    props = _props() if uses_props else None
     model.train()
-    losses = model(images, targets)
-    assert {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"} <= set(losses)
+    losses = model(images, targets, props) if uses_props else model(images, targets)
+    expected = {"loss_classifier", "loss_box_reg"}
+    if not uses_props:
+        expected |= {"loss_objectness", "loss_rpn_box_reg"}
+    assert set(losses) == expected
     assert all(v.ndim == 0 and torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
     model.eval()
     with torch.no_grad():
-        out = model(images)
+        out = model(images, proposals=props) if uses_props else model(images)
     assert len(out) == 2
+    if uses_props:
+        assert len(out[1]["boxes"]) == 0  # no proposal, no detection
     for o, im in zip(out, images, strict=True):
         n = len(o["boxes"])
-        assert (
-            o["boxes"].shape == (n, 4) and o["labels"].shape == (n,) and o["scores"].shape == (n,)
-        )
+        assert o["boxes"].shape == (n, 4) and o["labels"].shape == (n,)
+        assert o["scores"].shape == (n,)
         assert o["boxes"].dtype == torch.float32 and o["labels"].dtype == torch.int64
         if n:
             h, w = im.shape[1:]
             assert (o["boxes"][:, 0] >= 0).all() and (o["boxes"][:, 2] <= w).all()
             assert (o["boxes"][:, 3] <= h).all() and (o["labels"] >= 1).all()
             assert (o["labels"] <= 2).all()
+
+
+@pytest.mark.parametrize("variant", sorted(USES_PROPOSALS))
+def test_proposal_variants_require_proposals(variant):
+    model = build_model(variant, 3, PROPOSAL_SMALL | CASES[variant][0]).eval()
+    with pytest.raises(ValueError, match="needs precomputed proposals"):
+        model([torch.rand(3, 64, 64)])
 
 
 def test_faster_rcnn_rejects_proposals():

@@ -286,7 +286,9 @@ class CocoDetection(Dataset):
     1..K, ``image_id`` (the COCO id), ``iscrowd`` int64 ``[N]`` and ``area``.
     Crowd regions are dropped when ``skip_crowd`` (torchvision detectors do not
     model them; COCOeval handles them from the ground-truth file).
-    ``transform`` maps ``(image, target) -> (image, target)``.
+    ``proposals(image_id) -> Tensor[N, 4]`` (xyxy, this image's frame), when
+    given, adds ``target["proposals"]`` before ``transform``, which maps
+    ``(image, target) -> (image, target)`` and so moves them with the image.
     """
 
     def __init__(
@@ -296,10 +298,12 @@ class CocoDetection(Dataset):
         labels: LabelMap,
         transform: Any = None,
         skip_crowd: bool = True,
+        proposals: Any = None,
     ) -> None:
         self.image_root = Path(image_root)
         self.labels = labels
         self.transform = transform
+        self.proposals = proposals
         self.images = sorted(coco["images"], key=lambda im: im["id"])
         by_image: dict[int, list[dict]] = {im["id"]: [] for im in self.images}
         for a in coco["annotations"]:
@@ -336,6 +340,8 @@ class CocoDetection(Dataset):
             "iscrowd": torch.tensor([a.get("iscrowd", 0) for a in anns], dtype=torch.int64),
             "area": torch.tensor([float(a["area"]) for a in anns], dtype=torch.float32),
         }
+        if self.proposals is not None:
+            target["proposals"] = self.proposals(im["id"])
         if self.transform is not None:
             image, target = self.transform(image, target)
         return image, target

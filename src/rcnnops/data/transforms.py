@@ -6,7 +6,7 @@ import torch
 
 
 class RandomHorizontalFlip:
-    """Flip image, boxes (and masks) left-right with probability ``p``.
+    """Flip image, boxes (and masks, proposals) left-right with probability ``p``.
 
     Draws from torch's global RNG, which training checkpoints, so a resumed
     run sees the same flips as an uninterrupted one.
@@ -24,6 +24,10 @@ class RandomHorizontalFlip:
         boxes = target["boxes"].clone()
         boxes[:, [0, 2]] = width - target["boxes"][:, [2, 0]]
         target["boxes"] = boxes
+        if "proposals" in target:
+            props = target["proposals"].clone()
+            props[:, [0, 2]] = width - target["proposals"][:, [2, 0]]
+            target["proposals"] = props
         if "masks" in target:
             target["masks"] = target["masks"].flip(-1)
         return image, target

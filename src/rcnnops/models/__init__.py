@@ -11,9 +11,11 @@ from typing import Any
 
 from torch import nn
 
-from rcnnops.models import faster_rcnn
+from rcnnops.models import fast_rcnn, faster_rcnn, rcnn
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
+    "rcnn": rcnn.build,
+    "fast_rcnn": fast_rcnn.build,
     "faster_rcnn": faster_rcnn.build,
 }
 

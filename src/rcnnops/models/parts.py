@@ -17,6 +17,7 @@ from torch import nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import mobilenet_backbone, resnet_fpn_backbone
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, TwoMLPHead
+from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign, roi_pool
 
 BACKBONES = ("small", "resnet18_fpn", "resnet50_fpn", "mobilenet_v3_fpn")
@@ -261,3 +262,61 @@ def box_head(
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+class PrecomputedProposals(nn.Module):
+    """The precomputed-proposal source (selective search) behind the same call
+    an RPN answers: boxes given in the stored image's frame are rescaled with
+    the image (as Detectron2's precomputed-proposal mode does), clipped, cleaned
+    of degenerate boxes and capped at ``top_n`` per image (train / test).
+
+    ``forward(proposals: list[Tensor[N_i, 4]], original_sizes, image_sizes)``
+    -> ``list[Tensor[M_i, 4]]`` xyxy in the transformed image's frame.
+    """
+
+    def __init__(
+        self, top_n_train: int = 2000, top_n_test: int = 2000, min_size: float = 1.0
+    ) -> None:
+        super().__init__()
+        self.top_n = {"train": top_n_train, "test": top_n_test}
+        self.min_size = min_size
+
+    def forward(self, proposals, original_sizes, image_sizes):
+        from torchvision.ops import boxes as box_ops
+
+        if proposals is None or len(proposals) != len(image_sizes):
+            raise ValueError(
+                "this variant needs precomputed proposals: one Tensor[N_i, 4] "
+                "per image (run the `proposals` stage)"
+            )
+        n = self.top_n["train" if self.training else "test"]
+        out = []
+        for boxes, (oh, ow), (h, w) in zip(proposals, original_sizes, image_sizes, strict=True):
+            boxes = boxes[:n].to(torch.float32)
+            scale = boxes.new_tensor([w / ow, h / oh, w / ow, h / oh])
+            boxes = box_ops.clip_boxes_to_image(boxes * scale, (h, w))
+            out.append(boxes[box_ops.remove_small_boxes(boxes, self.min_size)])
+        return out
+
+
+class ProposalRoIHeads(RoIHeads):
+    """torchvision's ``RoIHeads`` with the Fast R-CNN / R-CNN paper's sampling:
+    foreground IoU >= ``fg_iou``, background IoU in ``[bg_iou_low, fg_iou)``;
+    proposals overlapping every object by less than ``bg_iou_low`` are ignored
+    (a form of hard-example selection in the papers)."""
+
+    def __init__(self, *args, bg_iou_low: float = 0.1, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.bg_iou_low = bg_iou_low
+
+    def assign_targets_to_proposals(self, proposals, gt_boxes, gt_labels):
+        matched_idxs, labels = super().assign_targets_to_proposals(proposals, gt_boxes, gt_labels)
+        if self.bg_iou_low > 0:
+            from torchvision.ops import box_iou
+
+            for props, gts, lab in zip(proposals, gt_boxes, labels, strict=True):
+                if gts.numel() == 0:
+                    continue  # an image with no object: every proposal is background
+                best = box_iou(gts, props).amax(dim=0)
+                lab[(best < self.bg_iou_low) & (lab == 0)] = -1
+        return matched_idxs, labels

@@ -1,0 +1,143 @@
+"""Fast R-CNN (Girshick, 2015): one backbone pass per image, RoI pooling over
+precomputed (selective search) proposals, two FC layers, sibling softmax and
+box-regression heads, multi-task loss.
+
+The variant's difference from the shared parts: the proposal source is
+:class:`parts.PrecomputedProposals` (instead of an RPN), the RoI op defaults
+to the paper's 7x7 RoIPool, and sampling follows the paper (2 images x 64 RoIs,
+25 % foreground at IoU >= 0.5, background in [0.1, 0.5)). Optional
+truncated SVD of the FC layers at test time (``svd_rank``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+from rcnnops.models import parts
+
+
+class FastRCNN(nn.Module):
+    """``model(images, targets, proposals)`` -> losses (train);
+    ``model(images, proposals=proposals)`` -> detections (eval).
+
+    ``images``: list of ``float [3, H, W]`` in [0, 1]; ``proposals``: list of
+    ``Tensor[N_i, 4]`` xyxy in the same frame as the images (required).
+    Detections: ``boxes`` xyxy pixels of the input image, ``labels``, ``scores``.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        transform: GeneralizedRCNNTransform,
+        proposal_source: parts.PrecomputedProposals,
+        roi_heads: nn.Module,
+    ) -> None:
+        super().__init__()
+        self.transform = transform
+        self.backbone = backbone
+        self.proposal_source = proposal_source
+        self.roi_heads = roi_heads
+
+    def forward(self, images, targets=None, proposals=None):
+        if self.training and targets is None:
+            raise ValueError("targets are required in training mode")
+        original_sizes = [tuple(img.shape[-2:]) for img in images]
+        images, targets = self.transform(images, targets)
+        props = self.proposal_source(proposals, original_sizes, images.image_sizes)
+        features = self.backbone(images.tensors)
+        detections, losses = self.roi_heads(features, props, images.image_sizes, targets)
+        if self.training:
+            return losses
+        return self.transform.postprocess(detections, images.image_sizes, original_sizes)
+
+
+def truncate_fc(layer: nn.Linear, rank: int) -> nn.Sequential:
+    """``W ~ U_t S_t V_t^T``: one FC layer as two smaller ones (paper, section 3.1).
+
+    Cost drops from ``u * v`` to ``t * (u + v)`` multiply-adds per RoI.
+    """
+    u_mat, s, vh = torch.linalg.svd(layer.weight.detach(), full_matrices=False)
+    rank = min(rank, s.numel())
+    first = nn.Linear(layer.in_features, rank, bias=False)
+    second = nn.Linear(rank, layer.out_features, bias=layer.bias is not None)
+    with torch.no_grad():
+        first.weight.copy_(s[:rank, None] * vh[:rank])
+        second.weight.copy_(u_mat[:, :rank])
+        if layer.bias is not None:
+            second.bias.copy_(layer.bias)
+    return nn.Sequential(first, second)
+
+
+def compress(model: FastRCNN, rank: int) -> FastRCNN:
+    """Replace the box head's FC layers with their rank-``rank`` truncated SVD
+    (in place; for inference)."""
+    head = model.roi_heads.box_head
+    for name, module in list(head.named_children()):
+        if isinstance(module, nn.Linear):
+            setattr(head, name, truncate_fc(module, rank))
+    return model
+
+
+def build(
+    num_classes: int,
+    backbone: str = "small",
+    stride: int = 8,
+    norm: str = "auto",
+    pretrained: str | None = None,
+    min_size: int = 800,
+    max_size: int = 1333,
+    roi_op: str = "pool",
+    sampling_ratio: int = 2,
+    box_head: str = "mlp",
+    representation_size: int = 256,
+    proposals_train: int = 2000,
+    proposals_test: int = 2000,
+    box_batch_size_per_image: int = 64,
+    box_positive_fraction: float = 0.25,
+    fg_iou: float = 0.5,
+    bg_iou_low: float = 0.1,
+    box_score_thresh: float = 0.01,
+    box_nms_thresh: float = 0.3,
+    box_detections_per_img: int = 100,
+    svd_rank: int | None = None,
+) -> FastRCNN:
+    """A Fast R-CNN for ``num_classes`` classes including background (K + 1).
+
+    ``svd_rank`` compresses the FC layers for inference once weights are loaded
+    (see :func:`compress`; applied by the loaders, not during training).
+    """
+    body = parts.build_backbone(backbone, norm, pretrained is not None, stride)
+    names = parts.feature_names(body)
+    heads = parts.ProposalRoIHeads(
+        parts.roi_pooler(names, 7, roi_op, sampling_ratio),
+        parts.box_head(
+            box_head,
+            body.out_channels,
+            7,
+            representation_size,
+            parts.norm_layer(norm, pretrained is not None),
+        ),
+        FastRCNNPredictor(representation_size, num_classes),
+        fg_iou_thresh=fg_iou,
+        bg_iou_thresh=fg_iou,
+        batch_size_per_image=box_batch_size_per_image,
+        positive_fraction=box_positive_fraction,
+        bbox_reg_weights=None,
+        score_thresh=box_score_thresh,
+        nms_thresh=box_nms_thresh,
+        detections_per_img=box_detections_per_img,
+        bg_iou_low=bg_iou_low,
+    )
+    model = FastRCNN(
+        body,
+        GeneralizedRCNNTransform(min_size, max_size, list(parts.IMAGE_MEAN), list(parts.IMAGE_STD)),
+        parts.PrecomputedProposals(proposals_train, proposals_test),
+        heads,
+    )
+    model.svd_rank = svd_rank
+    if pretrained is not None:
+        parts.load_pretrained(model, pretrained)
+    return model

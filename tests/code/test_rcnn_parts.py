@@ -1,0 +1,86 @@
+"""The papers' pieces: R-CNN warp, box coding, sampling, truncated SVD."""
+
+import pytest
+import torch
+from torchvision.models.detection._utils import BoxCoder
+from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
+
+from rcnnops.models import build_model
+from rcnnops.models.fast_rcnn import compress, truncate_fc
+from rcnnops.models.parts import ProposalRoIHeads, roi_pooler
+from rcnnops.models.rcnn import WarpCrops, expand_boxes
+
+
+def test_warp_of_a_known_region_equals_its_pixels():
+    image = torch.arange(3 * 20 * 30, dtype=torch.float32).reshape(1, 3, 20, 30)
+    warp = WarpCrops(warp_size=8, context=0)
+    box = torch.tensor([[4.0, 6.0, 12.0, 14.0]])  # 8x8 region: no resampling needed
+    # sampling_ratio 2 averages 4 sub-samples symmetric about each pixel centre:
+    # on a linear ramp that is exactly the pixel value.
+    (crop,) = warp({"image": image}, [box], [(20, 30)])
+    assert torch.allclose(crop, image[0, :, 6:14, 4:12], atol=1e-4)
+
+
+def test_context_padding_matches_the_paper():
+    # 16 px of context at 227: the box grows by 227 / 195 about its centre.
+    grown = expand_boxes(torch.tensor([[0.0, 0.0, 195.0, 97.5]]), 227, 16)
+    assert torch.allclose(grown, torch.tensor([[-16.0, -8.0, 211.0, 105.5]]))
+
+
+def test_box_coding_round_trip():
+    coder = BoxCoder((10.0, 10.0, 5.0, 5.0))
+    props = torch.tensor([[10.0, 10.0, 50.0, 30.0], [0.0, 0.0, 8.0, 16.0]])
+    gt = torch.tensor([[12.0, 8.0, 60.0, 33.0], [1.0, 2.0, 7.0, 20.0]])
+    deltas = coder.encode_single(gt, props)
+    # t_w = log(w_gt / w_p) (log-space size), scaled by the weight 5.
+    assert deltas[0, 2] == pytest.approx(5.0 * torch.log(torch.tensor(48.0 / 40.0)).item())
+    assert torch.allclose(coder.decode_single(deltas, props), gt, atol=1e-4)
+
+
+def test_sampling_follows_the_paper():
+    """fg IoU >= 0.5; bg IoU in [0.1, 0.5); IoU < 0.1 ignored; <= 25 % fg."""
+    torch.manual_seed(0)
+    heads = ProposalRoIHeads(
+        roi_pooler(["0"], 7, "pool"),
+        TwoMLPHead(8 * 49, 16),
+        FastRCNNPredictor(16, 3),
+        0.5,
+        0.5,
+        16,
+        0.25,
+        None,
+        0.05,
+        0.5,
+        100,
+        bg_iou_low=0.1,
+    )
+    gt = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    fg = torch.tensor([[0.0, 0.0, 10.0, 10.0 - s] for s in (0, 1, 2, 3, 4)])  # IoU >= .6
+    bg = torch.tensor([[5.0, 0.0, 15.0, 10.0]] * 20)  # IoU 1/3
+    far = torch.tensor([[50.0, 50.0, 60.0, 60.0]] * 30)  # IoU 0: ignored
+    props = [torch.cat([fg, bg, far])]
+    _, _, labels, _ = heads.select_training_samples(
+        props, [{"boxes": gt, "labels": torch.tensor([2])}]
+    )
+    (lab,) = labels
+    assert len(lab) == 16
+    assert (lab == 2).sum() == 4  # 25 % of 16 (6 candidates incl. the added GT)
+    assert (lab == 0).sum() == 12
+
+
+def test_truncated_svd_keeps_outputs_at_full_rank_and_shrinks_at_low_rank():
+    torch.manual_seed(0)
+    fc = torch.nn.Linear(64, 32)
+    x = torch.randn(5, 64)
+    full = truncate_fc(fc, 32)
+    assert torch.allclose(full(x), fc(x), atol=1e-4)
+    small = truncate_fc(fc, 4)
+    assert sum(p.numel() for p in small.parameters()) == 4 * 64 + 4 * 32 + 32
+    model = build_model(
+        "fast_rcnn",
+        3,
+        {"min_size": 64, "max_size": 64, "representation_size": 32, "box_head": "mlp"},
+    )
+    before = sum(p.numel() for p in model.parameters())
+    compress(model, 8)
+    assert sum(p.numel() for p in model.parameters()) < before
