@@ -58,7 +58,7 @@ def write_json(path: Path, obj) -> Path:
 
 
 TINY_PARAMS = """\
-variants: [faster_rcnn]
+variants: [rcnn, fast_rcnn, faster_rcnn]
 data:
   root: data/raw/shapes
   train: {annotations: annotations/instances_train.json, images: train}
@@ -75,6 +75,7 @@ generate:
   empty_fraction: 0.1
   seed: 0
 prepare: {out: data/prepared}
+proposals: {out: data/proposals, mode: fast, max_boxes: 200, min_size: 6, workers: 1}
 train:
   out: models
   device: cpu
@@ -91,6 +92,22 @@ train:
     model: {backbone: small, min_size: 64, max_size: 64, anchor_sizes: [16, 32],
             roi_op: pool, representation_size: 32, box_batch_size_per_image: 32,
             rpn_pre_nms_top_n_test: 50, rpn_post_nms_top_n_test: 20}
+  fast_rcnn:
+    epochs: 1
+    batch_size: 2
+    lr: 0.01
+    warmup_iters: 2
+    lr_steps: []
+    model: {backbone: small, min_size: 64, max_size: 64, roi_op: pool,
+            representation_size: 32, box_batch_size_per_image: 16}
+  rcnn:
+    epochs: 1
+    batch_size: 2
+    lr: 0.01
+    warmup_iters: 2
+    lr_steps: []
+    model: {warp_size: 16, context: 1, width: 8, min_size: 64, max_size: 64,
+            representation_size: 32, box_batch_size_per_image: 16}
 evaluate: {out: reports, batch_size: 8}
 register: {experiment: rcnnops-test, metric: bbox_AP}
 """

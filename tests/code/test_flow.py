@@ -14,6 +14,8 @@ from prefect.testing.utilities import prefect_test_harness
 
 from rcnnops import project as dvcproj
 
+VARIANTS = ["rcnn", "fast_rcnn", "faster_rcnn"]
+
 
 @pytest.fixture(scope="module")
 def harness():
@@ -34,8 +36,11 @@ def test_flow_end_to_end_then_noop_then_param_change(harness, tiny_project, monk
 
     monkeypatch.chdir(tiny_project)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    (d,) = retrain(project=str(tiny_project))
-    assert d["name"] == "rcnnops-faster_rcnn" and d["version"] == "1" and d["promoted"]
+    decisions = retrain(project=str(tiny_project))
+    assert [d["name"] for d in decisions] == [f"rcnnops-{v}" for v in VARIANTS]
+    assert all(d["version"] == "1" and d["promoted"] for d in decisions)
+    recall = json.loads((tiny_project / "reports/proposals/metrics.json").read_text())
+    assert 0.0 < recall["val"]["recall@0.5/2000"] <= 1.0
     metrics = json.loads((tiny_project / "reports/faster_rcnn/metrics.json").read_text())
     assert 0.0 <= metrics["bbox_AP"] <= 1.0 and metrics["infer_ms_per_image"] > 0
     assert (tiny_project / "reports/faster_rcnn/pr_curve.png").is_file()
@@ -72,8 +77,9 @@ def test_flow_end_to_end_then_noop_then_param_change(harness, tiny_project, monk
     # Nothing changed: DVC skips everything, registration is idempotent.
     lock = (tiny_project / "dvc.lock").read_text()
     model_mtime = (tiny_project / "models/faster_rcnn/model.pt").stat().st_mtime_ns
-    (d,) = retrain(project=str(tiny_project))
-    assert d["version"] == "1" and not d["promoted"] and "already champion" in d["reason"]
+    decisions = retrain(project=str(tiny_project))
+    for d in decisions:
+        assert d["version"] == "1" and not d["promoted"] and "already champion" in d["reason"]
     assert (tiny_project / "dvc.lock").read_text() == lock
     assert (tiny_project / "models/faster_rcnn/model.pt").stat().st_mtime_ns == model_mtime
 
@@ -82,8 +88,22 @@ def test_flow_end_to_end_then_noop_then_param_change(harness, tiny_project, monk
     params = yaml.safe_load((tiny_project / "params.yaml").read_text())
     params["train"]["faster_rcnn"]["lr"] = 0.02
     (tiny_project / "params.yaml").write_text(yaml.safe_dump(params))
-    stale = set(dvcproj.status(tiny_project))
-    assert stale == {"train@faster_rcnn"}
+    assert set(dvcproj.status(tiny_project)) == {"train@faster_rcnn"}
+    params["train"]["faster_rcnn"]["lr"] = 0.01
+    (tiny_project / "params.yaml").write_text(yaml.safe_dump(params))
+    assert dvcproj.status(tiny_project) == {}
+
+    # A selective-search param: proposals, then only the proposal-based variants.
+    params["proposals"]["min_size"] = 10
+    (tiny_project / "params.yaml").write_text(yaml.safe_dump(params))
+    assert set(dvcproj.status(tiny_project)) == {"proposals"}
+    dvcproj.repro(tiny_project, "proposals")
+    assert set(dvcproj.status(tiny_project)) == {
+        "train@rcnn",
+        "train@fast_rcnn",
+        "evaluate@rcnn",
+        "evaluate@fast_rcnn",
+    }
 
 
 def test_bad_data_fails_the_flow_before_training(harness, tiny_project, monkeypatch):
