@@ -415,6 +415,14 @@ def run(params, variant: str, progress: bool = True) -> dict:
             {"run_id": active.info.run_id},
             progress,
         )
+        if getattr(model, "classifier", None) == "svm":  # R-CNN's second stage
+            plain = CocoDetection(train_coco, train_root, labels, proposals=train_props)
+            counts = model.cpu().fit_svms(plain[i] for i in range(len(plain)))
+            model.to(device)
+            print(f"trained {len(counts)} per-class SVMs (+ ridge box regressors)")
+            after = validate(model, cfg.epochs)
+            print("with SVMs: " + " ".join(f"{k}={v:.4f}" for k, v in after.items()))
+            tracking.log_metrics({k.replace("val/", "val_svm/"): v for k, v in after.items()})
         seconds = time.perf_counter() - t0
         tracking.log_metrics({"train_seconds": seconds})
         run_id = active.info.run_id

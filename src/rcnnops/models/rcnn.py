@@ -21,6 +21,7 @@ from torchvision.ops import MultiScaleRoIAlign, roi_align
 
 from rcnnops.models import parts
 from rcnnops.models.fast_rcnn import FastRCNN
+from rcnnops.models.svm import SVMPredictor, mine_svm, ridge
 
 
 def expand_boxes(boxes: torch.Tensor, warp_size: int, context: int) -> torch.Tensor:
@@ -94,8 +95,116 @@ class _ImageAsFeatures(nn.Module):
         return OrderedDict([("image", x)])
 
 
+class SVMRoIHeads(parts.ProposalRoIHeads):
+    """R-CNN heads whose test-time scores and boxes can come from the paper's
+    per-class SVMs and ridge regressors (``self.svm``) once they are trained."""
+
+    def __init__(self, *args, representation: int, num_classes: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.svm = SVMPredictor(representation, num_classes)
+
+    def forward(self, features, proposals, image_shapes, targets=None):
+        if self.training or not bool(self.svm.trained):
+            return super().forward(features, proposals, image_shapes, targets)
+        x = self.box_head(self.box_roi_pool(features, proposals, image_shapes))
+        margins, deltas = self.svm(x)
+        boxes = self.box_coder.decode(deltas, proposals)
+        # Each class's SVM scores boxes independently: a sigmoid, not a softmax.
+        scores = torch.sigmoid(margins)
+        result = []
+        for b, sc, shape in zip(
+            boxes.split([len(p) for p in proposals]),
+            scores.split([len(p) for p in proposals]),
+            image_shapes,
+            strict=True,
+        ):
+            result.append(self._select(b, sc, shape))
+        return result, {}
+
+    def _select(self, boxes, scores, shape):
+        from torchvision.ops import boxes as box_ops
+
+        boxes = box_ops.clip_boxes_to_image(boxes, shape)[:, 1:].reshape(-1, 4)
+        labels = torch.arange(1, scores.shape[1]).expand(len(scores), -1).reshape(-1)
+        scores = scores[:, 1:].reshape(-1)
+        keep = (scores > self.score_thresh).nonzero().flatten()
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        keep = box_ops.remove_small_boxes(boxes, 1e-2)
+        boxes, scores, labels = boxes[keep], scores[keep], labels[keep]
+        keep = box_ops.batched_nms(boxes, scores, labels, self.nms_thresh)
+        keep = keep[: self.detections_per_img]
+        return {"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]}
+
+
 class RCNN(FastRCNN):
     """Same API as :class:`FastRCNN` (proposals required); only the RoI path differs."""
+
+    @torch.no_grad()
+    def fit_svms(
+        self,
+        samples,
+        c: float = 1.0,
+        neg_iou: float = 0.3,
+        reg_iou: float = 0.6,
+        ridge_lambda: float = 1000.0,
+    ) -> dict:
+        """The paper's second stage on the fine-tuned CNN's features.
+
+        ``samples`` yields ``(image, target)`` with ``target["proposals"]``.
+        Positives: ground-truth boxes of the class; negatives: proposals with
+        IoU < ``neg_iou`` with every object of the class (hard-mined). Ridge
+        box regression from proposals with IoU >= ``reg_iou``. Returns counts.
+        """
+        from torchvision.ops import box_iou
+
+        self.eval()
+        heads = self.roi_heads
+        feats, gt_labels, iou_rows, targets_rows = [], [], [], []
+        for image, target in samples:
+            original = [tuple(image.shape[-2:])]
+            images, tgts = self.transform(
+                [image], [{"boxes": target["boxes"], "labels": target["labels"]}]
+            )
+            props = self.proposal_source([target["proposals"]], original, images.image_sizes)[0]
+            gt = tgts[0]["boxes"]
+            boxes = torch.cat([gt, props])
+            x = heads.box_head(
+                heads.box_roi_pool(self.backbone(images.tensors), [boxes], images.image_sizes)
+            )
+            feats.append(x)
+            labels = torch.zeros(len(boxes), dtype=torch.int64)
+            labels[: len(gt)] = tgts[0]["labels"]
+            gt_labels.append(labels)
+            k = self.roi_heads.svm.weight.shape[0]
+            best = torch.zeros(len(boxes), k)  # best IoU with an object of each class
+            reg_t = torch.zeros(len(boxes), k, 4)
+            if len(gt):
+                iou = box_iou(boxes, gt)
+                for cls in tgts[0]["labels"].unique().tolist():
+                    m = tgts[0]["labels"] == cls
+                    val, idx = iou[:, m].max(dim=1)
+                    best[:, cls] = val
+                    reg_t[:, cls] = heads.box_coder.encode_single(gt[m][idx], boxes)
+            iou_rows.append(best)
+            targets_rows.append(reg_t)
+        x, labels = torch.cat(feats), torch.cat(gt_labels)
+        best, reg_t = torch.cat(iou_rows), torch.cat(targets_rows)
+        svm, counts = heads.svm, {}
+        for cls in range(1, svm.weight.shape[0]):
+            pos, neg = x[labels == cls], x[best[:, cls] < neg_iou]
+            if len(pos) == 0:
+                continue
+            w, b, used = mine_svm(pos, neg, c)
+            svm.weight[cls], svm.bias[cls] = w, b
+            sel = best[:, cls] >= reg_iou
+            svm.reg[cls] = ridge(x[sel], reg_t[sel, cls], ridge_lambda)
+            counts[cls] = {
+                "positives": int(len(pos)),
+                "negatives_used": used,
+                "regression_samples": int(sel.sum()),
+            }
+        svm.trained.fill_(True)
+        return counts
 
 
 def build(
@@ -117,10 +226,17 @@ def build(
     box_nms_thresh: float = 0.3,
     box_detections_per_img: int = 100,
     crop_chunk: int = 512,
+    classifier: str = "softmax",
     pretrained: str | None = None,
 ) -> RCNN:
-    """An R-CNN for ``num_classes`` classes including background (K + 1)."""
-    heads = parts.ProposalRoIHeads(
+    """An R-CNN for ``num_classes`` classes including background (K + 1).
+
+    ``classifier: svm`` adds the paper's per-class SVMs + ridge box regression,
+    trained after fine-tuning (:meth:`RCNN.fit_svms`) and used at test time.
+    """
+    if classifier not in ("softmax", "svm"):
+        raise ValueError(f"classifier must be 'softmax' or 'svm', got {classifier!r}")
+    heads = SVMRoIHeads(
         WarpCrops(warp_size, context),
         CropNet(
             representation_size, width, parts.norm_layer(norm, pretrained is not None), crop_chunk
@@ -135,6 +251,8 @@ def build(
         nms_thresh=box_nms_thresh,
         detections_per_img=box_detections_per_img,
         bg_iou_low=bg_iou_low,
+        representation=representation_size,
+        num_classes=num_classes,
     )
     model = RCNN(
         _ImageAsFeatures(),
@@ -142,6 +260,7 @@ def build(
         parts.PrecomputedProposals(proposals_train, proposals_test),
         heads,
     )
+    model.classifier = classifier
     if pretrained is not None:
         parts.load_pretrained(model, pretrained)
     return model

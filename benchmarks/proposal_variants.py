@@ -1,0 +1,139 @@
+"""R-CNN vs Fast R-CNN on the same backbone and the same cached proposals.
+
+Prints, in one run (medians over images, cases interleaved A/B/A/B):
+
+- test time per image of R-CNN (warp 32 px, our CPU default, and 227 px, the
+  paper's) and Fast R-CNN, and their ratio (the Fast R-CNN paper: 146x, VGG16);
+- training time per image of each;
+- loading cached proposals vs recomputing them with selective search;
+- selective-search throughput with 1 vs 2 worker processes.
+
+Untrained weights: speed does not depend on them. Data: the generated shapes
+validation images (default params), written to a temporary folder.
+
+    .venv/bin/python benchmarks/proposal_variants.py [--images 20]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from rcnnops.config import DataParams, GenerateParams, PrepareParams, SplitSource
+from rcnnops.data.coco import CocoDetection
+from rcnnops.data.prepare import load_split, prepare
+from rcnnops.data.shapes import generate
+from rcnnops.models import build_model
+from rcnnops.proposals.precompute import ProposalStore, SearchSettings, compute_split, write_split
+
+
+def _median_ms(times: list[float]) -> float:
+    return 1000.0 * statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=20, help="validation images to time")
+    ap.add_argument("--mode", default="quality", help="selective search mode (fast|quality)")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    tmp = Path(tempfile.mkdtemp(prefix="rcnnops-bench-"))
+    g = dataclasses.replace(
+        GenerateParams(), out=str(tmp / "raw"), num_train=8, num_val=args.images
+    )
+    generate(g)
+    prepare(
+        DataParams(
+            str(tmp / "raw"),
+            SplitSource("annotations/instances_train.json", "train"),
+            SplitSource("annotations/instances_val.json", "val"),
+        ),
+        PrepareParams(out=str(tmp / "prepared")),
+    )
+    coco, root, labels = load_split(tmp / "prepared", "val")
+    settings = SearchSettings(mode=args.mode, max_boxes=2000)
+
+    # Selective search: 1 vs 2 workers, then cache.
+    t0 = time.perf_counter()
+    ids, boxes, scores = compute_split(coco, root, settings, workers=1)
+    one = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    compute_split(coco, root, settings, workers=2)
+    two = time.perf_counter() - t0
+    write_split(tmp / "proposals", ids, boxes, scores, settings, "bench")
+    t0 = time.perf_counter()
+    store = ProposalStore(tmp / "proposals", verify=False)
+    loaded = [store.boxes_for(i) for i in ids]
+    load = time.perf_counter() - t0
+    n_props = statistics.mean(len(b) for b in loaded)
+
+    dataset = CocoDetection(coco, root, labels, proposals=store.boxes_for)
+    k = labels.num_classes + 1
+    common = {
+        "min_size": 128,
+        "max_size": 128,
+        "representation_size": 256,
+        "box_batch_size_per_image": 64,
+    }
+    models = {
+        "fast_rcnn": build_model(
+            "fast_rcnn", k, common | {"backbone": "small", "stride": 8, "roi_op": "pool"}
+        ),
+        "rcnn (warp 32)": build_model("rcnn", k, common | {"warp_size": 32, "context": 2}),
+        "rcnn (warp 227)": build_model(
+            "rcnn", k, common | {"warp_size": 227, "context": 16, "crop_chunk": 64}
+        ),
+    }
+    test: dict[str, list[float]] = {name: [] for name in models}
+    for m in models.values():
+        m.eval()
+    with torch.no_grad():
+        for i in range(len(dataset)):
+            image, target = dataset[i]
+            for name, m in models.items():  # interleaved: A/B/C, A/B/C, ...
+                t0 = time.perf_counter()
+                m([image], proposals=[target["proposals"]])
+                test[name].append(time.perf_counter() - t0)
+    train: dict[str, list[float]] = {name: [] for name in models}
+    for name, m in models.items():
+        m.train()
+        opt = torch.optim.SGD(m.parameters(), lr=1e-3)
+        for i in range(0, min(len(dataset), 8), 2):
+            batch = [dataset[j] for j in (i, i + 1)]
+            images = [b[0] for b in batch]
+            targets = [{k: v for k, v in b[1].items() if k != "proposals"} for b in batch]
+            props = [b[1]["proposals"] for b in batch]
+            t0 = time.perf_counter()
+            loss = sum(m(images, targets, props).values())
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            train[name].append((time.perf_counter() - t0) / 2)
+
+    fast = _median_ms(test["fast_rcnn"])
+    print(
+        f"images: {len(ids)} ({g.image_size}x{g.image_size}), selective search '{args.mode}': "
+        f"{n_props:.0f} proposals/image on average"
+    )
+    print(f"{'model':<18}{'test ms/img':>12}{'vs Fast R-CNN':>15}{'train ms/img':>14}")
+    for name in models:
+        t = _median_ms(test[name])
+        print(f"{name:<18}{t:>12.1f}{t / fast:>14.1f}x{_median_ms(train[name]):>14.1f}")
+    print(
+        f"proposals: recompute {1000 * one / len(ids):.1f} ms/img, load cached "
+        f"{1000 * load / len(ids):.3f} ms/img: {one / load:.0f}x"
+    )
+    print(
+        f"selective search throughput: 1 worker {len(ids) / one:.1f} img/s, 2 workers "
+        f"{len(ids) / two:.1f} img/s: {one / two:.2f}x"
+    )
+
+
+if __name__ == "__main__":
+    main()

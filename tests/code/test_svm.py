@@ -1,0 +1,74 @@
+"""R-CNN's SVM + ridge second stage (``classifier: svm``) on tiny cases."""
+
+import torch
+
+from rcnnops.data.coco import CocoDetection
+from rcnnops.data.prepare import load_split
+from rcnnops.models import build_model
+from rcnnops.models.svm import mine_svm, ridge
+from rcnnops.proposals.precompute import ProposalStore, SearchSettings, precompute
+
+
+def test_hard_negative_mining_separates_classes():
+    g = torch.Generator().manual_seed(0)
+    pos = torch.randn(20, 5, generator=g) + 3.0
+    neg = torch.randn(500, 5, generator=g) - 3.0
+    neg[:5] += 4.0  # a few hard negatives near the positives
+    w, b, used = mine_svm(pos, neg, start=50)
+    assert (pos @ w + b > 0).all() and (neg @ w + b < 0).float().mean() > 0.98
+    assert 50 <= used < 500  # mining added only the hard ones
+
+
+def test_ridge_recovers_a_linear_map():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 6, generator=g)
+    true = torch.randn(6, 4, generator=g)
+    w = ridge(x, x @ true + 0.5, lam=1e-6)
+    assert torch.allclose(w[:-1], true, atol=1e-3) and torch.allclose(
+        w[-1], torch.full((4,), 0.5), atol=1e-3
+    )
+
+
+def test_rcnn_with_svms_on_a_tiny_dataset(tiny_prepared, tmp_path):
+    s = SearchSettings(mode="fast", max_boxes=100, min_size=4)
+    precompute(tiny_prepared, tmp_path / "props", s, workers=1)
+    coco, root, labels = load_split(tiny_prepared, "train")
+    store = ProposalStore(tmp_path / "props" / "train", s)
+    ds = CocoDetection(coco, root, labels, proposals=store.boxes_for)
+    torch.manual_seed(0)
+    model = build_model(
+        "rcnn",
+        labels.num_classes + 1,
+        {
+            "warp_size": 16,
+            "context": 1,
+            "width": 8,
+            "min_size": 64,
+            "max_size": 64,
+            "representation_size": 32,
+            "classifier": "svm",
+        },
+    )
+    counts = model.fit_svms(ds[i] for i in range(len(ds)))
+    assert counts and all(c["positives"] > 0 and c["negatives_used"] > 0 for c in counts.values())
+    assert bool(model.roi_heads.svm.trained)
+    image, target = ds[0]
+    with torch.no_grad():
+        (out,) = model.eval()([image], proposals=[target["proposals"]])
+    assert out["boxes"].shape[1] == 4 and ((out["scores"] > 0) & (out["scores"] < 1)).all()
+    # The SVMs are buffers: saved and restored with the weights.
+    again = build_model(
+        "rcnn",
+        labels.num_classes + 1,
+        {
+            "warp_size": 16,
+            "context": 1,
+            "width": 8,
+            "min_size": 64,
+            "max_size": 64,
+            "representation_size": 32,
+            "classifier": "svm",
+        },
+    )
+    again.load_state_dict(model.state_dict())
+    assert torch.equal(again.roi_heads.svm.weight, model.roi_heads.svm.weight)
