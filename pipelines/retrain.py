@@ -34,22 +34,34 @@ def ensure_dvc(project: str) -> list[str]:
     return done
 
 
+@task(name="dvc-status")
+def pipeline_status(project: str) -> list[str]:
+    """Stages DVC reports as changed (one call: cheap no-op reruns)."""
+    stale = sorted(dvcproj.status(Path(project)))
+    get_run_logger().info("changed: %s", ", ".join(stale) or "nothing (all up to date)")
+    return stale
+
+
 @task(name="dvc-repro")
-def repro(project: str, stage: str) -> bool:
+def repro(project: str, stage: str, pipeline_fresh: bool = False) -> bool:
     """Run one DVC stage if stale; True when it ran."""
+    if pipeline_fresh:
+        get_run_logger().info("%s: up to date (DVC cache)", stage)
+        return False
     ran = dvcproj.repro(Path(project), stage)
     get_run_logger().info("%s: %s", stage, "ran" if ran else "up to date (DVC cache)")
     return ran
 
 
 @task(name="version-data")
-def version_data(project: str) -> dict:
+def version_data(project: str, pipeline_fresh: bool = False) -> dict:
     """Generate the default dataset if it is the source, then validate and
     version it with `prepare`; returns the data hashes every run records."""
     p = load_params(Path(project) / "params.yaml")
-    if Path(p.data.root).resolve() == (Path(project) / p.generate.out).resolve():
-        dvcproj.repro(Path(project), "generate")
-    dvcproj.repro(Path(project), "prepare")
+    if not pipeline_fresh:
+        if Path(p.data.root).resolve() == (Path(project) / p.generate.out).resolve():
+            dvcproj.repro(Path(project), "generate")
+        dvcproj.repro(Path(project), "prepare")
     from rcnnops.data.prepare import load_manifest
 
     m = load_manifest(Path(project) / p.prepare.out)
@@ -97,6 +109,20 @@ def promote(project: str, variant: str, version: str) -> dict:
     return registry.decision_dict(d)
 
 
+def unchanged(reg: dict) -> dict:
+    """No new model version, so no new decision (the audit trail stays as it was)."""
+    return {
+        "name": reg["name"],
+        "version": reg["version"],
+        "promoted": False,
+        "reason": "model unchanged since its registration; no new decision",
+        "metric": None,
+        "value": None,
+        "champion_before": None,
+        "champion_value": None,
+    }
+
+
 @task(name="dvc-push", retries=3, retry_delay_seconds=[2, 5, 10])
 def push(project: str) -> None:
     dvcproj.dvc(Path(project), "push", "-q")
@@ -106,9 +132,10 @@ def _summary(decisions: list[dict]) -> str:
     rows = ["| model | version | decision | metric | value | reason |", "|---|---|---|---|---|---|"]
     for d in decisions:
         value = "n/a" if d["value"] is None else f"{d['value']:.4f}"
+        metric = d["metric"] or "-"
         rows.append(
             f"| {d['name']} | {d['version']} | "
-            f"{'promoted' if d['promoted'] else 'kept'} | {d['metric']} | {value} | "
+            f"{'promoted' if d['promoted'] else 'kept'} | {metric} | {value} | "
             f"{d['reason']} |"
         )
     return "\n".join(rows)
@@ -123,15 +150,19 @@ def retrain(
     params = load_params(root / "params.yaml")
     variants = variants or params.variants
     ensure_dvc(str(root))
-    version_data(str(root))
+    fresh = not pipeline_status(str(root))
+    version_data(str(root), fresh)
     if USES_PROPOSALS & set(variants):
-        repro(str(root), "proposals")
+        repro(str(root), "proposals", fresh)
     decisions = []
     for v in variants:
-        repro(str(root), f"train@{v}")
-        repro(str(root), f"evaluate@{v}")
+        repro(str(root), f"train@{v}", fresh)
+        repro(str(root), f"evaluate@{v}", fresh)
         reg = register(str(root), v)
-        decisions.append(promote(str(root), v, reg["version"]))
+        if reg["created"]:
+            decisions.append(promote(str(root), v, reg["version"]))
+        else:
+            decisions.append(unchanged(reg))
     if push_to_remote:
         push(str(root))
     create_markdown_artifact(

@@ -261,6 +261,8 @@ def promote(
         str(champion.version) if champion else None,
         _metric(champion, metric) if champion else None,
     )
+    if champion is not None and str(champion.version) == str(version) and not force:
+        return decision  # already champion: nothing decided, the audit trail is kept
     if promoted:
         client.set_registered_model_alias(name, CHAMPION, str(version))
     actor = actor or os.environ.get("RCNNOPS_ACTOR") or getpass.getuser()

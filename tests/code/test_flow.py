@@ -79,7 +79,9 @@ def test_flow_end_to_end_then_noop_then_param_change(harness, tiny_project, monk
     model_mtime = (tiny_project / "models/faster_rcnn/model.pt").stat().st_mtime_ns
     decisions = retrain(project=str(tiny_project))
     for d in decisions:
-        assert d["version"] == "1" and not d["promoted"] and "already champion" in d["reason"]
+        assert d["version"] == "1" and not d["promoted"] and "model unchanged" in d["reason"]
+    champion = _mlflow(tiny_project, monkeypatch)
+    assert champion.tags["promotion.decision"] == "promoted"  # the audit trail is intact
     assert (tiny_project / "dvc.lock").read_text() == lock
     assert (tiny_project / "models/faster_rcnn/model.pt").stat().st_mtime_ns == model_mtime
 

@@ -81,6 +81,14 @@ def test_decision_is_recorded_on_the_version(store):
     assert tags["promotion.by"] == "test" and tags["promotion.champion_before"] == v1
 
 
+def test_repromoting_the_champion_keeps_its_audit_trail(store):
+    v1 = store(0.5)
+    _promote(v1)
+    d = _promote(v1)
+    assert not d.promoted and "already champion" in d.reason
+    assert tracking.client().get_model_version(NAME, v1).tags["promotion.decision"] == "promoted"
+
+
 def test_missing_version_is_a_clear_error(store):
     with pytest.raises(ValueError, match="has no version 42"):
         _promote("42")
