@@ -59,8 +59,9 @@ def safe_image_path(root: Path, file_name: Any, where: str) -> Path:
     return path
 
 
-def load_image(path: Path) -> torch.Tensor:
-    """Read an image as ``float32 [3, H, W]`` in [0, 1] (EXIF-rotated, RGB)."""
+def load_image_array(path: Path) -> np.ndarray:
+    """Read an image as ``uint8 [H, W, 3]`` RGB (EXIF-rotated; grey, CMYK,
+    palette and 16-bit images converted). Errors name the file."""
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
@@ -68,14 +69,18 @@ def load_image(path: Path) -> torch.Tensor:
                 # 16-bit greyscale: scale to 8 bit before RGB conversion.
                 arr16 = np.asarray(im, dtype=np.float32)
                 peak = 65535.0 if arr16.max() > 255 else 255.0
-                arr = np.repeat((arr16 / peak)[..., None], 3, axis=2)
-                return torch.from_numpy(np.ascontiguousarray(arr)).permute(2, 0, 1)
-            arr = np.asarray(im.convert("RGB"), dtype=np.uint8)
+                grey = np.clip(arr16 / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+                return np.repeat(grey[..., None], 3, axis=2)
+            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise DataError(f"{path}: cannot read image: {e}") from None
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+
+
+def load_image(path: Path) -> torch.Tensor:
+    """Read an image as ``float32 [3, H, W]`` in [0, 1] (see :func:`load_image_array`)."""
+    return torch.from_numpy(load_image_array(path)).permute(2, 0, 1).float().div_(255.0)
 
 
 def _image_size(path: Path, where: str) -> tuple[int, int]:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing as mp
 import os
 import shutil
 import tempfile
@@ -28,7 +29,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rcnnops.data.coco import DataError, load_image, safe_image_path
+from rcnnops.data.coco import DataError, load_image_array, safe_image_path
 from rcnnops.proposals.selective_search import selective_search
 
 REBUILD = "rebuild them with `dvc repro proposals` (or `rcnnops proposals`)"
@@ -53,33 +54,41 @@ def _one(args: tuple[str, SearchSettings]) -> tuple[np.ndarray, np.ndarray]:
     path, s = args
     import cv2
 
-    cv2.setNumThreads(1)  # the pool gives parallelism; one thread keeps it deterministic
-    image = (load_image(Path(path)).permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
-    return selective_search(image, s.mode, s.max_boxes, s.min_size, s.dedup_iou)
+    cv2.setNumThreads(1)  # the pool gives the parallelism
+    return selective_search(
+        load_image_array(Path(path)), s.mode, s.max_boxes, s.min_size, s.dedup_iou
+    )
+
+
+def search_pool(workers: int) -> ProcessPoolExecutor:
+    """A process pool for :func:`compute_split`. spawn, not fork: a process whose
+    OpenMP pool (torch) has started can deadlock its forked children."""
+    return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
 
 
 def compute_split(
-    coco: dict, image_root: Path, settings: SearchSettings, workers: int, desc: str = ""
+    coco: dict,
+    image_root: Path,
+    settings: SearchSettings,
+    workers: int,
+    desc: str = "",
+    pool: ProcessPoolExecutor | None = None,
 ) -> tuple[list[int], list[np.ndarray], list[np.ndarray]]:
-    """Selective search on every image of a COCO split, in id order, in a process pool."""
+    """Selective search on every image of a COCO split, in id order, in a process
+    pool (``pool``, or one of ``workers`` processes made for the call)."""
     images = sorted(coco["images"], key=lambda im: im["id"])
     paths = [
         str(safe_image_path(image_root, im["file_name"], f"image id {im['id']}")) for im in images
     ]
     jobs = [(p, settings) for p in paths]
-    if workers <= 1:
+    if pool is None and workers <= 1:
         results = [_one(j) for j in tqdm(jobs, desc=desc, unit="img", leave=False)]
+    elif pool is None:
+        with search_pool(workers) as own:
+            return compute_split(coco, image_root, settings, workers, desc, own)
     else:
-        with ProcessPoolExecutor(workers) as pool:
-            results = list(
-                tqdm(
-                    pool.map(_one, jobs, chunksize=4),
-                    total=len(jobs),
-                    desc=desc,
-                    unit="img",
-                    leave=False,
-                )
-            )
+        mapped = pool.map(_one, jobs, chunksize=4)
+        results = list(tqdm(mapped, total=len(jobs), desc=desc, unit="img", leave=False))
     return [im["id"] for im in images], [r[0] for r in results], [r[1] for r in results]
 
 
@@ -181,11 +190,14 @@ def precompute(prepared: Path, out: Path, settings: SearchSettings, workers: int
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".proposals-", dir=out.parent))
-    summary = {}
+    summary, pool = {}, None
     try:
+        pool = search_pool(workers) if workers > 1 else None
         for split in ("train", "val"):
             coco, root, _ = load_split(prepared, split)
-            ids, boxes, scores = compute_split(coco, root, settings, workers, f"proposals {split}")
+            ids, boxes, scores = compute_split(
+                coco, root, settings, workers, f"proposals {split}", pool
+            )
             index = write_split(
                 tmp / split, ids, boxes, scores, settings, manifest["splits"][split]["hash"]
             )
@@ -199,6 +211,8 @@ def precompute(prepared: Path, out: Path, settings: SearchSettings, workers: int
             shutil.rmtree(out)
         os.replace(tmp, out)
     finally:
+        if pool is not None:
+            pool.shutdown()
         if tmp.exists():
             shutil.rmtree(tmp)
     return summary
