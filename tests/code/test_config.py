@@ -7,7 +7,8 @@ from tests.conftest import REPO
 
 def test_repo_params_parse():
     p = load_params(REPO / "params.yaml")
-    assert p.variants == ["faster_rcnn"]
+    assert p.variants == ["rcnn", "fast_rcnn", "faster_rcnn"]
+    assert p.variant("rcnn").model["classifier"] == "softmax"
     assert p.variant("faster_rcnn").model["backbone"] == "small"
 
 
