@@ -29,6 +29,17 @@ def test_ridge_recovers_a_linear_map():
     )
 
 
+TINY_SVM_RCNN = {
+    "warp_size": 16,
+    "context": 1,
+    "width": 8,
+    "min_size": 64,
+    "max_size": 64,
+    "representation_size": 32,
+    "classifier": "svm",
+}
+
+
 def test_rcnn_with_svms_on_a_tiny_dataset(tiny_prepared, tmp_path):
     s = SearchSettings(mode="fast", max_boxes=100, min_size=4)
     precompute(tiny_prepared, tmp_path / "props", s, workers=1)
@@ -36,19 +47,7 @@ def test_rcnn_with_svms_on_a_tiny_dataset(tiny_prepared, tmp_path):
     store = ProposalStore(tmp_path / "props" / "train", s)
     ds = CocoDetection(coco, root, labels, proposals=store.boxes_for)
     torch.manual_seed(0)
-    model = build_model(
-        "rcnn",
-        labels.num_classes + 1,
-        {
-            "warp_size": 16,
-            "context": 1,
-            "width": 8,
-            "min_size": 64,
-            "max_size": 64,
-            "representation_size": 32,
-            "classifier": "svm",
-        },
-    )
+    model = build_model("rcnn", labels.num_classes + 1, TINY_SVM_RCNN)
     counts = model.fit_svms(ds[i] for i in range(len(ds)))
     assert counts and all(c["positives"] > 0 and c["negatives_used"] > 0 for c in counts.values())
     assert bool(model.roi_heads.svm.trained)
@@ -57,18 +56,6 @@ def test_rcnn_with_svms_on_a_tiny_dataset(tiny_prepared, tmp_path):
         (out,) = model.eval()([image], proposals=[target["proposals"]])
     assert out["boxes"].shape[1] == 4 and ((out["scores"] > 0) & (out["scores"] < 1)).all()
     # The SVMs are buffers: saved and restored with the weights.
-    again = build_model(
-        "rcnn",
-        labels.num_classes + 1,
-        {
-            "warp_size": 16,
-            "context": 1,
-            "width": 8,
-            "min_size": 64,
-            "max_size": 64,
-            "representation_size": 32,
-            "classifier": "svm",
-        },
-    )
+    again = build_model("rcnn", labels.num_classes + 1, TINY_SVM_RCNN)
     again.load_state_dict(model.state_dict())
     assert torch.equal(again.roi_heads.svm.weight, model.roi_heads.svm.weight)

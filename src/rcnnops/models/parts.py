@@ -18,6 +18,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import mobilenet_backbone, resnet_fpn_backbone
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, TwoMLPHead
 from torchvision.models.detection.roi_heads import RoIHeads
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign, roi_pool
 
 BACKBONES = ("small", "resnet18_fpn", "resnet50_fpn", "mobilenet_v3_fpn")
@@ -320,3 +321,32 @@ class ProposalRoIHeads(RoIHeads):
                 best = box_iou(gts, props).amax(dim=0)
                 lab[(best < self.bg_iou_low) & (lab == 0)] = -1
         return matched_idxs, labels
+
+
+def proposal_sampling(
+    fg_iou: float,
+    bg_iou_low: float,
+    batch_size_per_image: int,
+    positive_fraction: float,
+    score_thresh: float,
+    nms_thresh: float,
+    detections_per_img: int,
+) -> dict:
+    """:class:`ProposalRoIHeads` keyword arguments: the papers' RoI sampling
+    (fg IoU >= ``fg_iou``, bg in ``[bg_iou_low, fg_iou)``) and test-time NMS."""
+    return {
+        "fg_iou_thresh": fg_iou,
+        "bg_iou_thresh": fg_iou,
+        "batch_size_per_image": batch_size_per_image,
+        "positive_fraction": positive_fraction,
+        "bbox_reg_weights": None,
+        "score_thresh": score_thresh,
+        "nms_thresh": nms_thresh,
+        "detections_per_img": detections_per_img,
+        "bg_iou_low": bg_iou_low,
+    }
+
+
+def image_transform(min_size: int, max_size: int) -> GeneralizedRCNNTransform:
+    """Resize (shorter side ``min_size``, longer <= ``max_size``) and normalise."""
+    return GeneralizedRCNNTransform(min_size, max_size, list(IMAGE_MEAN), list(IMAGE_STD))

@@ -16,7 +16,6 @@ from collections import OrderedDict
 import torch
 from torch import nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
-from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
 from rcnnops.models import parts
@@ -242,21 +241,21 @@ def build(
             representation_size, width, parts.norm_layer(norm, pretrained is not None), crop_chunk
         ),
         FastRCNNPredictor(representation_size, num_classes),
-        fg_iou_thresh=fg_iou,
-        bg_iou_thresh=fg_iou,
-        batch_size_per_image=box_batch_size_per_image,
-        positive_fraction=box_positive_fraction,
-        bbox_reg_weights=None,
-        score_thresh=box_score_thresh,
-        nms_thresh=box_nms_thresh,
-        detections_per_img=box_detections_per_img,
-        bg_iou_low=bg_iou_low,
+        **parts.proposal_sampling(
+            fg_iou,
+            bg_iou_low,
+            box_batch_size_per_image,
+            box_positive_fraction,
+            box_score_thresh,
+            box_nms_thresh,
+            box_detections_per_img,
+        ),
         representation=representation_size,
         num_classes=num_classes,
     )
     model = RCNN(
         _ImageAsFeatures(),
-        GeneralizedRCNNTransform(min_size, max_size, list(parts.IMAGE_MEAN), list(parts.IMAGE_STD)),
+        parts.image_transform(min_size, max_size),
         parts.PrecomputedProposals(proposals_train, proposals_test),
         heads,
     )
