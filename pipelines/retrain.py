@@ -16,8 +16,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from rcnnops import project as dvcproj
-from rcnnops.config import load_params
-from rcnnops.models import USES_PROPOSALS
+from rcnnops.config import USES_PROPOSALS, load_params
 
 
 def _chdir(project: str) -> Path:

@@ -19,6 +19,8 @@ from typing import Any, Literal
 import yaml
 
 VARIANTS = ("rcnn", "fast_rcnn", "faster_rcnn", "mask_rcnn")
+# Variants that consume precomputed (selective search) proposals.
+USES_PROPOSALS: frozenset[str] = frozenset({"rcnn", "fast_rcnn"})
 
 
 class ParamsError(ValueError):

@@ -307,6 +307,19 @@ def load_model(model_dir: Path, device: torch.device | str = "cpu") -> tuple[nn.
     return model.to(device).eval(), meta
 
 
+def code_hash() -> str:
+    """sha256 of the package's Python sources: a checkpoint made by other code
+    (a changed model, loss or sampler) must not be resumed as if it were ours."""
+    import hashlib
+
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
 def _resumable_run_id(checkpoints: Checkpoints, fingerprint: str) -> str | None:
     latest = checkpoints.latest()
     if latest is None:
@@ -354,7 +367,7 @@ def run(params, variant: str, progress: bool = True) -> dict:
     torch.manual_seed(common.seed)  # model initialisation
     model = build_model(variant, labels.num_classes + 1, vp.model)
     params_hash = stable_hash({"variant": variant, "train": vp, "seed": common.seed} | extra_hash)
-    fingerprint = f"{params_hash}:{manifest['data_hash']}"
+    fingerprint = f"{params_hash}:{manifest['data_hash']}:{code_hash()}"
     out_dir = Path(common.out) / variant
     checkpoints = Checkpoints(out_dir / "checkpoints")
     cfg = FitConfig(
@@ -436,6 +449,7 @@ def run(params, variant: str, progress: bool = True) -> dict:
         "data_hash": manifest["data_hash"],
         "val_hash": manifest["val_hash"],
         "params_hash": params_hash,
+        "code_hash": fingerprint.rsplit(":", 1)[1],
         "git_commit": tags["git_commit"],
         "run_id": run_id,
         "device": str(device),

@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from rcnnops.config import USES_PROPOSALS
 from rcnnops.models import fast_rcnn, faster_rcnn, rcnn
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
@@ -19,8 +20,8 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "faster_rcnn": faster_rcnn.build,
 }
 
-# Variants that consume precomputed (selective search) proposals.
-USES_PROPOSALS: frozenset[str] = frozenset({"rcnn", "fast_rcnn"})
+
+__all__ = ["MODELS", "USES_PROPOSALS", "build_model"]
 
 
 def build_model(variant: str, num_classes: int, model_params: dict[str, Any]) -> nn.Module:
