@@ -192,11 +192,12 @@ def fit(
             print(f"resuming from {latest} (epoch {start_epoch}/{cfg.epochs})")
         else:
             print(
-                f"{checkpoints.folder}: checkpoints are from other params or data; "
+                f"{checkpoints.folder}: checkpoints are from other params, data or code; "
                 "training from scratch"
             )
             checkpoints.clear()
-    else:
+            latest = None
+    if latest is None:  # a fresh start is seeded the same way, whatever was there before
         torch.manual_seed(cfg.seed)
     for epoch in range(start_epoch, cfg.epochs):
         model.train()

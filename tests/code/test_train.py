@@ -92,12 +92,26 @@ def test_resume_after_interruption_matches_uninterrupted_run(tiny_prepared, tmp_
 
 
 def test_changed_params_do_not_resume(tiny_prepared, tmp_path, capsys):
+    """Other params/data/code: start over, exactly as a first run would."""
     ds, labels = _data(tiny_prepared)
-    ckpts = Checkpoints(tmp_path / "c")
     cfg1 = FitConfig(**{**CFG.__dict__, "epochs": 1})
+    fresh = _model(labels)
+    fit(
+        fresh,
+        ds,
+        cfg1,
+        Checkpoints(tmp_path / "fresh"),
+        "fp-b",
+        torch.device("cpu"),
+        progress=False,
+    )
+    ckpts = Checkpoints(tmp_path / "c")
     fit(_model(labels), ds, cfg1, ckpts, "fp-a", torch.device("cpu"), progress=False)
-    fit(_model(labels), ds, cfg1, ckpts, "fp-b", torch.device("cpu"), progress=False)
+    again = _model(labels)
+    fit(again, ds, cfg1, ckpts, "fp-b", torch.device("cpu"), progress=False)
     assert "training from scratch" in capsys.readouterr().out
+    for a, b in zip(fresh.state_dict().values(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_truncated_checkpoint_is_named(tiny_prepared, tmp_path):
