@@ -121,7 +121,6 @@ class TrainParams:
 class EvaluateParams:
     out: str = "reports"
     batch_size: int = 8
-    plot_images: int = 6
 
 
 @dataclass(frozen=True)

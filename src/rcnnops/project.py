@@ -130,26 +130,6 @@ def repro(project: Path, stage: str, force: bool = False) -> bool:
     return stale
 
 
-def stage_lock(project: Path, stage: str) -> dict | None:
-    """The stage's entry in ``dvc.lock`` (None before its first run)."""
-    import yaml
-
-    lock = Path(project) / "dvc.lock"
-    if not lock.is_file():
-        return None
-    data = yaml.safe_load(lock.read_text()) or {}
-    return data.get("stages", {}).get(stage)
-
-
-def out_hash(project: Path, stage: str, path: str) -> str | None:
-    """DVC's md5 of one output of ``stage`` as recorded in dvc.lock."""
-    entry = stage_lock(project, stage) or {}
-    for out in entry.get("outs", []):
-        if out.get("path") == path:
-            return out.get("md5")
-    return None
-
-
 def status(project: Path) -> dict:
     """``dvc status --json``: stale stages and why."""
     proc = dvc(project, "status", "--json", capture=True)

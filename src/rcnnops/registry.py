@@ -116,7 +116,9 @@ def register(variant: str, model_dir: Path, report_dir: Path, experiment: str) -
     """
     tracking.setup(experiment)
     model_dir, report_dir = Path(model_dir), Path(report_dir)
-    meta = json.loads((model_dir / "model.json").read_text())
+    from rcnnops.train import read_model_meta
+
+    meta = read_model_meta(model_dir)
     metrics_path = report_dir / "metrics.json"
     if not metrics_path.is_file():
         raise FileNotFoundError(

@@ -324,6 +324,13 @@ class CocoDetection(Dataset):
         im = self.images[index]
         return safe_image_path(self.image_root, im["file_name"], f"image id {im['id']}")
 
+    def gt_boxes(self, index: int) -> torch.Tensor:
+        """Ground-truth boxes ``[N, 4]`` xyxy of one image, without reading its pixels."""
+        anns = self.anns[self.images[index]["id"]]
+        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
+        boxes[:, 2:] += boxes[:, :2]
+        return boxes
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         im = self.images[index]
         path = self.image_path(index)
@@ -334,10 +341,8 @@ class CocoDetection(Dataset):
                 f"(image id {im['id']}) says {im['width']}x{im['height']}"
             )
         anns = self.anns[im["id"]]
-        boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
-        boxes[:, 2:] += boxes[:, :2]
         target = {
-            "boxes": boxes,
+            "boxes": self.gt_boxes(index),
             "labels": torch.tensor(
                 [self.labels.label(a["category_id"]) for a in anns], dtype=torch.int64
             ),

@@ -250,10 +250,7 @@ def run(params) -> dict:
         coco, root, labels = load_split(Path(params.prepare.out), split)
         store = open_store(params, split)
         ds = CocoDetection(coco, root, labels)
-        pairs = (
-            (t["boxes"], store.boxes_for(im["id"]))
-            for im, t in ((im, _target_only(ds, k)) for k, im in enumerate(ds.images))
-        )
+        pairs = ((ds.gt_boxes(k), store.boxes_for(im["id"])) for k, im in enumerate(ds.images))
         reports[split] = recall_report(pairs) | summary[split]
         print(
             f"{split}: {summary[split]['images']} images, "
@@ -267,12 +264,3 @@ def run(params) -> dict:
     plot_recall(reports, out / "recall.png")
     (out / "metrics.json").write_text(json.dumps(reports, indent=2))
     return reports
-
-
-def _target_only(ds, index: int) -> dict:
-    """Ground-truth boxes of one image without decoding its pixels."""
-    im = ds.images[index]
-    anns = ds.anns[im["id"]]
-    boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
-    boxes[:, 2:] += boxes[:, :2]
-    return {"boxes": boxes}
