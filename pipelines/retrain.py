@@ -93,7 +93,7 @@ def promote(project: str, variant: str, version: str) -> dict:
     d = registry.promote(
         variant,
         version,
-        p.register.metric,
+        p.register.metric_for(variant),
         p.register.min_improvement,
         actor=actor,
         experiment=p.register.experiment,

@@ -96,7 +96,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
     d = registry.promote(
         args.variant,
         args.version,
-        p.register.metric,
+        p.register.metric_for(args.variant),
         p.register.min_improvement,
         force=args.force,
         experiment=p.register.experiment,

@@ -125,9 +125,17 @@ class EvaluateParams:
 
 @dataclass(frozen=True)
 class RegisterParams:
+    """The promotion gate: ``metric`` (or the variant's entry in ``variant_metric``)
+    must beat the champion's by more than ``min_improvement``."""
+
     metric: str = "bbox_AP"
+    variant_metric: dict[str, str] = field(default_factory=lambda: {"mask_rcnn": "segm_AP"})
     min_improvement: float = 0.0
     experiment: str = "rcnnops"
+
+    def metric_for(self, variant: str) -> str:
+        """The primary metric of ``variant`` (segm AP for Mask R-CNN by default)."""
+        return self.variant_metric.get(variant, self.metric)
 
 
 @dataclass(frozen=True)
