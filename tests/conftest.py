@@ -58,7 +58,7 @@ def write_json(path: Path, obj) -> Path:
 
 
 TINY_PARAMS = """\
-variants: [rcnn, fast_rcnn, faster_rcnn]
+variants: [rcnn, fast_rcnn, faster_rcnn, mask_rcnn]
 data:
   root: data/raw/shapes
   train: {annotations: annotations/instances_train.json, images: train}
@@ -92,6 +92,16 @@ train:
     model: {backbone: small, min_size: 64, max_size: 64, anchor_sizes: [16, 32],
             roi_op: pool, representation_size: 32, box_batch_size_per_image: 32,
             rpn_pre_nms_top_n_test: 50, rpn_post_nms_top_n_test: 20}
+  mask_rcnn:
+    epochs: 1
+    batch_size: 4
+    lr: 0.01
+    warmup_iters: 2
+    lr_steps: []
+    model: {backbone: small, min_size: 64, max_size: 64, anchor_sizes: [16, 32],
+            representation_size: 32, box_batch_size_per_image: 32,
+            rpn_pre_nms_top_n_test: 50, rpn_post_nms_top_n_test: 20, box_detections_per_img: 20,
+            mask_head_channels: 8, mask_head_layers: 1}
   fast_rcnn:
     epochs: 1
     batch_size: 2

@@ -17,6 +17,7 @@ from pathlib import Path
 EPILOG = """\
 typical use:
   rcnnops run                       the whole pipeline (DVC-cached, MLflow-tracked)
+  rcnnops run --data ~/coco --epochs 2   the same on your own COCO dataset
   rcnnops train --variant faster_rcnn   one stage by hand (what `dvc repro train@faster_rcnn` runs)
   rcnnops models                    registered versions, aliases and metrics
   rcnnops promote faster_rcnn 3     run the promotion gate for version 3
@@ -147,9 +148,36 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _assignments(args: argparse.Namespace) -> dict:
+    """``--data`` and ``--set KEY=VALUE`` as params assignments (values are YAML)."""
+    import yaml
+
+    from rcnnops.config import ParamsError
+
+    out: dict = {}
+    if getattr(args, "data", None):
+        from rcnnops.data.prepare import find_coco_splits
+
+        out.update({f"data.{k}": v for k, v in find_coco_splits(Path(args.data)).items()})
+    if getattr(args, "epochs", None):
+        out["train.*.epochs"] = args.epochs
+    for item in getattr(args, "set", None) or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ParamsError(f"--set {item!r}: expected KEY=VALUE, e.g. train.faster_rcnn.lr=0.01")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from pipelines.retrain import retrain
 
+    changes = _assignments(args)
+    if changes:
+        from rcnnops.config import set_params
+
+        set_params(args.params, changes)
+        print(f"{args.params}: set " + ", ".join(f"{k}={v}" for k, v in changes.items()))
     decisions = retrain(
         project=".", variants=args.variants or None, push_to_remote=not args.no_push
     )
@@ -157,6 +185,41 @@ def cmd_run(args: argparse.Namespace) -> int:
         state = "champion" if d["promoted"] else "kept previous champion"
         print(f"{d['name']} v{d['version']}: {state} ({d['reason']})")
     return 0
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from rcnnops.data import importers
+
+    if args.format == "voc":
+        result = importers.import_voc(
+            Path(args.src),
+            Path(args.out),
+            split=args.split,
+            classes=importers.parse_classes(args.classes) if args.classes else None,
+            skip_difficult=args.skip_difficult,
+        )
+    else:
+        result = importers.import_masks(
+            Path(args.images),
+            Path(args.masks),
+            Path(args.out),
+            split=args.split,
+            class_name=args.class_name,
+            ignore_value=args.ignore_value,
+            allow_missing_masks=args.allow_missing_masks,
+            mask_suffix=args.mask_suffix,
+        )
+    print(f"imported {args.format} split {args.split}: {result.summary()}")
+    return 0
+
+
+IMPORT_EPILOG = """\
+Writes OUT/annotations/instances_SPLIT.json (no images are copied). Point
+params.yaml at it (the command prints the images folder relative to OUT):
+  data:
+    root: OUT
+    train: {annotations: annotations/instances_train.json, images: IMAGES}
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -187,6 +250,23 @@ def build_parser() -> argparse.ArgumentParser:
     r = add("run", cmd_run, "run the whole retraining flow (Prefect + DVC + MLflow)")
     r.add_argument("--variants", nargs="+", help="variants to run (default: params variants)")
     r.add_argument("--no-push", action="store_true", help="skip `dvc push` at the end")
+    r.add_argument(
+        "--data",
+        metavar="DIR",
+        help="use the COCO dataset in DIR (DIR/annotations/instances_<split>.json + "
+        "DIR/<split>/ images): rewrites params.yaml's data section",
+    )
+    r.add_argument(
+        "--epochs", type=int, metavar="N", help="train every variant for N epochs (train.*.epochs)"
+    )
+    r.add_argument(
+        "--set",
+        "-S",
+        action="append",
+        metavar="KEY=VALUE",
+        help="set a param in params.yaml before running, as `dvc exp run -S` does "
+        "(repeatable; `*` matches every key at one level, e.g. train.*.batch_size=2)",
+    )
     add("generate", cmd_generate, "[stage] write the generated 'shapes' dataset as COCO")
     add("prepare", cmd_prepare, "[stage] validate a COCO dataset and write prepared splits")
     add(
@@ -213,6 +293,69 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--force", action="store_true", help="promote without comparing")
     sp = add("models", cmd_models, "list registered versions with aliases and lineage")
     sp.add_argument("--json", action="store_true", help="JSON instead of a table")
+    sp = add("import", cmd_import, "convert a Pascal VOC or instance-mask PNG dataset to COCO")
+    fmt = sp.add_subparsers(dest="format", required=True, metavar="FORMAT")
+    raw = argparse.RawDescriptionHelpFormatter
+    v = fmt.add_parser(
+        "voc",
+        help="Pascal VOC folder (Annotations/*.xml, JPEGImages/*) -> COCO boxes",
+        description="Convert a Pascal VOC folder to COCO boxes. VOC's 1-based inclusive\n"
+        "corners become [xmin-1, ymin-1, xmax-xmin+1, ymax-ymin+1] (as detectron2 reads VOC).",
+        epilog=IMPORT_EPILOG,
+        formatter_class=raw,
+    )
+    v.add_argument("src", metavar="SRC", help="VOC folder holding Annotations/ and JPEGImages/")
+    v.add_argument("out", metavar="OUT", help="output folder (gets annotations/)")
+    v.add_argument(
+        "--split",
+        default="train",
+        help="split name; uses SRC/ImageSets/Main/SPLIT.txt if present, else every XML "
+        "(default: train)",
+    )
+    v.add_argument(
+        "--classes",
+        metavar="A,B,...",
+        help="comma-separated class names (default: the 20 VOC classes)",
+    )
+    v.add_argument(
+        "--skip-difficult", action="store_true", help="drop (and count) difficult objects"
+    )
+    m = fmt.add_parser(
+        "masks",
+        help="images + instance-mask PNGs (one value per instance) -> COCO RLE masks",
+        description="Convert images + instance-mask PNGs to COCO RLE masks.\n"
+        "MASKS/<stem>.png belongs to IMAGES/<stem>.<ext>; each distinct non-zero value is\n"
+        "one instance. One class for all (--class-name) or one subfolder per class\n"
+        "(MASKS/<class>/<stem>.png).",
+        epilog=IMPORT_EPILOG,
+        formatter_class=raw,
+    )
+    m.add_argument("--images", required=True, metavar="DIR", help="folder of images")
+    m.add_argument(
+        "--masks", required=True, metavar="DIR", help="folder of mask PNGs (or of class subfolders)"
+    )
+    m.add_argument("out", metavar="OUT", help="output folder (gets annotations/)")
+    m.add_argument("--split", default="train", help="split name (default: train)")
+    m.add_argument(
+        "--class-name", metavar="NAME", help="every instance is this class (no class subfolders)"
+    )
+    m.add_argument(
+        "--ignore-value",
+        type=int,
+        metavar="N",
+        help="mask value that is not an instance, e.g. 255 for void (default: none)",
+    )
+    m.add_argument(
+        "--allow-missing-masks",
+        action="store_true",
+        help="keep (and count) images without a mask, with no annotations",
+    )
+    m.add_argument(
+        "--mask-suffix",
+        default="",
+        metavar="SUFFIX",
+        help="mask name suffix before .png, e.g. _mask for PennFudanPed (default: none)",
+    )
     return parser
 
 

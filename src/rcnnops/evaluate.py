@@ -1,80 +1,56 @@
 """[stage] evaluate: predictions on the validation split -> COCO results -> COCOeval.
 
 Outputs (``evaluate.out/<variant>/``): ``metrics.json`` (DVC metrics: the 12
-standard COCO numbers as ``bbox_AP``, ``bbox_AP50``..., per-class AP,
-``infer_ms_per_image``), ``predictions.json`` (COCO results format, xywh),
-``pr_curve.png`` (precision-recall curves). Metrics are also logged to the
-MLflow run that trained the model.
+standard COCO numbers as ``bbox_AP``, ``bbox_AP50``..., and ``segm_AP``... for
+mask variants, per-class AP, ``infer_ms_per_image``), ``predictions.json``
+(COCO results format: ``bbox`` xywh, ``segmentation`` compressed RLE for mask
+variants), ``pr_curve.png`` (precision-recall curves, bbox and segm) and
+``samples.png`` (detections drawn on validation images). Metrics
+and plots are also logged to the MLflow run that trained the model.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
 from pathlib import Path
 
-import numpy as np
-
 from rcnnops.metrics import coco_evaluate, predict
+from rcnnops.plots import plot_pr, plot_samples
+
+SAMPLE_IMAGES = 8
+SAMPLE_SCORE = 0.5
 
 
-def plot_pr(precision: np.ndarray, names: Iterable[str], path: Path, title: str) -> None:
-    """Precision-recall curves: mean over classes at IoU .50/.75, and per class at .50."""
-    import matplotlib
+def summarise(evals: dict[str, tuple[dict, dict]], ms: float) -> dict:
+    """The metrics.json document from ``{iou_type: (stats, per_class)}``.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    recall = np.linspace(0, 1, precision.shape[1])
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
-    for t, iou in ((0, 0.5), (5, 0.75)):
-        p = precision[t, :, :, 0, -1]
-        valid = (p > -1).all(axis=0)
-        if valid.any():
-            axes[0].plot(recall, p[:, valid].mean(axis=1), label=f"IoU={iou:.2f}")
-    axes[0].set(
-        title=f"{title}: mean over classes",
-        xlabel="recall",
-        ylabel="precision",
-        xlim=(0, 1),
-        ylim=(0, 1.02),
-    )
-    axes[0].legend(loc="lower left")
-    for k, name in enumerate(names):
-        p = precision[0, :, k, 0, -1]
-        if (p > -1).all():
-            axes[1].plot(recall, p, label=name)
-    axes[1].set(title="per class, IoU=0.50", xlabel="recall", xlim=(0, 1), ylim=(0, 1.02))
-    if len(axes[1].lines) <= 12:
-        axes[1].legend(loc="lower left", fontsize="small")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    Per-class AP of the first IoU type (bbox) is ``per_class_AP``; others are
+    ``per_class_<type>_AP``. NaN (a class absent from validation) -> null.
+    """
+    doc: dict = {}
+    for stats, _ in evals.values():
+        doc.update({k: round(v, 6) for k, v in stats.items()})
+    doc["infer_ms_per_image"] = round(ms, 3)
+    for i, (iou_type, (_, per_class)) in enumerate(evals.items()):
+        key = "per_class_AP" if i == 0 else f"per_class_{iou_type}_AP"
+        doc[key] = {k: (None if math.isnan(v) else round(v, 6)) for k, v in per_class.items()}
+    return doc
 
 
-def write_report(
-    out_dir: Path,
-    metrics: dict,
-    results: list[dict],
-    precision: np.ndarray,
-    names: list[str],
-    title: str,
-) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "predictions.json").write_text(json.dumps(results))
-    plot_pr(precision, names, out_dir / "pr_curve.png", title)
-    # metrics.json last: its presence means the report is complete.
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False))
+def write_samples(dataset, results: list[dict], labels, path: Path, title: str) -> None:
+    """The first validation images with their detections scoring >= 0.5."""
+    from rcnnops.data.coco import load_image_array
 
-
-def summarise(stats: dict, per_class: dict, ms: float) -> dict:
-    """The metrics.json document (NaN per-class AP -> null)."""
-    return {
-        **{k: round(v, 6) for k, v in stats.items()},
-        "infer_ms_per_image": round(ms, 3),
-        "per_class_AP": {k: (None if math.isnan(v) else round(v, 6)) for k, v in per_class.items()},
-    }
+    names = dict(zip(labels.category_ids, labels.names, strict=True))
+    by_image: dict[int, list[dict]] = {}
+    for r in results:
+        if r["score"] >= SAMPLE_SCORE:
+            by_image.setdefault(r["image_id"], []).append(r)
+    n = min(SAMPLE_IMAGES, len(dataset))
+    images = [load_image_array(dataset.image_path(i)) for i in range(n)]
+    records = [by_image.get(dataset.images[i]["id"], []) for i in range(n)]
+    plot_samples(images, records, names, path, f"{title}: detections (score >= {SAMPLE_SCORE})")
 
 
 def run(params, variant: str, progress: bool = True) -> dict:
@@ -82,7 +58,7 @@ def run(params, variant: str, progress: bool = True) -> dict:
     from rcnnops import tracking
     from rcnnops.data.coco import CocoDetection, DataError
     from rcnnops.data.prepare import load_manifest, load_split
-    from rcnnops.models import USES_PROPOSALS
+    from rcnnops.models import MASK_VARIANTS, USES_PROPOSALS
     from rcnnops.train import load_model, resolve_device
 
     prepared = Path(params.prepare.out)
@@ -103,16 +79,29 @@ def run(params, variant: str, progress: bool = True) -> dict:
         proposals = open_store(params, "val").boxes_for
     dataset = CocoDetection(val_coco, val_root, labels, proposals=proposals)
     results, ms = predict(model, dataset, labels, device, params.evaluate.batch_size, progress)
-    stats, per_class, precision = coco_evaluate(val_coco, results)
-    metrics = summarise(stats, per_class, ms)
+    iou_types = ("bbox", "segm") if variant in MASK_VARIANTS else ("bbox",)
+    evals, curves = {}, {}
+    for t in iou_types:
+        stats, per_class, curves[t] = coco_evaluate(val_coco, results, t)
+        evals[t] = (stats, per_class)
+    metrics = summarise(evals, ms)
+
     out_dir = Path(params.evaluate.out) / variant
-    write_report(out_dir, metrics, results, precision, list(labels.names), variant)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "predictions.json").write_text(json.dumps(results))
+    plot_pr(curves, labels.names, out_dir / "pr_curve.png", variant)
+    write_samples(dataset, results, labels, out_dir / "samples.png", variant)
+    plots = ["pr_curve.png", "samples.png"]
+    # metrics.json last: its presence means the report is complete.
+    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False))
     with tracking.stage_run(params.register.experiment, variant, meta["run_id"]):
         tracking.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
-        tracking.log_metrics(
-            {f"AP_class/{k}": v for k, v in per_class.items() if not math.isnan(v)}
-        )
+        for t, (_, per_class) in evals.items():
+            prefix = "AP_class/" if t == "bbox" else f"{t}_AP_class/"
+            tracking.log_metrics(
+                {f"{prefix}{k}": v for k, v in per_class.items() if not math.isnan(v)}
+            )
         tracking.set_tags({"val_hash": manifest["val_hash"]})
-        for name in ("metrics.json", "pr_curve.png"):
+        for name in ("metrics.json", *plots):
             tracking.log_artifact(out_dir / name, "evaluation")
     return metrics

@@ -67,6 +67,12 @@ def coco_evaluate(
     where ``precision`` is COCOeval's ``[T, R, K, A, M]`` array. Classes with
     no ground truth get AP ``nan`` (COCOeval's -1), excluded from the mean.
     """
+    if iou_type == "segm":
+        if results and "segmentation" not in results[0]:
+            raise ValueError("segm evaluation needs results with 'segmentation' (RLE masks)")
+        # Without 'bbox', loadRes takes each result's area and box from its mask
+        # (as Detectron2 does), so area ranges (APs/APm/APl) follow the mask.
+        results = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
     coco_gt = _quiet_coco(gt)
     coco_dt = _results_coco(coco_gt, results)
     ev = COCOeval(coco_gt, coco_dt, iou_type)
@@ -120,11 +126,16 @@ def predict(
     return results, 1000.0 * elapsed / max(n, 1)
 
 
+MASK_THRESHOLD = 0.5
+
+
 def to_coco_results(image_id: int, output: dict, labels: LabelMap) -> list[dict]:
-    """One image's detections (xyxy) -> COCO result records (xywh, category id)."""
+    """One image's detections (xyxy) -> COCO result records (xywh, category id;
+    ``segmentation`` as compressed RLE when the output has ``masks`` ``[N, 1, H, W]``,
+    binarised at probability 0.5)."""
     boxes = output["boxes"].detach().float().cpu()
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-    return [
+    records = [
         {
             "image_id": image_id,
             "category_id": labels.category_id(int(lab)),
@@ -135,3 +146,10 @@ def to_coco_results(image_id: int, output: dict, labels: LabelMap) -> list[dict]
             xywh, output["labels"].tolist(), output["scores"].tolist(), strict=True
         )
     ]
+    if "masks" in output:
+        from rcnnops.data.masks import encode
+
+        binary = (output["masks"][:, 0] > MASK_THRESHOLD).cpu().numpy()
+        for rec, mask in zip(records, binary, strict=True):
+            rec["segmentation"] = encode(mask)
+    return records

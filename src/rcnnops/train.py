@@ -176,7 +176,7 @@ def fit(
     )
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
-    start_epoch, step, history = 0, 0, []
+    start_epoch, step, history, steps_log = 0, 0, [], []
     extra = dict(extra_state or {})
     latest = checkpoints.latest()
     if latest is not None:
@@ -189,6 +189,7 @@ def fit(
             torch.set_rng_state(state["rng"])
             start_epoch, step = state["epoch"], state["step"]
             history, extra = state["history"], state.get("extra", extra)
+            steps_log = state.get("steps_log", [])
             print(f"resuming from {latest} (epoch {start_epoch}/{cfg.epochs})")
         else:
             print(
@@ -235,12 +236,14 @@ def fit(
             for k, v in values.items():
                 sums[k] = sums.get(k, 0.0) + v
             bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{opt.param_groups[0]['lr']:.4f}")
-            if log is not None and step % cfg.log_every == 0:
-                log(
-                    {f"train/{k}": v for k, v in values.items()}
-                    | {"train/loss": loss_value, "train/lr": opt.param_groups[0]["lr"]},
-                    step,
-                )
+            if step % cfg.log_every == 0:
+                logged = {f"train/{k}": v for k, v in values.items()} | {
+                    "train/loss": loss_value,
+                    "train/lr": opt.param_groups[0]["lr"],
+                }
+                steps_log.append({"step": step, **logged})
+                if log is not None:
+                    log(logged, step)
         n = max(1, iters)
         record = {"epoch": epoch + 1, **{f"train/{k}": v / n for k, v in sums.items()}}
         if validate is not None and ((epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs):
@@ -263,12 +266,19 @@ def fit(
                 "epoch": epoch + 1,
                 "step": step,
                 "history": history,
+                "steps_log": steps_log,
                 "fingerprint": fingerprint,
                 "extra": extra,
             },
             epoch + 1,
         )
-    return {"epochs": cfg.epochs, "steps": step, "history": history, "extra": extra}
+    return {
+        "epochs": cfg.epochs,
+        "steps": step,
+        "history": history,
+        "steps_log": steps_log,
+        "extra": extra,
+    }
 
 
 def save_model(model: nn.Module, out_dir: Path, meta: dict) -> None:
@@ -335,11 +345,12 @@ def run(params, variant: str, progress: bool = True) -> dict:
     """The stage: train ``variant`` with ``params`` (a :class:`rcnnops.config.Params`)."""
     from rcnnops import tracking
     from rcnnops.config import flatten, stable_hash, to_dict
-    from rcnnops.data.coco import CocoDetection
+    from rcnnops.data.coco import CocoDetection, DataError
     from rcnnops.data.prepare import load_manifest, load_split
     from rcnnops.data.transforms import RandomHorizontalFlip
     from rcnnops.metrics import coco_evaluate, predict
-    from rcnnops.models import USES_PROPOSALS, build_model
+    from rcnnops.models import MASK_VARIANTS, USES_PROPOSALS, build_model
+    from rcnnops.plots import plot_loss, write_loss_csv
 
     vp, common = params.variant(variant), params.train
     prepared = Path(params.prepare.out)
@@ -360,9 +371,18 @@ def run(params, variant: str, progress: bool = True) -> dict:
                     f"{split}: {len(store.empty_images)} image(s) without any proposal "
                     "(they train on ground truth only and get no detections)"
                 )
-    train_set = CocoDetection(
-        train_coco, train_root, labels, RandomHorizontalFlip(vp.hflip), proposals=train_props
-    )
+    masks = variant in MASK_VARIANTS
+    try:
+        train_set = CocoDetection(
+            train_coco,
+            train_root,
+            labels,
+            RandomHorizontalFlip(vp.hflip),
+            proposals=train_props,
+            masks=masks,
+        )
+    except DataError as e:
+        raise DataError(f"{prepared / 'train.json'}: {e}") from None
     val_set = CocoDetection(val_coco, val_root, labels, proposals=val_props)
     device = resolve_device(common.device)
     torch.manual_seed(common.seed)  # model initialisation
@@ -393,6 +413,8 @@ def run(params, variant: str, progress: bool = True) -> dict:
             m, val_set, labels, device, params.evaluate.batch_size, progress=False
         )
         stats, _, _ = coco_evaluate(val_coco, results)
+        if masks:
+            stats |= coco_evaluate(val_coco, results, "segm")[0]
         return {f"val/{k}": v for k, v in stats.items()} | {"val/infer_ms_per_image": ms}
 
     tags = {
@@ -439,6 +461,9 @@ def run(params, variant: str, progress: bool = True) -> dict:
             tracking.log_metrics({k.replace("val/", "val_svm/"): v for k, v in after.items()})
         seconds = time.perf_counter() - t0
         tracking.log_metrics({"train_seconds": seconds})
+        write_loss_csv(summary["steps_log"], out_dir / "loss.csv")
+        plot_loss(summary["steps_log"], out_dir / "loss.png", variant)
+        tracking.log_artifact(out_dir / "loss.png", "training")
         run_id = active.info.run_id
     from rcnnops.models.parts import count_parameters
 

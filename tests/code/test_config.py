@@ -1,3 +1,5 @@
+import shutil
+
 import pytest
 import yaml
 
@@ -7,7 +9,10 @@ from tests.conftest import REPO
 
 def test_repo_params_parse():
     p = load_params(REPO / "params.yaml")
-    assert p.variants == ["rcnn", "fast_rcnn", "faster_rcnn"]
+    assert p.variants == ["rcnn", "fast_rcnn", "faster_rcnn", "mask_rcnn"]
+    assert p.variant("mask_rcnn").model["mask_roi_size"] == 14
+    assert p.register.metric_for("mask_rcnn") == "segm_AP"
+    assert p.register.metric_for("faster_rcnn") == "bbox_AP"
     assert p.variant("rcnn").model["classifier"] == "softmax"
     assert p.variant("faster_rcnn").model["backbone"] == "small"
 
@@ -46,3 +51,56 @@ def test_missing_params_file(tmp_path):
 def test_stable_hash_ignores_key_order():
     assert stable_hash({"a": 1, "b": [1, 2]}) == stable_hash({"b": [1, 2], "a": 1})
     assert stable_hash({"a": 1}) != stable_hash({"a": 2})
+
+
+def test_set_params_edits_in_place_keeping_comments(tmp_path):
+    from rcnnops.config import set_params
+
+    path = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", path)
+    p = set_params(path, {"train.*.epochs": 1, "train.faster_rcnn.lr": 0.005})
+    assert all(vp.epochs == 1 for vp in p.train.variants.values())
+    assert p.train.variants["faster_rcnn"].lr == 0.005
+    text = path.read_text()
+    assert "# Variants the pipeline trains" in text  # comments survive
+    assert load_params(path) == p
+
+
+@pytest.mark.parametrize(
+    ("assignment", "message"),
+    [
+        ({"train.faster_rcnn.epochs": 0}, r"train.faster_rcnn.epochs: must be > 0"),
+        ({"train.faster_rcnn.lr": "fast"}, r"train.faster_rcnn.lr: expected a number"),
+        ({"nosuch.*.x": 1}, "no such keys"),
+        ({"data..root": "x"}, "invalid key"),
+    ],
+)
+def test_set_params_refuses_invalid_values_and_writes_nothing(tmp_path, assignment, message):
+    from rcnnops.config import set_params
+
+    path = tmp_path / "params.yaml"
+    shutil.copy(REPO / "params.yaml", path)
+    before = path.read_text()
+    with pytest.raises(ParamsError, match=message):
+        set_params(path, assignment)
+    assert path.read_text() == before
+
+
+def test_find_coco_splits_reads_the_coco_layout(tmp_path):
+    from rcnnops.data.coco import DataError
+    from rcnnops.data.prepare import find_coco_splits
+
+    (tmp_path / "annotations").mkdir()
+    with pytest.raises(DataError, match="no COCO annotations found"):
+        find_coco_splits(tmp_path)
+    for split in ("train2017", "val2017"):
+        (tmp_path / "annotations" / f"instances_{split}.json").write_text("{}")
+        (tmp_path / split).mkdir()
+    got = find_coco_splits(tmp_path)
+    assert got["train"] == {
+        "annotations": "annotations/instances_train2017.json",
+        "images": "train2017",
+    }
+    assert got["val"]["images"] == "val2017"
+    (tmp_path / "annotations" / "instances_val2017.json").unlink()
+    assert find_coco_splits(tmp_path)["val"] is None  # prepare splits one off

@@ -5,22 +5,24 @@ import json
 import pytest
 import torch
 
+from rcnnops.data.masks import decode, encode
 from rcnnops.data.prepare import load_split
-from rcnnops.evaluate import plot_pr, summarise
+from rcnnops.evaluate import summarise
 from rcnnops.metrics import coco_evaluate, to_coco_results
+from rcnnops.plots import plot_pr
 
 
-def _gt_as_results(coco):
-    return [
-        {
-            "image_id": a["image_id"],
-            "category_id": a["category_id"],
-            "bbox": a["bbox"],
-            "score": 1.0,
-        }
-        for a in coco["annotations"]
-        if not a.get("iscrowd", 0)
-    ]
+def _gt_as_results(coco, masks=False):
+    sizes = {im["id"]: (im["width"], im["height"]) for im in coco["images"]}
+    out = []
+    for a in coco["annotations"]:
+        if a.get("iscrowd", 0):
+            continue
+        r = {"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"]}
+        if masks:  # as a model would give them: binary masks encoded as RLE
+            r["segmentation"] = encode(decode(a["segmentation"], *sizes[a["image_id"]]))
+        out.append(r | {"score": 1.0})
+    return out
 
 
 def test_ground_truth_as_predictions_gives_ap_1(tiny_prepared):
@@ -68,9 +70,75 @@ def test_to_coco_results_converts_xyxy_to_xywh_and_category_ids(tiny_prepared):
 
 def test_report_files(tiny_prepared, tmp_path):
     coco, _, labels = load_split(tiny_prepared, "val")
-    stats, per_class, precision = coco_evaluate(coco, _gt_as_results(coco))
-    metrics = summarise(stats, per_class, 12.5)
-    plot_pr(precision, labels.names, tmp_path / "pr.png", "test")
+    results = _gt_as_results(coco, masks=True)
+    evals, curves = {}, {}
+    for t in ("bbox", "segm"):
+        stats, per_class, curves[t] = coco_evaluate(coco, results, t)
+        evals[t] = (stats, per_class)
+    metrics = summarise(evals, 12.5)
+    plot_pr(curves, labels.names, tmp_path / "pr.png", "test")
     assert (tmp_path / "pr.png").stat().st_size > 1000
-    assert json.loads(json.dumps(metrics))["infer_ms_per_image"] == 12.5
-    assert set(metrics["per_class_AP"]) == set(labels.names)
+    doc = json.loads(json.dumps(metrics, allow_nan=False))
+    assert doc["infer_ms_per_image"] == 12.5
+    assert doc["bbox_AP"] == pytest.approx(1.0) and doc["segm_AP"] == pytest.approx(1.0)
+    assert set(doc["per_class_AP"]) == set(labels.names) == set(doc["per_class_segm_AP"])
+
+
+def test_ground_truth_masks_as_predictions_give_segm_ap_1(tiny_prepared):
+    coco, _, _ = load_split(tiny_prepared, "val")
+    stats, per_class, _ = coco_evaluate(coco, _gt_as_results(coco, masks=True), "segm")
+    assert stats["segm_AP"] == pytest.approx(1.0) and stats["segm_AR100"] == pytest.approx(1.0)
+    assert all(v == pytest.approx(1.0) for v in per_class.values() if v == v)
+
+
+def test_segm_is_judged_by_the_mask_not_the_box(tiny_prepared):
+    """Right boxes with masks shrunk to a quarter of each object: box AP stays 1,
+    mask IoU drops below .5, so segm AP50 is 0."""
+    coco, _, _ = load_split(tiny_prepared, "val")
+    results = _gt_as_results(coco, masks=True)
+    for r in results:
+        m = decode(r["segmentation"], 64, 64)
+        ys, xs = m.nonzero()
+        keep = (ys < (ys.min() + ys.max()) / 2) & (xs < (xs.min() + xs.max()) / 2)
+        small = m * 0
+        small[ys[keep], xs[keep]] = 1
+        r["segmentation"] = encode(small)
+    assert coco_evaluate(coco, results, "bbox")[0]["bbox_AP"] == pytest.approx(1.0)
+    assert coco_evaluate(coco, results, "segm")[0]["segm_AP50"] == pytest.approx(0.0)
+
+
+def test_crowd_regions_are_ignored_not_missed(tiny_prepared):
+    """A crowd ground truth is neither a miss nor does a detection on it count
+    as a false positive (COCOeval's iscrowd handling)."""
+    coco, _, _ = load_split(tiny_prepared, "val")
+    crowd = coco["annotations"][0]
+    crowd["iscrowd"] = 1
+    results = _gt_as_results(coco, masks=True)
+    results.append(
+        {
+            "image_id": crowd["image_id"],
+            "category_id": crowd["category_id"],
+            "bbox": crowd["bbox"],
+            "segmentation": encode(decode(crowd["segmentation"], 64, 64)),
+            "score": 1.0,
+        }
+    )
+    for t in ("bbox", "segm"):
+        assert coco_evaluate(coco, results, t)[0][f"{t}_AP"] == pytest.approx(1.0)
+
+
+def test_to_coco_results_encodes_masks_at_half_probability(tiny_prepared):
+    _, _, labels = load_split(tiny_prepared, "val")
+    masks = torch.zeros(1, 1, 6, 8)
+    masks[0, 0, 1:3, 2:5] = 0.9
+    masks[0, 0, 4, 4] = 0.4  # below 0.5: background
+    out = {
+        "boxes": torch.tensor([[2.0, 1.0, 5.0, 3.0]]),
+        "labels": torch.tensor([1]),
+        "scores": torch.tensor([0.8]),
+        "masks": masks,
+    }
+    (r,) = to_coco_results(3, out, labels)
+    m = decode(r["segmentation"], 8, 6)
+    assert m.sum() == 6 and m[1:3, 2:5].all()
+    json.dumps(r)

@@ -14,7 +14,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from rcnnops import project as dvcproj
 
-VARIANTS = ["rcnn", "fast_rcnn", "faster_rcnn"]
+VARIANTS = ["rcnn", "fast_rcnn", "faster_rcnn", "mask_rcnn"]
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +44,10 @@ def test_flow_end_to_end_then_noop_then_param_change(harness, tiny_project, monk
     metrics = json.loads((tiny_project / "reports/faster_rcnn/metrics.json").read_text())
     assert 0.0 <= metrics["bbox_AP"] <= 1.0 and metrics["infer_ms_per_image"] > 0
     assert (tiny_project / "reports/faster_rcnn/pr_curve.png").is_file()
+    mask = json.loads((tiny_project / "reports/mask_rcnn/metrics.json").read_text())
+    assert 0.0 <= mask["segm_AP"] <= 1.0 and "per_class_segm_AP" in mask
+    assert decisions[VARIANTS.index("mask_rcnn")]["metric"] == "segm_AP"  # its gate metric
+    assert (tiny_project / "models/mask_rcnn/loss.csv").read_text().startswith("step,")
     assert (tiny_project / "models/faster_rcnn/checkpoints/epoch_0001.pt").is_file()
     assert (tiny_project / ".dvcremote").is_dir() and any((tiny_project / ".dvcremote").rglob("*"))
     champion = _mlflow(tiny_project, monkeypatch)

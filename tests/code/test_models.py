@@ -5,7 +5,7 @@ import pickle
 import pytest
 import torch
 
-from rcnnops.models import MODELS, USES_PROPOSALS, build_model
+from rcnnops.models import MASK_VARIANTS, MODELS, USES_PROPOSALS, build_model
 from rcnnops.models.parts import load_pretrained
 
 SMALL = {
@@ -18,7 +18,7 @@ SMALL = {
 }
 
 
-def _batch():
+def _batch(masks: bool = False):
     g = torch.Generator().manual_seed(0)
     images = [torch.rand(3, 64, 64, generator=g), torch.rand(3, 48, 64, generator=g)]
     targets = [
@@ -28,6 +28,12 @@ def _batch():
         },
         {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64)},  # no objects
     ]
+    if masks:
+        m = torch.zeros(2, 64, 64, dtype=torch.uint8)
+        m[0, 6:40, 4:30] = 1
+        m[1, 30:60, 30:60] = 1
+        targets[0]["masks"] = m
+        targets[1]["masks"] = torch.zeros(0, 48, 64, dtype=torch.uint8)
     return images, targets
 
 
@@ -39,6 +45,10 @@ CASES = {
     ],
     "fast_rcnn": [{"roi_op": "pool"}, {"roi_op": "align", "box_head": "mlp_bn", "stride": 4}],
     "rcnn": [{"warp_size": 24, "context": 2, "width": 8}],
+    "mask_rcnn": [
+        {"mask_head_channels": 16, "mask_head_layers": 2, "stride": 4},
+        {"mask_head_channels": 8, "mask_head_layers": 1, "roi_op": "pool"},
+    ],
 }
 PROPOSAL_SMALL = {
     "min_size": 64,
@@ -70,13 +80,16 @@ def test_losses_and_outputs(variant, options):
     uses_props = variant in USES_PROPOSALS
     base = PROPOSAL_SMALL if uses_props else SMALL
     model = build_model(variant, 3, base | options)
-    images, targets = _batch()
+    has_masks = variant in MASK_VARIANTS
+    images, targets = _batch(masks=has_masks)
     props = _props() if uses_props else None
     model.train()
     losses = model(images, targets, props) if uses_props else model(images, targets)
     expected = {"loss_classifier", "loss_box_reg"}
     if not uses_props:
         expected |= {"loss_objectness", "loss_rpn_box_reg"}
+    if has_masks:
+        expected |= {"loss_mask"}
     assert set(losses) == expected
     assert all(v.ndim == 0 and torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
@@ -92,6 +105,9 @@ def test_losses_and_outputs(variant, options):
         assert o["boxes"].shape == (n, 4) and o["labels"].shape == (n,)
         assert o["scores"].shape == (n,)
         assert o["boxes"].dtype == torch.float32 and o["labels"].dtype == torch.int64
+        if has_masks:  # per detection, pasted back at the input image's resolution
+            assert o["masks"].shape == (n, 1, *im.shape[1:])
+            assert ((o["masks"] >= 0) & (o["masks"] <= 1)).all()
         if n:
             h, w = im.shape[1:]
             assert (o["boxes"][:, 0] >= 0).all() and (o["boxes"][:, 2] <= w).all()
@@ -106,10 +122,30 @@ def test_proposal_variants_require_proposals(variant):
         model([torch.rand(3, 64, 64)])
 
 
-def test_faster_rcnn_rejects_proposals():
-    model = build_model("faster_rcnn", 3, SMALL).eval()
+@pytest.mark.parametrize("variant", ["faster_rcnn", "mask_rcnn"])
+def test_rpn_variants_reject_proposals(variant):
+    model = build_model(variant, 3, SMALL).eval()
     with pytest.raises(ValueError, match="own proposals"):
         model([torch.rand(3, 64, 64)], proposals=[torch.zeros(1, 4)])
+
+
+def test_mask_rcnn_is_faster_rcnn_plus_a_mask_branch():
+    """The paper's layout: RoIAlign 7x7 for boxes and 14x14 for masks, a per-class
+    28x28 mask predictor; with no object in an image the mask loss is zero."""
+    from torchvision.ops import MultiScaleRoIAlign
+
+    model = build_model("mask_rcnn", 4, SMALL | {"mask_head_channels": 16})
+    heads = model.roi_heads
+    assert isinstance(heads.box_roi_pool, MultiScaleRoIAlign)
+    assert heads.box_roi_pool.output_size == (7, 7)
+    assert heads.mask_roi_pool.output_size == (14, 14)
+    assert heads.mask_predictor.mask_fcn_logits.out_channels == 4  # one mask per class
+    x = torch.rand(2, model.backbone.out_channels, 14, 14)
+    assert heads.mask_predictor(heads.mask_head(x)).shape == (2, 4, 28, 28)
+    images, targets = _batch(masks=True)
+    model.train()
+    losses = model(images[1:], targets[1:])  # the image without objects
+    assert losses["loss_mask"].item() == 0.0 and torch.isfinite(losses["loss_classifier"])
 
 
 @pytest.mark.parametrize("backbone", ["resnet18_fpn", "mobilenet_v3_fpn"])

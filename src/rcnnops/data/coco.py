@@ -175,8 +175,11 @@ def validate_coco(
     Raises :class:`DataError` naming ``src`` and the offending record on the
     first problem. Boxes overhanging the image by at most ``box_tolerance``
     pixels are clipped (and counted); zero-size boxes are errors unless
-    ``drop_degenerate``, which drops and counts them.
+    ``drop_degenerate``, which drops and counts them. Segmentations (polygons
+    or RLE), when present, must be well-formed and fit the image.
     """
+    from rcnnops.data.masks import check_segmentation
+
     if not isinstance(coco, dict):
         raise DataError(f"{src}: expected a JSON object with {list(REQUIRED_KEYS)}")
     for key in REQUIRED_KEYS:
@@ -235,6 +238,9 @@ def validate_coco(
             out["bbox"] = [x1, y1, x2 - x1, y2 - y1]
         if "area" not in out:
             out["area"] = (x2 - x1) * (y2 - y1)
+        seg = a.get("segmentation")
+        if seg not in (None, []):  # [] or absent: a box-only annotation
+            check_segmentation(seg, w, h, where, box_tolerance)
         report.crowd += crowd
         anns.append(out)
     report.annotations = len(anns)
@@ -294,6 +300,8 @@ class CocoDetection(Dataset):
     ``proposals(image_id) -> Tensor[N, 4]`` (xyxy, this image's frame), when
     given, adds ``target["proposals"]`` before ``transform``, which maps
     ``(image, target) -> (image, target)`` and so moves them with the image.
+    ``masks=True`` adds ``target["masks"]`` uint8 ``[N, H, W]`` decoded from the
+    annotations' polygons or RLE (every non-crowd annotation needs one).
     """
 
     def __init__(
@@ -304,8 +312,10 @@ class CocoDetection(Dataset):
         transform: Any = None,
         skip_crowd: bool = True,
         proposals: Any = None,
+        masks: bool = False,
     ) -> None:
         self.image_root = Path(image_root)
+        self.masks = masks
         self.labels = labels
         self.transform = transform
         self.proposals = proposals
@@ -316,6 +326,15 @@ class CocoDetection(Dataset):
                 continue
             by_image[a["image_id"]].append(a)
         self.anns = by_image
+        if masks:
+            missing = [
+                a["id"] for anns in by_image.values() for a in anns if not a.get("segmentation")
+            ]
+            if missing:
+                raise DataError(
+                    f"{len(missing)} annotation(s) have no 'segmentation' (first ids: "
+                    f"{missing[:5]}); mask variants need an instance mask for every object"
+                )
 
     def __len__(self) -> int:
         return len(self.images)
@@ -330,6 +349,17 @@ class CocoDetection(Dataset):
         boxes = torch.tensor([a["bbox"] for a in anns], dtype=torch.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]
         return boxes
+
+    def gt_masks(self, index: int) -> torch.Tensor:
+        """Instance masks ``uint8 [N, H, W]`` of one image, in annotation order."""
+        from rcnnops.data.masks import decode
+
+        im = self.images[index]
+        w, h = im["width"], im["height"]
+        masks = [decode(a["segmentation"], w, h) for a in self.anns[im["id"]]]
+        if not masks:
+            return torch.zeros((0, h, w), dtype=torch.uint8)
+        return torch.from_numpy(np.stack(masks))
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         im = self.images[index]
@@ -350,6 +380,8 @@ class CocoDetection(Dataset):
             "iscrowd": torch.tensor([a.get("iscrowd", 0) for a in anns], dtype=torch.int64),
             "area": torch.tensor([float(a["area"]) for a in anns], dtype=torch.float32),
         }
+        if self.masks:
+            target["masks"] = self.gt_masks(index)
         if self.proposals is not None:
             target["proposals"] = self.proposals(im["id"])
         if self.transform is not None:

@@ -185,3 +185,46 @@ def run(params) -> dict:
         print(f"{split}: {info['images']} images, {info['annotations']} annotations{extra}")
     print(f"data_hash {manifest['data_hash'][:12]}  -> {params.prepare.out}")
     return manifest
+
+
+def find_coco_splits(root: Path) -> dict:
+    """The ``data:`` params for a COCO folder laid out as COCO itself is.
+
+    ``root/annotations/instances_<split>.json`` with images in ``root/<split>``
+    (or ``root/images/<split>``, or ``root/images``); a ``val``-like split
+    (``val``, ``val2017``, ``validation``...) becomes ``val``, the other one
+    ``train``. With a single annotation file, ``val`` is ``None`` (``prepare``
+    splits one off). Raises :class:`DataError` saying what was expected.
+    """
+    root = Path(root)
+    files = sorted((root / "annotations").glob("instances_*.json"))
+    if not root.is_dir() or not files:
+        raise DataError(
+            f"{root}: no COCO annotations found; expected {root}/annotations/"
+            "instances_<split>.json (e.g. instances_train2017.json) with images in "
+            f"{root}/<split>/ (or point params.yaml `data:` at your files)"
+        )
+
+    def images_for(split: str) -> str:
+        for cand in (split, f"images/{split}", "images"):
+            if (root / cand).is_dir():
+                return cand
+        raise DataError(f"{root}: no image folder for split {split!r} ({root}/{split} expected)")
+
+    splits = {f.stem.removeprefix("instances_"): f for f in files}
+    val = [s for s in splits if s.startswith("val")]
+    train = [s for s in splits if not s.startswith(("val", "test"))]
+    if len(train) != 1 or len(val) > 1:
+        raise DataError(
+            f"{root}/annotations: expected one train and at most one val annotation file, "
+            f"found {sorted(splits)}"
+        )
+
+    def source(split: str) -> dict:
+        return {"annotations": f"annotations/{splits[split].name}", "images": images_for(split)}
+
+    return {
+        "root": str(root),
+        "train": source(train[0]),
+        "val": source(val[0]) if val else None,
+    }

@@ -12,16 +12,19 @@ from typing import Any
 from torch import nn
 
 from rcnnops.config import USES_PROPOSALS
-from rcnnops.models import fast_rcnn, faster_rcnn, rcnn
+from rcnnops.models import fast_rcnn, faster_rcnn, mask_rcnn, rcnn
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "rcnn": rcnn.build,
     "fast_rcnn": fast_rcnn.build,
     "faster_rcnn": faster_rcnn.build,
+    "mask_rcnn": mask_rcnn.build,
 }
+# Variants that predict instance masks (evaluated with COCOeval "segm" as well).
+MASK_VARIANTS: frozenset[str] = frozenset({"mask_rcnn"})
 
 
-__all__ = ["MODELS", "USES_PROPOSALS", "build_model"]
+__all__ = ["MASK_VARIANTS", "MODELS", "USES_PROPOSALS", "build_model"]
 
 
 def build_model(variant: str, num_classes: int, model_params: dict[str, Any]) -> nn.Module:
@@ -34,7 +37,12 @@ def build_model(variant: str, num_classes: int, model_params: dict[str, Any]) ->
             f"unknown or not yet available variant {variant!r}; available: {sorted(MODELS)}"
         )
     builder = MODELS[variant]
-    allowed = set(inspect.signature(builder).parameters) - {"num_classes"}
+    allowed = {
+        name
+        for fn in getattr(builder, "params", (builder,))
+        for name, p in inspect.signature(fn).parameters.items()
+        if p.kind is not p.VAR_KEYWORD
+    } - {"num_classes"}
     unknown = sorted(set(model_params) - allowed)
     if unknown:
         raise ValueError(

@@ -6,6 +6,9 @@ only the variant's difference: the RPN as the proposal source.
 
 from __future__ import annotations
 
+from typing import Any
+
+from torch import nn
 from torchvision.models.detection import faster_rcnn as tv
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 
@@ -29,7 +32,7 @@ class FasterRCNN(tv.FasterRCNN):
         return super().forward(images, targets)
 
 
-def build(
+def components(
     num_classes: int,
     backbone: str = "small",
     stride: int = 8,
@@ -50,39 +53,50 @@ def build(
     box_batch_size_per_image: int = 256,
     box_score_thresh: float = 0.01,
     box_detections_per_img: int = 100,
-) -> FasterRCNN:
-    """A Faster R-CNN for ``num_classes`` classes *including* background (K + 1).
+) -> tuple[nn.Module, dict[str, Any]]:
+    """The backbone and torchvision ``FasterRCNN`` keyword arguments of a
+    Faster R-CNN for ``num_classes`` classes *including* background (K + 1).
 
     ``min_size``/``max_size`` set the image rescaling (torchvision's transform);
-    ``pretrained`` is an optional local weights file (see ``parts.load_pretrained``).
+    ``pretrained`` is an optional local weights file, loaded by :func:`build`
+    (see ``parts.load_pretrained``). Mask R-CNN extends these.
     """
     body = parts.build_backbone(backbone, norm, pretrained is not None, stride)
     names = parts.feature_names(body)
-    model = FasterRCNN(
-        body,
-        num_classes=None,
-        min_size=min_size,
-        max_size=max_size,
-        image_mean=list(parts.IMAGE_MEAN),
-        image_std=list(parts.IMAGE_STD),
-        rpn_anchor_generator=parts.anchor_generator(names, anchor_sizes, list(aspect_ratios)),
-        rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train,
-        rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
-        rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test,
-        rpn_post_nms_top_n_test=rpn_post_nms_top_n_test,
-        box_roi_pool=parts.roi_pooler(names, 7, roi_op, sampling_ratio),
-        box_head=parts.box_head(
+    kwargs = {
+        "num_classes": None,
+        "min_size": min_size,
+        "max_size": max_size,
+        "image_mean": list(parts.IMAGE_MEAN),
+        "image_std": list(parts.IMAGE_STD),
+        "rpn_anchor_generator": parts.anchor_generator(names, anchor_sizes, list(aspect_ratios)),
+        "rpn_pre_nms_top_n_train": rpn_pre_nms_top_n_train,
+        "rpn_post_nms_top_n_train": rpn_post_nms_top_n_train,
+        "rpn_pre_nms_top_n_test": rpn_pre_nms_top_n_test,
+        "rpn_post_nms_top_n_test": rpn_post_nms_top_n_test,
+        "box_roi_pool": parts.roi_pooler(names, 7, roi_op, sampling_ratio),
+        "box_head": parts.box_head(
             box_head,
             body.out_channels,
             7,
             representation_size,
             parts.norm_layer(norm, pretrained is not None),
         ),
-        box_predictor=FastRCNNPredictor(representation_size, num_classes),
-        box_batch_size_per_image=box_batch_size_per_image,
-        box_score_thresh=box_score_thresh,
-        box_detections_per_img=box_detections_per_img,
-    )
+        "box_predictor": FastRCNNPredictor(representation_size, num_classes),
+        "box_batch_size_per_image": box_batch_size_per_image,
+        "box_score_thresh": box_score_thresh,
+        "box_detections_per_img": box_detections_per_img,
+    }
+    return body, kwargs
+
+
+def build(num_classes: int, pretrained: str | None = None, **params: Any) -> FasterRCNN:
+    """A Faster R-CNN; ``params`` are :func:`components`' keyword arguments."""
+    body, kwargs = components(num_classes, pretrained=pretrained, **params)
+    model = FasterRCNN(body, **kwargs)
     if pretrained is not None:
         parts.load_pretrained(model, pretrained)
     return model
+
+
+build.params = (build, components)  # where its parameters are declared (models.build_model)
