@@ -1,5 +1,5 @@
 """The retraining flow: data versioning -> prepare -> [proposals] -> train -> evaluate ->
-register -> promote.
+register -> promote -> compare.
 
 Reads as an outline of named tasks. File-producing stages run through
 ``dvc repro`` (DVC decides what is stale and caches outputs); register and
@@ -73,8 +73,17 @@ def register(project: str, variant: str) -> dict:
     from rcnnops import registry
 
     p = load_params(Path(project) / "params.yaml")
+    proposals = None
+    if variant in USES_PROPOSALS:  # the served model runs selective search as trained
+        from rcnnops.proposals.precompute import settings_from
+
+        proposals = settings_from(p).as_dict()
     r = registry.register(
-        variant, Path(p.train.out) / variant, Path(p.evaluate.out) / variant, p.register.experiment
+        variant,
+        Path(p.train.out) / variant,
+        Path(p.evaluate.out) / variant,
+        p.register.experiment,
+        proposals=proposals,
     )
     get_run_logger().info(
         "%s version %s (%s)", r.name, r.version, "new" if r.created else "already registered"
@@ -120,6 +129,26 @@ def unchanged(reg: dict) -> dict:
         "champion_before": None,
         "champion_value": None,
     }
+
+
+@task(name="compare", retries=2, retry_delay_seconds=[2, 5])
+def compare(project: str, variants: list[str]) -> str:
+    """The variants' comparison (latest run and champion) as Markdown; also draws
+    reports/compare/side_by_side.png and logs both to MLflow when they changed."""
+    from rcnnops import compare as cmp
+
+    p = load_params(Path(project) / "params.yaml")
+    rows = cmp.collect(p, variants)
+    plot = cmp.side_by_side(p, variants)
+    run_id = cmp.log_to_mlflow(p.register.experiment, rows, plot)
+    get_run_logger().info(
+        "comparison: %d row(s), picture %s, MLflow %s",
+        len(rows),
+        plot or "none (no predictions)",
+        f"run {run_id}" if run_id else "unchanged (not logged again)",
+    )
+    note = f"\n\nPredictions side by side: `{plot}`" if plot else ""
+    return cmp.render(rows, "markdown") + note
 
 
 @task(name="dvc-push", retries=3, retry_delay_seconds=[2, 5, 10])
@@ -168,5 +197,10 @@ def retrain(
         _summary(decisions),
         key="rcnnops-promotion",
         description="Promotion decisions of this retraining run",
+    )
+    create_markdown_artifact(
+        compare(str(root), variants),
+        key="rcnnops-compare",
+        description="Variants compared: latest run and champion (metrics, cost, lineage)",
     )
     return decisions

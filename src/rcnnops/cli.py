@@ -2,7 +2,9 @@
 
 Stage commands (``generate``, ``prepare``, ``train``, ``evaluate``) are what
 ``dvc.yaml`` runs; ``run`` runs the whole Prefect flow; ``register``,
-``promote`` and ``models`` work on the MLflow registry. All read
+``promote``, ``rollback`` and ``models`` work on the MLflow registry; ``serve``
+and ``predict`` use registered models, ``compare`` sets variants side by side and
+``schedule`` serves the flow on a cron schedule. All read
 ``params.yaml`` from the project folder (the current directory, or ``-C``).
 """
 
@@ -21,6 +23,11 @@ typical use:
   rcnnops train --variant faster_rcnn   one stage by hand (what `dvc repro train@faster_rcnn` runs)
   rcnnops models                    registered versions, aliases and metrics
   rcnnops promote faster_rcnn 3     run the promotion gate for version 3
+  rcnnops rollback faster_rcnn      champion back to the version it replaced
+  rcnnops compare --plot            variants side by side (metrics, cost, pictures)
+  rcnnops serve faster_rcnn         the champion over HTTP on 127.0.0.1:5001
+  rcnnops predict faster_rcnn a.png detections of the champion on image files
+  rcnnops schedule --cron "0 3 * * 1"   retrain every Monday 03:00 (Prefect)
 
 Tracking goes to $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the project;
 the flow uses $PREFECT_API_URL, else Prefect's ephemeral local API.
@@ -78,13 +85,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def cmd_register(args: argparse.Namespace) -> int:
     from rcnnops import registry
+    from rcnnops.config import USES_PROPOSALS
 
     p = _params(args)
+    proposals = None
+    if args.variant in USES_PROPOSALS:
+        from rcnnops.proposals.precompute import settings_from
+
+        proposals = settings_from(p).as_dict()
     r = registry.register(
         args.variant,
         Path(p.train.out) / args.variant,
         Path(p.evaluate.out) / args.variant,
         p.register.experiment,
+        proposals=proposals,
     )
     print(f"{r.name} version {r.version}" + ("" if r.created else " (already registered)"))
     return 0
@@ -114,38 +128,36 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     p = _params(args)
     tracking.setup(p.register.experiment)
-    client = tracking.client()
-    rows = []
-    for rm in client.search_registered_models("name LIKE 'rcnnops-%'"):
-        aliases = {}
-        for alias, version in (rm.aliases or {}).items():
-            aliases.setdefault(str(version), []).append(alias)
-        for mv in registry._versions(rm.name):
-            rows.append(
-                {
-                    "model": rm.name,
-                    "version": mv.version,
-                    "aliases": ",".join(sorted(aliases.get(str(mv.version), []))),
-                    "bbox_AP": mv.tags.get("metric.bbox_AP", ""),
-                    "decision": mv.tags.get("promotion.decision", ""),
-                    "data_hash": mv.tags.get("data_hash", "")[:12],
-                    "git_commit": mv.tags.get("git_commit", "")[:12],
-                    "run_id": mv.run_id,
-                }
-            )
-    rows.sort(key=lambda r: (r["model"], int(r["version"])))
+    rows = registry.list_versions(args.variants)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:
         print(f"no registered rcnnops models in {tracking.tracking_uri()}")
         return 0
-    cols = list(rows[0])
-    widths = {c: max(len(c), *(len(str(r[c])) for r in rows)) for c in cols}
-    print("  ".join(c.ljust(widths[c]) for c in cols))
-    for r in rows:
-        print("  ".join(str(r[c]).ljust(widths[c]) for c in cols))
+    cols = MODEL_COLUMNS
+    cells = [[_short(c, r[c]) for c in cols] for r in rows]
+    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
+    print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)).rstrip())
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
     return 0
+
+
+MODEL_COLUMNS = (
+    "model", "version", "aliases", "bbox_AP", "segm_AP", "decision",
+    "git_commit", "data_hash", "params_hash", "run_id",
+)  # fmt: skip
+
+
+def _short(col: str, value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if col in ("git_commit", "data_hash", "params_hash", "run_id"):
+        return str(value)[:12] + ("-dirty" if str(value).endswith("-dirty") else "")
+    return str(value)
 
 
 def _assignments(args: argparse.Namespace) -> dict:
@@ -222,6 +234,104 @@ params.yaml at it (the command prints the images folder relative to OUT):
 """
 
 
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from rcnnops import registry
+
+    r = registry.rollback(args.variant, experiment=_params(args).register.experiment)
+    print(f"{r.name}: champion rolled back from v{r.from_version} to v{r.to_version}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from rcnnops import registry, serve, tracking
+
+    experiment = _params(args).register.experiment
+    mv = registry.resolve(args.variant, args.alias, experiment)
+    print(f"{registry.model_name(args.variant)}@{args.alias} is version {mv.version}")
+    try:
+        return serve.serve(
+            registry.model_uri(args.variant, args.alias),
+            tracking.tracking_uri(),
+            args.host,
+            args.port,
+            args.max_image_side,
+        )
+    except serve.ServeError as e:
+        print(f"rcnnops serve: error: {e}", file=sys.stderr)
+        return 2
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from rcnnops import registry, serve
+
+    images = serve.read_images(args.images)
+    config = {"max_image_side": args.max_image_side} if args.max_image_side else None
+    experiment = _params(args).register.experiment
+    model = registry.load_pyfunc(args.variant, args.alias, experiment, config)
+    frame = pd.DataFrame({"image": [b64 for _, b64 in images]})
+    dets = model.predict(frame, params={"score_threshold": args.score_threshold})
+    if args.json:
+        out = [{"image": str(p), **d} for (p, _), d in zip(images, dets, strict=True)]
+        print(json.dumps(out, indent=2))
+    else:
+        for (path, _), det in zip(images, dets, strict=True):
+            print(serve.format_detections(path, det))
+    if args.draw:
+        for (path, _), det in zip(images, dets, strict=True):
+            written = serve.draw(path, det, Path(args.draw))
+            print(f"drew {written}", file=sys.stderr if args.json else sys.stdout)
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from rcnnops import compare
+
+    p = _params(args)
+    rows = compare.collect(p, args.variants)
+    if not rows:
+        print("nothing to compare yet: no trained variant and no champion (run `rcnnops run`)")
+        return 0
+    print(compare.render(rows, args.format))
+    if args.plot:
+        out = compare.side_by_side(p, args.variants, n_images=args.images)
+        msg = f"wrote {out}" if out else "no predictions.json yet: nothing to draw"
+        print(msg, file=sys.stderr if args.format in ("csv", "json") else sys.stdout)
+    return 0
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from pipelines import schedule
+
+    dep = schedule.deployment(
+        Path.cwd(), args.cron, args.variants, args.name, args.timezone, not args.no_push
+    )
+    print(
+        f"serving deployment 'rcnnops-retrain/{args.name}' on '{args.cron}'"
+        f"{' ' + args.timezone if args.timezone else ' (UTC)'}; Ctrl-C stops"
+    )
+    schedule.serve(dep)
+    return 0
+
+
+SERVE_EPILOG = """\
+example:
+  rcnnops serve faster_rcnn --port 5001 &
+  python - <<'PY'
+  import base64, json, urllib.request
+  img = base64.b64encode(open("image.png", "rb").read()).decode()
+  body = {"dataframe_records": [{"image": img}], "params": {"score_threshold": 0.5}}
+  req = urllib.request.Request("http://127.0.0.1:5001/invocations", json.dumps(body).encode(),
+                               {"Content-Type": "application/json"})
+  print(urllib.request.urlopen(req).read().decode())
+  PY
+The answer is {"predictions": [{"boxes": [[x1, y1, x2, y2], ...], "labels": [...],
+"names": [...], "scores": [...]} per image] (plus "masks" as COCO RLE for mask
+variants); a request that is not a batch of images gets HTTP 400 with a message.
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rcnnops",
@@ -293,6 +403,73 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--force", action="store_true", help="promote without comparing")
     sp = add("models", cmd_models, "list registered versions with aliases and lineage")
     sp.add_argument("--json", action="store_true", help="JSON instead of a table")
+    sp.add_argument("--variants", nargs="+", help="only these variants (default: all)")
+    sp = add(
+        "rollback",
+        cmd_rollback,
+        "move 'champion' back to the version it replaced (from the audit trail tags)",
+    )
+    sp.add_argument("variant", help="e.g. faster_rcnn (model rcnnops-VARIANT)")
+    sp = add(
+        "serve",
+        cmd_serve,
+        "serve a registered model over HTTP (mlflow models serve, local environment)",
+    )
+    sp.formatter_class = argparse.RawDescriptionHelpFormatter
+    sp.epilog = SERVE_EPILOG
+    sp.add_argument("variant", help="e.g. faster_rcnn (model rcnnops-VARIANT)")
+    sp.add_argument("--alias", default="champion", help="alias to serve (default: champion)")
+    sp.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    sp.add_argument("--port", type=int, default=5001, help="TCP port (default: 5001)")
+    sp.add_argument(
+        "--max-image-side",
+        type=int,
+        metavar="PX",
+        help="refuse images longer than PX pixels on a side with HTTP 400 (default: 4096)",
+    )
+    sp = add("predict", cmd_predict, "run a registered model on image files; print or draw")
+    sp.add_argument("variant", help="e.g. faster_rcnn (model rcnnops-VARIANT)")
+    sp.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    sp.add_argument("--alias", default="champion", help="alias to load (default: champion)")
+    sp.add_argument(
+        "--score-threshold",
+        type=float,
+        default=0.5,
+        help="keep detections scoring at least this (default: 0.5)",
+    )
+    sp.add_argument("--draw", metavar="OUTDIR", help="also write OUTDIR/<image>.png with drawings")
+    sp.add_argument("--json", action="store_true", help="JSON instead of text")
+    sp.add_argument("--max-image-side", type=int, metavar="PX", help="image size limit")
+    sp = add(
+        "compare",
+        cmd_compare,
+        "compare variants (latest run and champion): AP, cost, lineage; --plot draws them",
+    )
+    sp.add_argument("--variants", nargs="+", help="variants (default: params variants)")
+    sp.add_argument(
+        "--format",
+        choices=("table", "markdown", "csv", "json"),
+        default="table",
+        help="output format (default: table; csv and json add the MLflow run ids)",
+    )
+    sp.add_argument(
+        "--plot",
+        action="store_true",
+        help="also draw reports/compare/side_by_side.png (predictions on validation images)",
+    )
+    sp.add_argument("--images", type=int, default=3, help="validation images to draw (default: 3)")
+    sp = add(
+        "schedule",
+        cmd_schedule,
+        "serve the retraining flow as a Prefect deployment on a cron schedule (blocks)",
+    )
+    sp.add_argument(
+        "--cron", default="0 3 * * 1", help="cron schedule (default: '0 3 * * 1', Mon 03:00)"
+    )
+    sp.add_argument("--timezone", help="IANA timezone of the schedule (default: UTC)")
+    sp.add_argument("--variants", nargs="+", help="variants to retrain (default: params variants)")
+    sp.add_argument("--name", default="scheduled", help="deployment name (default: scheduled)")
+    sp.add_argument("--no-push", action="store_true", help="skip `dvc push` in each run")
     sp = add("import", cmd_import, "convert a Pascal VOC or instance-mask PNG dataset to COCO")
     fmt = sp.add_subparsers(dest="format", required=True, metavar="FORMAT")
     raw = argparse.RawDescriptionHelpFormatter

@@ -10,11 +10,42 @@ import sys
 
 import pytest
 import yaml
+from prefect import get_client
+from prefect.flow_engine import run_flow
 from prefect.testing.utilities import prefect_test_harness
 
+from pipelines import schedule
 from rcnnops import project as dvcproj
 
 VARIANTS = ["rcnn", "fast_rcnn", "faster_rcnn", "mask_rcnn"]
+
+
+# Loads each variant's champion by alias, as a user would, with only the package.
+PYFUNC_SCRIPT = """
+import base64, json, sys
+import mlflow, numpy as np, pandas as pd
+from PIL import Image
+path, variants, out = sys.argv[1], sys.argv[2:], {}
+b64 = base64.b64encode(open(path, "rb").read()).decode()
+pixels = np.asarray(Image.open(path).convert("RGB"))
+bad = base64.b64encode(b"not an image").decode()
+for v in variants:
+    m = mlflow.pyfunc.load_model(f"models:/rcnnops-{v}@champion")
+    low = {"score_threshold": 0.0}
+    r = {"b64": m.predict(pd.DataFrame({"image": [b64]}), params=low),
+         "array": m.predict(pd.DataFrame({"array": [pixels]}), params=low),
+         "high": m.predict(pd.DataFrame({"image": [b64]}), params={"score_threshold": 0.99}),
+         "inputs": [c.name for c in m.metadata.get_input_schema().inputs],
+         "params": [p.name for p in m.metadata.get_params_schema().params],
+         "example": m.metadata.saved_input_example_info is not None}
+    try:
+        m.predict(pd.DataFrame({"image": [bad]}))
+        r["error"] = None
+    except Exception as e:
+        r["error"] = f"{type(e).__name__}: {e}"
+    out[v] = r
+print(json.dumps(out))
+"""
 
 
 @pytest.fixture(scope="module")
@@ -55,18 +86,11 @@ def test_flow_end_to_end_then_noop_then_param_change(harness, tiny_project, monk
     for tag in ("git_commit", "data_hash", "params_hash", "variant", "model_hash"):
         assert champion.tags.get(tag), tag
 
-    # The champion loads as a pyfunc in a fresh process and detects on an image.
+    # Every champion loads as a pyfunc in a fresh process and detects on an image.
     img = next((tiny_project / "data/raw/shapes/val").glob("*.png"))
-    script = (
-        "import base64, json, sys, mlflow, pandas as pd\n"
-        "m = mlflow.pyfunc.load_model('models:/rcnnops-faster_rcnn@champion')\n"
-        "b64 = base64.b64encode(open(sys.argv[1], 'rb').read()).decode()\n"
-        "out = m.predict(pd.DataFrame({'image': [b64]}), params={'score_threshold': 0.0})\n"
-        "print(json.dumps(out))\n"
-    )
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tiny_project / 'mlflow.db'}"}
     proc = subprocess.run(
-        [sys.executable, "-c", script, str(img)],
+        [sys.executable, "-c", PYFUNC_SCRIPT, str(img), *VARIANTS],
         env=env,
         cwd=tiny_project,
         capture_output=True,
@@ -74,14 +98,32 @@ def test_flow_end_to_end_then_noop_then_param_change(harness, tiny_project, monk
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    (det,) = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert set(det) == {"boxes", "labels", "names", "scores"}
-    assert all(n in ("circle", "square") for n in det["names"])
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for v in VARIANTS:
+        (det,) = out[v]["b64"]
+        keys = {"boxes", "labels", "names", "scores"} | ({"masks"} if v == "mask_rcnn" else set())
+        assert set(det) == keys, v
+        assert all(n in ("circle", "square") for n in det["names"])
+        assert out[v]["array"] == out[v]["b64"]  # base64 file or uint8 pixels: same answer
+        assert all(s >= 0.99 for s in out[v]["high"][0]["scores"])
+        assert "not an image file" in out[v]["error"]
+        assert out[v]["inputs"] == ["image", "array"] and out[v]["params"] == ["score_threshold"]
+        assert out[v]["example"]  # an input example is logged with the model
+    masks = out["mask_rcnn"]["b64"][0]["masks"]
+    assert len(masks) == len(out["mask_rcnn"]["b64"][0]["boxes"])
+    assert all(isinstance(m["counts"], str) and m["size"] == [64, 64] for m in masks)
+    assert (tiny_project / "reports/compare/side_by_side.png").is_file()
 
-    # Nothing changed: DVC skips everything, registration is idempotent.
+    # Nothing changed: a run of the weekly deployment (created from it, as the
+    # scheduler does) skips everything in DVC; registration is idempotent.
     lock = (tiny_project / "dvc.lock").read_text()
     model_mtime = (tiny_project / "models/faster_rcnn/model.pt").stat().st_mtime_ns
-    decisions = retrain(project=str(tiny_project))
+    deployment = schedule.deployment(tiny_project, "0 3 * * 1", name="weekly")
+    with get_client(sync_client=True) as client:
+        flow_run = client.create_flow_run_from_deployment(deployment.apply())
+    decisions = run_flow(retrain, flow_run=flow_run, parameters=flow_run.parameters)
+    with get_client(sync_client=True) as client:
+        assert client.read_flow_run(flow_run.id).state.is_completed()
     for d in decisions:
         assert d["version"] == "1" and not d["promoted"] and "model unchanged" in d["reason"]
     champion = _mlflow(tiny_project, monkeypatch)

@@ -1,0 +1,117 @@
+"""The MLflow pyfunc model every registered version is: images in, detections out.
+
+Logged as MLflow "models from code" (``pyfunc_model.py``, no pickled Python
+object) with the weights bundle (``model.pt`` read with
+``torch.load(weights_only=True)``, ``model.json``, ``serving.json``) as an
+artifact, a signature, an input example and a ``model_config``.
+
+Input (a DataFrame, or JSON ``dataframe_records`` / ``dataframe_split`` /
+``inputs`` when served): one row per image with either ``image`` (a
+base64-encoded image file) or ``array`` (``uint8 [H, W, 3]`` pixels).
+Param ``score_threshold`` (default 0.5). Output: one dict per image, see
+:mod:`rcnnops.detect`. Bad requests raise ``MlflowException``
+``INVALID_PARAMETER_VALUE``, which the scoring server answers with HTTP 400.
+
+``model_config`` ``max_image_side`` (default 4096) refuses larger images; override it
+with ``mlflow.pyfunc.load_model(uri, model_config={"max_image_side": N})`` or, for
+the server, ``MLFLOW_PYFUNC_INFERENCE_CONFIG='{"max_image_side": N}'``
+(``rcnnops serve --max-image-side N`` sets it).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+from pathlib import Path
+from typing import Any
+
+import mlflow.pyfunc
+from mlflow.exceptions import MlflowException
+
+from rcnnops.detect import DEFAULT_MAX_SIDE, Detector, InputError, images_from_input
+
+ENTRY = Path(__file__).with_name("pyfunc_model.py")
+DEFAULT_THRESHOLD = 0.5
+
+
+class DetectorPyfunc(mlflow.pyfunc.PythonModel):
+    """See the module docstring."""
+
+    def load_context(self, context: Any) -> None:
+        self.detector = Detector.from_dir(Path(context.artifacts["model_dir"]))
+        config = context.model_config or {}
+        self.max_side = int(config.get("max_image_side", DEFAULT_MAX_SIDE))
+
+    def predict(self, context, model_input, params=None):  # no hints: MLflow reads them as schema
+        try:
+            threshold = _threshold(params)
+            images = images_from_input(model_input, self.max_side)
+        except InputError as e:
+            raise MlflowException.invalid_parameter_value(str(e)) from None
+        return self.detector(images, threshold)
+
+
+def _threshold(params: dict | None) -> float:
+    raw = (params or {}).get("score_threshold", DEFAULT_THRESHOLD)
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        raise InputError(f"score_threshold must be a number in [0, 1], got {raw!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise InputError(f"score_threshold must be in [0, 1], got {value}")
+    return value
+
+
+def signature():
+    """Inputs ``image`` (string) and ``array`` (uint8 [H, W, 3] as nested ints), both
+    optional per row; param ``score_threshold``."""
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import Array, ColSpec, ParamSchema, ParamSpec, Schema
+
+    pixels = Array(Array(Array("long")))
+    return ModelSignature(
+        inputs=Schema(
+            [ColSpec("string", "image", required=False), ColSpec(pixels, "array", required=False)]
+        ),
+        params=ParamSchema([ParamSpec("score_threshold", "double", DEFAULT_THRESHOLD)]),
+    )
+
+
+def example_png(size: int = 32) -> bytes:
+    """A small generated PNG (a light square on grey) for the input example."""
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.full((size, size, 3), 96, np.uint8)
+    pixels[size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = (230, 200, 40)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def input_example():
+    import pandas as pd
+
+    return pd.DataFrame({"image": [base64.b64encode(example_png()).decode()]})
+
+
+def requirements() -> list[str]:
+    from importlib.metadata import version
+
+    packages = ("torch", "torchvision", "mlflow", "pillow", "numpy", "pandas", "pycocotools")
+    return [f"{p}=={version(p)}" for p in packages] + [
+        f"opencv-contrib-python-headless=={version('opencv-contrib-python-headless')}"
+    ]
+
+
+def log(bundle: Path) -> Any:
+    """Log the model (in the active run) from a bundle folder; returns MLflow's ModelInfo."""
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(ENTRY),
+        artifacts={"model_dir": str(bundle)},
+        model_config={"max_image_side": DEFAULT_MAX_SIDE},
+        pip_requirements=requirements(),
+        signature=signature(),
+        input_example=input_example(),
+    )

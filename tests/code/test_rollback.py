@@ -1,0 +1,153 @@
+"""Rollback from the audit trail, racing promotions, and bad registry requests,
+against a real (temporary) MLflow SQLite store."""
+
+import threading
+
+import pytest
+
+from rcnnops import registry, tracking
+from rcnnops.cli import main
+
+NAME = "rcnnops-faster_rcnn"
+EXP = "gate-test"
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracking.setup(EXP)
+    client = tracking.client()
+    client.create_registered_model(NAME)
+    (tmp_path / "m").mkdir()
+
+    def add(ap: float) -> str:
+        tags = {"val_hash": "v1", "variant": "faster_rcnn", "metric.bbox_AP": str(ap)}
+        mv = client.create_model_version(NAME, source=(tmp_path / "m").as_uri(), tags=tags)
+        return str(mv.version)
+
+    return add
+
+
+def _champion() -> str | None:
+    mv = registry.get_alias(NAME, registry.CHAMPION)
+    return None if mv is None else str(mv.version)
+
+
+def _promote(version, **kw):
+    return registry.promote("faster_rcnn", version, experiment=EXP, actor="test", **kw)
+
+
+def _tags(version):
+    return tracking.client().get_model_version(NAME, version).tags
+
+
+def test_rollback_walks_back_the_audit_trail(store):
+    v1, v2, v3 = store(0.5), store(0.6), store(0.7)
+    for v in (v1, v2, v3):
+        assert _promote(v).promoted
+    r = registry.rollback("faster_rcnn", actor="ops", experiment=EXP)
+    assert (r.from_version, r.to_version) == (v3, v2) and _champion() == v2
+    assert _tags(v3)["rollback.demoted_to"] == v2 and _tags(v3)["rollback.demoted_by"] == "ops"
+    assert _tags(v2)["rollback.restored_from"] == v3
+    assert _tags(v3)["promotion.decision"] == "promoted"  # the promotion record is kept
+    row = next(r for r in registry.list_versions() if r["version"] == v3)
+    assert row["decision"] == f"promoted, rolled back to v{v2}"
+
+    assert registry.rollback("faster_rcnn", experiment=EXP).to_version == v1
+    with pytest.raises(registry.RegistryError, match="no previous champion"):
+        registry.rollback("faster_rcnn", experiment=EXP)
+    assert _champion() == v1  # the failed rollback changed nothing
+
+
+def test_rollback_without_champion_or_model_is_a_clear_error(store):
+    store(0.5)
+    with pytest.raises(registry.RegistryError, match="has no champion"):
+        registry.rollback("faster_rcnn", experiment=EXP)
+    with pytest.raises(registry.RegistryError, match="no registered model rcnnops-rcnn"):
+        registry.rollback("rcnn", experiment=EXP)
+
+
+def test_rollback_to_a_deleted_version_changes_nothing(store):
+    v1, v2 = store(0.5), store(0.6)
+    _promote(v1)
+    _promote(v2)
+    tracking.client().delete_model_version(NAME, v1)
+    with pytest.raises(registry.RegistryError, match=f"previous champion v{v1} no longer exists"):
+        registry.rollback("faster_rcnn", experiment=EXP)
+    assert _champion() == v2
+
+
+def test_cli_rollback_models_and_bad_requests_exit_2(store, tiny_project, capsys):
+    (tiny_project / "params.yaml").write_text(
+        (tiny_project / "params.yaml").read_text().replace("rcnnops-test", EXP)
+    )
+    v1, v2 = store(0.5), store(0.6)
+    _promote(v1)
+    _promote(v2)
+    args = ["-C", str(tiny_project)]
+    assert main([*args, "rollback", "faster_rcnn"]) == 0
+    assert f"rolled back from v{v2} to v{v1}" in capsys.readouterr().out
+    for argv, message in (
+        (["rollback", "faster_rcnn"], "no previous champion"),
+        (["promote", "faster_rcnn", "99"], "has no version 99"),
+        (["promote", "rcnn", "1"], "no registered model rcnnops-rcnn"),
+        (["serve", "faster_rcnn", "--alias", "canary"], "has no alias 'canary'"),
+        (["predict", "faster_rcnn", "nothing.png"], "nothing.png: image file not found"),
+    ):
+        assert main([*args, *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    assert _champion() == v1
+    assert main([*args, "models"]) == 0
+    header = capsys.readouterr().out.splitlines()[0].split()
+    for col in ("bbox_AP", "segm_AP", "decision", "git_commit", "data_hash", "params_hash"):
+        assert col in header
+
+
+def _race(versions: list[str]) -> dict:
+    """Promote ``versions`` from as many threads, released at the same instant."""
+    barrier = threading.Barrier(len(versions))
+    results, errors = {}, []
+
+    def run(version):
+        try:
+            barrier.wait()
+            results[version] = _promote(version)
+        except Exception as e:  # reported by the assertion below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(v,)) for v in versions]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return results
+
+
+def test_racing_promotions_leave_one_consistent_champion(store):
+    """Two better versions promoted at the same moment, five times over: the
+    lock makes the second decide against the first's result, so the best one is
+    champion and the audit trail (champion_before) is a chain of real champions."""
+    for _round in range(5):
+        base = store(0.5)
+        _promote(base, force=True)
+        a, b = store(0.6), store(0.7)
+        results = _race([a, b])
+        assert _champion() == b  # the best, whatever the order
+        befores = {v: _tags(v)["promotion.champion_before"] for v in (a, b)}
+        if results[a].promoted:  # a went first, then b beat a
+            assert befores == {a: base, b: a}
+        else:  # b went first; a was compared with b and kept
+            assert befores == {a: b, b: base} and "does not beat" in results[a].reason
+
+
+def test_lock_file_sits_next_to_a_local_store(tmp_path):
+    db = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert registry.lock_path(db) == tmp_path / "mlflow.db.registry.lock"
+    assert registry.lock_path("http://mlflow.example:5000") is None
+    assert (
+        registry.lock_path(f"file://{tmp_path}/mlruns")
+        == tmp_path / "mlruns/.rcnnops-registry.lock"
+    )

@@ -1,0 +1,160 @@
+"""The registered pyfunc model served over HTTP by the real scoring server,
+`rcnnops predict`, and request validation (masks included). The round trip in a
+fresh process, for every variant, is in test_flow.py."""
+
+import base64
+import io
+import json
+import subprocess
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rcnnops import detect, registry, serve
+from rcnnops.cli import main
+from tests.code.trained import inside, train_and_register, write_project
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    """A tiny project with faster_rcnn trained, evaluated, registered and champion."""
+    root = write_project(tmp_path_factory.mktemp("serve") / "project", ["faster_rcnn"])
+    assert train_and_register(root, ["faster_rcnn"]) == {"faster_rcnn": "1"}
+    return root
+
+
+def _png(size: tuple[int, int] = (64, 64)) -> bytes:
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (*size[::-1], 3), dtype=np.uint8)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _val_image(project):
+    return sorted((project / "data/raw/shapes/val").glob("*.png"))[0]
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _post(url: str, payload: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(
+        f"{url}/invocations", json.dumps(payload).encode(), {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_served_model_answers_images_and_refuses_the_rest(project, tmp_path):
+    """The real `mlflow models serve` on a free loopback port, stopped afterwards."""
+    port = serve.free_port()
+    with open(tmp_path / "server.log", "wb") as log:
+        proc = serve.start_server(
+            registry.model_uri("faster_rcnn"),
+            f"sqlite:///{project / 'mlflow.db'}",
+            port=port,
+            max_image_side=64,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        try:
+            serve.wait_until_up(url, proc)
+        except serve.ServeError:
+            pytest.fail((tmp_path / "server.log").read_text()[-3000:])
+        image = _b64(_val_image(project).read_bytes())
+        status, body = _post(
+            url, {"dataframe_records": [{"image": image}], "params": {"score_threshold": 0.0}}
+        )
+        assert status == 200, body
+        (det,) = body["predictions"]
+        assert det["boxes"] and len(det["boxes"]) == len(det["scores"]) == len(det["names"])
+        assert all(0 <= v <= 64 for box in det["boxes"] for v in box)
+
+        for payload, message in (
+            ({"dataframe_records": [{"image": _b64(b"%PDF-1.4 not an image")}]}, "not an image"),
+            ({"dataframe_records": [{"image": "not base64!"}]}, "not base64"),
+            ({"dataframe_records": [{"image": _b64(_png((65, 40)))}]}, "limit is 64"),
+        ):
+            status, body = _post(url, payload)
+            assert status == 400 and message in body["message"], body
+        with pytest.raises(serve.ServeError, match=f"port {port} on 127.0.0.1 is in use"):
+            serve.check_port_free("127.0.0.1", port)
+    finally:
+        serve.stop_server(proc)
+    assert proc.poll() is not None
+
+
+def test_serve_command_refuses_a_port_in_use(project, capsys):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        with inside(project):
+            assert main(["serve", "faster_rcnn", "--port", str(port)]) == 2
+    assert f"port {port} on 127.0.0.1 is in use" in capsys.readouterr().err
+
+
+def test_predict_command_prints_json_and_draws(project, tmp_path, capsys):
+    image = _val_image(project)
+    with inside(project):
+        code = main(
+            ["predict", "faster_rcnn", str(image), "--score-threshold", "0", "--json"]
+            + ["--draw", str(tmp_path / "drawn")]
+        )
+    assert code == 0
+    (out,) = json.loads(capsys.readouterr().out)
+    assert out["image"] == str(image) and out["boxes"]
+    with Image.open(tmp_path / "drawn" / f"{image.stem}.png") as im:
+        assert im.size[0] > 0
+
+
+def test_bad_payloads_are_input_errors():
+    with pytest.raises(detect.InputError, match="no 'image' column"):
+        detect.images_from_input({"text": ["hello"]})
+    with pytest.raises(detect.InputError, match="holds no images"):
+        detect.images_from_input({"image": []})
+    with pytest.raises(detect.InputError, match=r"row 1: no image"):
+        detect.images_from_input({"image": [_b64(_png()), None]})
+    with pytest.raises(detect.InputError, match=r"shape \[4, 4, 2\]"):
+        detect.images_from_input({"array": [np.zeros((4, 4, 2), np.uint8)]})
+    with pytest.raises(detect.InputError, match="integers in 0..255"):
+        detect.images_from_input({"array": [np.full((4, 4, 3), 300)]})
+    with pytest.raises(detect.InputError, match="limit is 32"):
+        detect.images_from_input({"image": [_b64(_png((40, 8)))]}, max_side=32)
+    grey = detect.images_from_input([[[0, 255], [7, 9]]])[0]
+    assert grey.shape == (2, 2, 3) and grey.dtype == np.uint8
+
+
+def test_masks_are_returned_as_coco_rle():
+    """A Mask R-CNN-shaped output: masks [N, 1, H, W] probabilities -> RLE at 0.5."""
+    from rcnnops.data.masks import decode
+
+    masks = torch.zeros(2, 1, 6, 8)
+    masks[0, 0, 1:3, 2:5] = 0.9
+    masks[1, 0, 4:, :] = 0.4  # below the 0.5 mask threshold: empty
+    output = {
+        "boxes": torch.tensor([[2.0, 1.0, 5.0, 3.0], [0.0, 4.0, 8.0, 6.0]]),
+        "labels": torch.tensor([1, 2]),
+        "scores": torch.tensor([0.9, 0.6]),
+        "masks": masks,
+    }
+    det = detect.to_detections(output, ("circle", "square"), score_threshold=0.5)
+    assert det["names"] == ["circle", "square"] and len(det["masks"]) == 2
+    assert all(isinstance(m["counts"], str) and m["size"] == [6, 8] for m in det["masks"])
+    first = decode(det["masks"][0], 8, 6)
+    assert first.sum() == 6 and first[1:3, 2:5].all()
+    assert decode(det["masks"][1], 8, 6).sum() == 0
+    assert detect.to_detections(output, ("circle", "square"), 0.95)["masks"] == []
+    json.dumps(det)  # JSON-ready as the server returns it
