@@ -5,13 +5,16 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install run test test-data test-model test-all lint format clean
+.PHONY: help install run test test-data test-model test-reliability test-scale test-ci test-all lint format clean
 
 help:
 	@echo "make run        install (first time) and run the whole pipeline on the default dataset"
 	@echo "make test       install (first time) and run the default test suite (< 10 min, CPU)"
 	@echo "make test-data  real-data tests on ../shared/data/coco-mini (skipped if absent)"
 	@echo "make test-model slow trained-model tests"
+	@echo "make test-reliability  fault-injection suite (kills, a vanishing tracking server, ...)"
+	@echo "make test-scale scale-out suite (parallel variants, mlflow server, shared DVC remote)"
+	@echo "make test-ci    what CI runs: make test, then the reliability and scale suites"
 	@echo "make lint       ruff lint + format check"
 	@echo "make clean      remove pipeline outputs (data/, models/, reports/, mlflow.db)"
 
@@ -34,8 +37,17 @@ test-data: $(STAMP)
 test-model: $(STAMP)
 	$(BIN)/python -m pytest -m model
 
+test-reliability: $(STAMP)
+	$(BIN)/python -m pytest -m reliability
+
+test-scale: $(STAMP)
+	$(BIN)/python -m pytest -m scale
+
+test-ci: test
+	$(BIN)/python -m pytest -m "reliability or scale"
+
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -m "data or model or reliability or not (data or model or reliability)"
+	$(BIN)/python -m pytest -m "data or model or reliability or scale or not (data or model or reliability or scale)"
 
 lint: $(STAMP)
 	$(BIN)/ruff check src pipelines tests

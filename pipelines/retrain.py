@@ -10,13 +10,19 @@ Runs on Prefect's ephemeral local API unless ``PREFECT_API_URL`` is set.
 from __future__ import annotations
 
 import os
+from contextlib import ExitStack
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.futures import wait
 
+from pipelines import slots as stage_slots
 from rcnnops import project as dvcproj
 from rcnnops.config import USES_PROPOSALS, load_params
+from rcnnops.lock import project_lock
+
+REMOTE_ENV = "RCNNOPS_DVC_REMOTE"  # overrides params.yaml's pipeline.remote
 
 
 def _chdir(project: str) -> Path:
@@ -26,11 +32,21 @@ def _chdir(project: str) -> Path:
 
 
 @task(name="ensure-dvc", retries=2, retry_delay_seconds=2)
-def ensure_dvc(project: str) -> list[str]:
-    done = dvcproj.ensure_dvc(Path(project))
+def ensure_dvc(project: str, remote: str | None) -> list[str]:
+    done = dvcproj.ensure_dvc(Path(project), remote)
     for line in done:
         get_run_logger().info(line)
     return done
+
+
+@task(name="dvc-pull", retries=3, retry_delay_seconds=[2, 5, 10])
+def pull(project: str) -> list[str]:
+    """Fetch what the remote has of the stale outputs (a teammate's run), then
+    return what is still stale."""
+    dvcproj.pull(Path(project))
+    stale = sorted(dvcproj.status(Path(project)))
+    get_run_logger().info("after dvc pull, changed: %s", ", ".join(stale) or "nothing")
+    return stale
 
 
 @task(name="dvc-status")
@@ -52,6 +68,46 @@ def repro(project: str, stage: str, pipeline_fresh: bool = False) -> bool:
     return ran
 
 
+@task(name="tracking-store", retries=3, retry_delay_seconds=[2, 5, 10])
+def tracking_store(project: str, experiment: str) -> str:
+    """Create (or migrate) the tracking store and the experiment once, before
+    stages that log to it start, possibly several at once."""
+    from rcnnops import tracking
+
+    tracking.check_reachable(tracking.tracking_uri(Path(project)))
+    return tracking.setup(experiment, Path(project))
+
+
+@task(name="train-evaluate")
+def train_and_evaluate(
+    project: str, variant: str, slots: stage_slots.Slots, pipeline_fresh: bool = False
+) -> bool:
+    """``train@<variant>`` then ``evaluate@<variant>`` if stale, holding the
+    concurrency slots (see :mod:`pipelines.slots`); True when training ran."""
+    if pipeline_fresh:
+        get_run_logger().info("train@%s, evaluate@%s: up to date (DVC cache)", variant, variant)
+        return False
+    from prefect.concurrency.sync import concurrency
+
+    root, env = Path(project), slots.threads()
+    with ExitStack() as held:
+        held.enter_context(concurrency(stage_slots.STAGES_LIMIT, occupy=1, strict=True))
+        if slots.on_gpu:
+            held.enter_context(
+                concurrency(stage_slots.GPU_LIMIT, occupy=slots.gpus_per_stage, strict=True)
+            )
+        ran = dvcproj.repro(root, f"train@{variant}", extra_env=env)
+        evaluated = dvcproj.repro(root, f"evaluate@{variant}", extra_env=env)
+    get_run_logger().info(
+        "train@%s: %s; evaluate@%s: %s",
+        variant,
+        "ran" if ran else "up to date",
+        variant,
+        "ran" if evaluated else "up to date",
+    )
+    return ran
+
+
 @task(name="version-data")
 def version_data(project: str, pipeline_fresh: bool = False) -> dict:
     """Generate the default dataset if it is the source, then validate and
@@ -70,43 +126,47 @@ def version_data(project: str, pipeline_fresh: bool = False) -> dict:
 
 @task(name="register", retries=3, retry_delay_seconds=[2, 5, 10])
 def register(project: str, variant: str) -> dict:
-    from rcnnops import registry
+    from rcnnops import registry, tracking
 
+    tracking.check_reachable()  # a clear message (and a retry) when the server is gone
     p = load_params(Path(project) / "params.yaml")
     proposals = None
     if variant in USES_PROPOSALS:  # the served model runs selective search as trained
         from rcnnops.proposals.precompute import settings_from
 
         proposals = settings_from(p).as_dict()
-    r = registry.register(
-        variant,
-        Path(p.train.out) / variant,
-        Path(p.evaluate.out) / variant,
-        p.register.experiment,
-        proposals=proposals,
-    )
+    with tracking.unreachable_explained():
+        r = registry.register(
+            variant,
+            Path(p.train.out) / variant,
+            Path(p.evaluate.out) / variant,
+            p.register.experiment,
+            proposals=proposals,
+        )
     get_run_logger().info(
         "%s version %s (%s)", r.name, r.version, "new" if r.created else "already registered"
     )
-    return {"name": r.name, "version": r.version, "created": r.created}
+    return {"name": r.name, "version": r.version, "created": r.created, "decided": r.decided}
 
 
 @task(name="promote", retries=3, retry_delay_seconds=[2, 5, 10])
 def promote(project: str, variant: str, version: str) -> dict:
     from prefect.runtime import flow_run
 
-    from rcnnops import registry
+    from rcnnops import registry, tracking
 
+    tracking.check_reachable()
     p = load_params(Path(project) / "params.yaml")
     actor = f"prefect flow run {flow_run.get_name() or flow_run.get_id()}"
-    d = registry.promote(
-        variant,
-        version,
-        p.register.metric_for(variant),
-        p.register.min_improvement,
-        actor=actor,
-        experiment=p.register.experiment,
-    )
+    with tracking.unreachable_explained():
+        d = registry.promote(
+            variant,
+            version,
+            p.register.metric_for(variant),
+            p.register.min_improvement,
+            actor=actor,
+            experiment=p.register.experiment,
+        )
     get_run_logger().info(
         "%s v%s: %s (%s)",
         d.name,
@@ -173,21 +233,43 @@ def _summary(decisions: list[dict]) -> str:
 def retrain(
     project: str = ".", variants: list[str] | None = None, push_to_remote: bool = True
 ) -> list[dict]:
-    """Retrain, evaluate, register and promote ``variants`` (default: params.yaml's)."""
+    """Retrain, evaluate, register and promote ``variants`` (default: params.yaml's).
+
+    Holds the project's run lock throughout: a second run refuses at once."""
     root = _chdir(project)
+    with project_lock(root):
+        return _retrain(root, variants, push_to_remote)
+
+
+def _retrain(root: Path, variants: list[str] | None, push_to_remote: bool) -> list[dict]:
     params = load_params(root / "params.yaml")
     variants = variants or params.variants
-    ensure_dvc(str(root))
-    fresh = not pipeline_status(str(root))
+    ensure_dvc(str(root), os.environ.get(REMOTE_ENV) or params.pipeline.remote)
+    stale = pipeline_status(str(root))
+    if stale and params.pipeline.pull and (root / "dvc.lock").is_file():
+        stale = pull(str(root))
+    fresh = not stale
     version_data(str(root), fresh)
     if USES_PROPOSALS & set(variants):
         repro(str(root), "proposals", fresh)
+    slots = stage_slots.plan(
+        params.pipeline.parallel, params.train.device, getattr(params.train, "nproc", 1)
+    )
+    if not fresh:
+        stage_slots.ensure_limits(slots)
+        tracking_store(str(root), params.register.experiment)
+    trained = {v: train_and_evaluate.submit(str(root), v, slots, fresh) for v in variants}
+    wait(list(trained.values()))
+    failed = [v for v, f in trained.items() if not f.state.is_completed()]
+    if failed:  # nothing is registered unless every variant trained and evaluated
+        raise RuntimeError(
+            f"training or evaluation failed for {', '.join(failed)}; nothing was registered "
+            "or promoted (see the task logs above; rerun resumes from the last checkpoint)"
+        )
     decisions = []
     for v in variants:
-        repro(str(root), f"train@{v}", fresh)
-        repro(str(root), f"evaluate@{v}", fresh)
         reg = register(str(root), v)
-        if reg["created"]:
+        if reg["created"] or not reg["decided"]:  # also a version an earlier run left undecided
             decisions.append(promote(str(root), v, reg["version"]))
         else:
             decisions.append(unchanged(reg))

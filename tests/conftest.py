@@ -83,6 +83,8 @@ train:
   workers: 0
   log_every: 2
   eval_every: 1
+  nproc: 1
+  sync_bn: false
   faster_rcnn:
     epochs: 1
     batch_size: 4

@@ -64,13 +64,19 @@ def cmd_proposals(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from rcnnops import train
+    from rcnnops import distributed, train
 
-    meta = train.run(_params(args), args.variant, progress=not args.no_progress)
-    print(
-        f"trained {args.variant} in {meta['train_seconds']:.1f} s on {meta['device']} "
-        f"(MLflow run {meta['run_id']})"
-    )
+    params = _params(args)
+    if distributed.needs_launch(params.train.nproc):  # train.nproc > 1: under torchrun
+        argv = ["--params", args.params, "train", "--variant", args.variant]
+        distributed.launch(params.train.nproc, argv + ["--no-progress"] * args.no_progress)
+    meta = train.run(params, args.variant, progress=not args.no_progress)
+    if meta:  # rank 0 (the other ranks of a distributed training return nothing)
+        procs = f" x {meta['world_size']} processes" if meta["world_size"] > 1 else ""
+        print(
+            f"trained {args.variant} in {meta['train_seconds']:.1f} s on {meta['device']}"
+            f"{procs} (MLflow run {meta['run_id']})"
+        )
     return 0
 
 
@@ -182,17 +188,22 @@ def _assignments(args: argparse.Namespace) -> dict:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from pipelines.retrain import retrain
+    from rcnnops.lock import project_lock
 
-    changes = _assignments(args)
-    if changes:
-        from rcnnops.config import set_params
+    # One run per project (params.yaml, DVC outputs, registry); taken before the
+    # params edit, and before importing Prefect so a second run refuses at once.
+    with project_lock(Path.cwd()):
+        from pipelines.retrain import retrain
 
-        set_params(args.params, changes)
-        print(f"{args.params}: set " + ", ".join(f"{k}={v}" for k, v in changes.items()))
-    decisions = retrain(
-        project=".", variants=args.variants or None, push_to_remote=not args.no_push
-    )
+        changes = _assignments(args)
+        if changes:
+            from rcnnops.config import set_params
+
+            set_params(args.params, changes)
+            print(f"{args.params}: set " + ", ".join(f"{k}={v}" for k, v in changes.items()))
+        decisions = retrain(
+            project=".", variants=args.variants or None, push_to_remote=not args.no_push
+        )
     for d in decisions:
         state = "champion" if d["promoted"] else "kept previous champion"
         print(f"{d['name']} v{d['version']}: {state} ({d['reason']})")
@@ -543,6 +554,7 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(args.project)
     from rcnnops.config import ParamsError
     from rcnnops.data.coco import DataError
+    from rcnnops.lock import LockedError
     from rcnnops.project import StageError
     from rcnnops.train import CheckpointError, TrainingDiverged
 
@@ -551,6 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     except (
         ParamsError,
         DataError,
+        LockedError,
         StageError,
         CheckpointError,
         TrainingDiverged,

@@ -74,6 +74,9 @@ class PrepareParams:
     # Boxes may overhang the image by this many pixels (rounding in real
     # annotation tools); they are clipped. Beyond it they are errors.
     box_tolerance: float = 1.0
+    # Images with more pixels than this (width x height) are refused: a huge or
+    # forged image header must not exhaust memory in decoding or mask drawing.
+    max_image_pixels: int = 50_000_000
 
 
 @dataclass(frozen=True)
@@ -108,12 +111,23 @@ class VariantTrainParams:
 
 @dataclass(frozen=True)
 class TrainParams:
+    """Settings shared by the variants' trainings.
+
+    ``nproc``: data-parallel processes on this machine (``rcnnops train`` runs
+    itself under torchrun when > 1; one GPU each on CUDA). ``batch_size`` is per
+    process and ``lr`` is scaled by the number of processes (see
+    :mod:`rcnnops.distributed`). ``sync_bn``: SyncBatchNorm across processes
+    (CUDA only; on CPU each process keeps its own batch statistics).
+    """
+
     out: str = "models"
     device: str = "auto"
     seed: int = 0
     workers: int = 0
     log_every: int = 10
     eval_every: int = 1
+    nproc: int = 1
+    sync_bn: bool = False
     variants: dict[str, VariantTrainParams] = field(default_factory=dict)
 
 
@@ -139,6 +153,26 @@ class RegisterParams:
 
 
 @dataclass(frozen=True)
+class PipelineParams:
+    """How the flow runs the stages. No stage depends on these: changing them
+    retrains nothing.
+
+    ``parallel``: variants trained / evaluated at once ("auto": one per GPU on a
+    CUDA machine, 1 on a CPU, where one training already uses every core). On a
+    GPU machine a ``gpu`` concurrency limit (one slot per GPU) also holds, so a
+    GPU is never given two trainings whatever ``parallel`` says.
+    ``remote``: the DVC remote the flow pulls from and pushes to (a folder, or a
+    URL such as ``s3://bucket/rcnnops``); null keeps the project's own DVC default
+    remote. ``$RCNNOPS_DVC_REMOTE`` overrides it. ``pull``: ``dvc pull`` what is
+    missing before the run (what a teammate pushed), so it is not rebuilt.
+    """
+
+    parallel: int | Literal["auto"] = "auto"
+    remote: str | None = ".dvcremote"
+    pull: bool = True
+
+
+@dataclass(frozen=True)
 class Params:
     variants: list[str]
     data: DataParams
@@ -148,6 +182,7 @@ class Params:
     train: TrainParams
     evaluate: EvaluateParams
     register: RegisterParams
+    pipeline: PipelineParams = field(default_factory=PipelineParams)
 
     def variant(self, name: str) -> VariantTrainParams:
         if name not in self.train.variants:
@@ -244,10 +279,14 @@ def _check(p: Params, src: str) -> None:
         raise ParamsError(f"{src}: generate: need min_object_size <= max_object_size <= image_size")
     if not 0.0 <= g.empty_fraction <= 1.0:
         raise ParamsError(f"{src}: generate.empty_fraction: must be in [0, 1]")
+    if p.pipeline.parallel != "auto":
+        _positive(f"{src}: pipeline.parallel", p.pipeline.parallel)
     _positive(f"{src}: proposals.max_boxes", p.proposals.max_boxes)
     _positive(f"{src}: proposals.workers", p.proposals.workers)
     if not 0.0 < p.prepare.val_fraction < 1.0:
         raise ParamsError(f"{src}: prepare.val_fraction: must be in (0, 1)")
+    _positive(f"{src}: prepare.max_image_pixels", p.prepare.max_image_pixels)
+    _positive(f"{src}: prepare.box_tolerance", p.prepare.box_tolerance, allow_zero=True)
     for name, vp in p.train.variants.items():
         w = f"{src}: train.{name}"
         _positive(f"{w}.epochs", vp.epochs)
@@ -258,6 +297,7 @@ def _check(p: Params, src: str) -> None:
             raise ParamsError(f"{w}.lr_steps: must be increasing epochs, got {vp.lr_steps}")
         if not 0.0 <= vp.hflip <= 1.0:
             raise ParamsError(f"{w}.hflip: must be a probability in [0, 1]")
+    _positive(f"{src}: train.nproc", p.train.nproc)
     if p.train.device not in ("auto", "cpu") and not p.train.device.startswith("cuda"):
         raise ParamsError(
             f"{src}: train.device: 'auto', 'cpu' or 'cuda[:N]', got {p.train.device!r}"
@@ -292,6 +332,7 @@ def parse_params(raw: Any, src: str = "params.yaml") -> Params:
         "proposals": ProposalsParams,
         "evaluate": EvaluateParams,
         "register": RegisterParams,
+        "pipeline": PipelineParams,
     }
     unknown = sorted(set(raw) - set(sections) - {"variants"})
     if unknown:

@@ -24,7 +24,7 @@ def _pyplot():
 
 
 def write_loss_csv(steps_log: list[dict], path: Path) -> None:
-    """Per-step training losses as CSV (``step``, ``loss``, ``loss_*``, ``lr``)."""
+    """Per-step training losses as CSV (``step``, ``loss_total``, ``loss_*``, ``lr``)."""
     keys = sorted({k for row in steps_log for k in row} - {"step"})
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
@@ -45,7 +45,7 @@ def plot_loss(steps_log: list[dict], path: Path, title: str) -> None:
             steps,
             [r.get(k, np.nan) for r in steps_log],
             label=k.removeprefix("train/"),
-            linewidth=2.0 if k == "train/loss" else 1.0,
+            linewidth=2.0 if k == "train/loss_total" else 1.0,
         )
     ax.set(title=f"{title}: training loss", xlabel="step", ylabel="loss")
     if steps_log:

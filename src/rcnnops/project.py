@@ -15,15 +15,16 @@ from pathlib import Path
 
 DEFAULT_REMOTE_NAME = "local"
 DEFAULT_REMOTE_DIR = ".dvcremote"  # inside the project, git-ignored
+TEAM_REMOTE = "rcnnops"  # the name given to a remote set by params or $RCNNOPS_DVC_REMOTE
 
 
 class StageError(RuntimeError):
     """A DVC command failed; the message carries its output's tail."""
 
 
-def env() -> dict[str, str]:
+def env(extra: dict[str, str] | None = None) -> dict[str, str]:
     """The environment for child commands: this interpreter's bin first on PATH."""
-    e = dict(os.environ)
+    e = dict(os.environ) | (extra or {})
     bin_dir = str(Path(sys.executable).parent)
     e["PATH"] = bin_dir + os.pathsep + e.get("PATH", "")
     e.setdefault("DVC_NO_ANALYTICS", "1")
@@ -36,23 +37,28 @@ def dvc(
     check: bool = True,
     capture: bool = False,
     timeout: float | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
-    """Run ``dvc ARGS`` in ``project`` with this interpreter.
+    """Run ``dvc ARGS`` in ``project`` with this interpreter (``extra_env`` added
+    to its environment).
 
     Without ``capture`` the output streams through (progress stays visible) and
     its last lines go into the :class:`StageError` raised on failure.
     """
-    cmd = [sys.executable, "-m", "dvc", *args]
+    # --wait-for-lock: the flow runs stages of several variants at once; DVC
+    # releases its repo lock while a stage's command runs and takes it briefly
+    # before and after, so concurrent `dvc repro`s queue there instead of failing.
+    cmd = [sys.executable, "-m", "dvc", "--wait-for-lock", *args]
     if capture:
         proc = subprocess.run(
-            cmd, cwd=project, env=env(), text=True, timeout=timeout, capture_output=True
+            cmd, cwd=project, env=env(extra_env), text=True, timeout=timeout, capture_output=True
         )
         out = (proc.stdout or "") + (proc.stderr or "")
     else:
         # Stream raw bytes so progress bars (carriage returns) stay live; keep a tail.
         tail = bytearray()
         with subprocess.Popen(
-            cmd, cwd=project, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            cmd, cwd=project, env=env(extra_env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         ) as p:
             assert p.stdout is not None
             sink = getattr(sys.stdout, "buffer", None)
@@ -90,9 +96,26 @@ def _git_toplevel(project: Path) -> Path | None:
     return Path(out.stdout.strip()).resolve() if out.returncode == 0 else None
 
 
-def ensure_dvc(project: Path) -> list[str]:
-    """Initialise DVC in ``project`` if needed and make sure a default remote
-    exists (a local folder unless one is configured). Returns what it did."""
+def dvc_config(project: Path) -> dict[str, str]:
+    """DVC's merged configuration (``dvc config --list``: paths made absolute)."""
+    proc = dvc(project, "config", "--list", capture=True, check=False)
+    return dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+
+
+def remote_url(project: Path, remote: str) -> str:
+    """A remote as DVC lists it: URLs as given, folders absolute (relative to the project)."""
+    if "://" in remote:
+        return remote
+    return str((Path(project) / Path(remote).expanduser()).resolve())
+
+
+def ensure_dvc(project: Path, remote: str | None = DEFAULT_REMOTE_DIR) -> list[str]:
+    """Initialise DVC in ``project`` if needed and make ``remote`` its default remote.
+
+    ``remote``: a folder (relative to the project) or a URL (``s3://...``); None
+    keeps the project's own default remote (a local folder if it has none). A
+    remote other than the tracked default is written to ``.dvc/config.local``
+    (this checkout only, never committed). Returns what it did."""
     project = Path(project).resolve()
     done = []
     if not (project / ".dvc").is_dir():
@@ -101,17 +124,25 @@ def ensure_dvc(project: Path) -> list[str]:
         dvc(project, "init", "-q", *flags)
         dvc(project, "config", "core.analytics", "false")
         done.append("initialised DVC" + (f" ({' '.join(flags)})" if flags else ""))
-    remote = dvc(project, "remote", "default", check=False, capture=True)
-    if remote.returncode != 0 or not remote.stdout.strip():
-        dvc(
-            project, "remote", "add", "-d", "-f", DEFAULT_REMOTE_NAME, DEFAULT_REMOTE_DIR
-        )  # relative to the cwd; DVC stores it relative to .dvc/
-        done.append(
-            f"configured default DVC remote '{DEFAULT_REMOTE_NAME}' -> "
-            f"{project / DEFAULT_REMOTE_DIR}"
-        )
-    (project / DEFAULT_REMOTE_DIR).mkdir(exist_ok=True)
+    config = dvc_config(project)
+    default = config.get("core.remote")
+    current = config.get(f"remote.{default}.url") if default else None
+    if remote is None and current:
+        return done
+    want = remote_url(project, remote or DEFAULT_REMOTE_DIR)
+    if current != want:
+        name = DEFAULT_REMOTE_NAME if want == str(project / DEFAULT_REMOTE_DIR) else TEAM_REMOTE
+        dvc(project, "remote", "add", "--local", "-d", "-f", name, want)
+        done.append(f"default DVC remote '{name}' -> {want}")
+    if "://" not in want:
+        Path(want).mkdir(parents=True, exist_ok=True)
     return done
+
+
+def pull(project: Path) -> None:
+    """``dvc pull`` the outputs recorded in dvc.lock that the remote has; what it
+    lacks is left for the stages to build (``--allow-missing``)."""
+    dvc(project, "pull", "--allow-missing", "-q")
 
 
 def is_stale(project: Path, stage: str) -> bool:
@@ -120,13 +151,16 @@ def is_stale(project: Path, stage: str) -> bool:
     return bool(json.loads(proc.stdout or "{}"))
 
 
-def repro(project: Path, stage: str, force: bool = False) -> bool:
+def repro(
+    project: Path, stage: str, force: bool = False, extra_env: dict[str, str] | None = None
+) -> bool:
     """``dvc repro --single-item STAGE`` (the flow orders stages itself).
 
     Returns True when the stage ran, False when DVC found it up to date."""
     stale = force or is_stale(project, stage)
     if stale:
-        dvc(project, "repro", "--single-item", stage, *(["--force"] if force else []))
+        args = ("repro", "--single-item", stage, *(["--force"] if force else []))
+        dvc(project, *args, extra_env=extra_env)
     return stale
 
 

@@ -169,6 +169,7 @@ class Registered:
     name: str
     version: str
     created: bool  # False when an identical model was already registered
+    decided: bool = False  # the gate has already recorded a decision on this version
 
 
 def _bundle(model_dir: Path, dest: Path, proposals: dict | None) -> Path:
@@ -210,7 +211,8 @@ def register(
     name = model_name(variant)
     for mv in _versions(name):
         if mv.tags.get("model_hash") == model_hash:
-            return Registered(name, str(mv.version), created=False)
+            decided = "promotion.decision" in (mv.tags or {})
+            return Registered(name, str(mv.version), created=False, decided=decided)
     with tempfile.TemporaryDirectory() as tmp:
         bundle = _bundle(model_dir, Path(tmp) / "model_dir", proposals)
         with mlflow.start_run(run_id=meta["run_id"]):

@@ -22,7 +22,10 @@ DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 
 # Values of these never reach MLflow params or tags (tokens, keys, passwords).
-_SECRET = re.compile(r"(secret|token|password|passwd|api[_-]?key|credential)", re.I)
+_SECRET = re.compile(
+    r"(secret|token|password|passwd|api[_-]?key|access[_-]?key|private[_-]?key|credential)", re.I
+)
+REDACTED = "<redacted>"
 
 
 def tracking_uri(project: Path | None = None) -> str:
@@ -32,6 +35,47 @@ def tracking_uri(project: Path | None = None) -> str:
         return uri
     project = Path(project or Path.cwd()).resolve()
     return f"sqlite:///{project / DEFAULT_DB}"
+
+
+class TrackingUnavailable(RuntimeError):
+    """The MLflow tracking server does not answer (local outputs are unaffected)."""
+
+
+def check_reachable(uri: str | None = None, timeout: float = 5.0) -> None:
+    """For an HTTP tracking URI, make sure the server answers ``/health``; raise
+    :class:`TrackingUnavailable` saying so and what to do otherwise. Local stores
+    (SQLite, files) always pass."""
+    import urllib.error
+    import urllib.request
+
+    uri = uri or tracking_uri()
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return  # it answered (behind a proxy or auth): reachable
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise TrackingUnavailable(
+            f"the MLflow tracking server {uri} does not answer ({reason}); models/ and "
+            "reports/ are kept: rerun (`rcnnops run`) once it is back, and the run "
+            "registers without retraining"
+        ) from None
+
+
+@contextmanager
+def unreachable_explained() -> Iterator[None]:
+    """Turn an error from a tracking server that went away mid-call into
+    :class:`TrackingUnavailable` (other errors pass through unchanged)."""
+    try:
+        yield
+    except TrackingUnavailable:
+        raise
+    except Exception:
+        check_reachable()
+        raise
 
 
 def setup(experiment: str, project: Path | None = None) -> str:
@@ -83,8 +127,16 @@ def git_commit(project: Path | None = None) -> str:
 
 
 def scrub(values: dict[str, Any]) -> dict[str, Any]:
-    """Drop entries whose key looks like a secret; MLflow keeps params forever."""
-    return {k: v for k, v in values.items() if not _SECRET.search(k)}
+    """Drop entries whose key looks like a secret, and redact values that contain
+    the value of a secret-looking environment variable (a token in a URL, say);
+    MLflow keeps params and tags forever. Values under 6 characters are not
+    searched for (they would redact ordinary words)."""
+    secrets = [v for k, v in os.environ.items() if _SECRET.search(k) and len(v) >= 6]
+    return {
+        k: REDACTED if any(s in str(v) for s in secrets) else v
+        for k, v in values.items()
+        if not _SECRET.search(k)
+    }
 
 
 @contextmanager
@@ -124,6 +176,14 @@ def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
     clean = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
     if clean:
         mlflow.log_metrics(clean, step=step)
+
+
+def last_steps(run_id: str) -> dict[str, int]:
+    """The highest step logged so far for each metric of ``run_id`` (a resumed
+    training skips what its killed predecessor already logged)."""
+    c = client()
+    keys = c.get_run(run_id).data.metrics
+    return {k: max((m.step for m in c.get_metric_history(run_id, k)), default=-1) for k in keys}
 
 
 def log_artifact(path: Path, artifact_path: str | None = None) -> None:

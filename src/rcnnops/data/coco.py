@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 REQUIRED_KEYS = ("images", "annotations", "categories")
+# Ids become int64 tensors and numpy arrays (pycocotools): they must fit.
+MAX_ID = 2**63 - 1
+# Images above this many pixels are refused (``prepare.max_image_pixels``).
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
 
 
 class DataError(ValueError):
@@ -34,7 +39,9 @@ def read_json(path: Path) -> Any:
         raise DataError(f"{path}: cannot read: {e.strerror or e}") from None
     try:
         return json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except RecursionError:
+        raise DataError(f"{path}: not valid JSON: nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, int too long
         raise DataError(f"{path}: not valid JSON: {e}") from None
 
 
@@ -45,15 +52,25 @@ def safe_image_path(root: Path, file_name: Any, where: str) -> Path:
     are all refused (a dataset must not read arbitrary files).
     """
     if not isinstance(file_name, str) or not file_name.strip():
-        raise DataError(f"{where}: 'file_name' must be a non-empty string, got {file_name!r}")
+        raise DataError(f"{where}: 'file_name' must be a non-empty string, got {_short(file_name)}")
+    bad = "it contains a NUL character" if "\0" in file_name else None
+    try:
+        os.fsencode(file_name)
+    except UnicodeEncodeError as e:  # e.g. a lone surrogate: no file can have this name
+        bad = e.reason
+    if bad:
+        raise DataError(f"{where}: file_name {_short(file_name)} is not a valid path: {bad}")
     rel = Path(file_name)
     if rel.is_absolute() or ".." in rel.parts:
-        raise DataError(f"{where}: file_name {file_name!r} escapes the image folder {root}")
-    root_resolved = root.resolve()
-    path = (root / rel).resolve()
+        raise DataError(f"{where}: file_name {_short(file_name)} escapes the image folder {root}")
+    try:
+        root_resolved = Path(root).resolve()
+        path = (Path(root) / rel).resolve()
+    except (OSError, RuntimeError) as e:  # name too long, symlink loop
+        raise DataError(f"{where}: file_name {_short(file_name)} cannot be resolved: {e}") from None
     if not path.is_relative_to(root_resolved):
         raise DataError(
-            f"{where}: file_name {file_name!r} resolves outside the image folder {root} "
+            f"{where}: file_name {_short(file_name)} resolves outside the image folder {root} "
             f"(symlink to {path})"
         )
     return path
@@ -65,17 +82,23 @@ def load_image_array(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as im:
             im = ImageOps.exif_transpose(im)
-            if im.mode in ("I;16", "I;16B", "I;16L", "I"):
-                # 16-bit greyscale: scale to 8 bit before RGB conversion.
+            if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                # 16-bit (or int/float) greyscale: scale to 8 bit before RGB conversion.
                 arr16 = np.asarray(im, dtype=np.float32)
-                peak = 65535.0 if arr16.max() > 255 else 255.0
+                peak = 65535.0 if arr16.size and arr16.max() > 255 else 255.0
                 grey = np.clip(arr16 / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
                 return np.repeat(grey[..., None], 3, axis=2)
             return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
     except FileNotFoundError:
         raise DataError(f"{path}: image file not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: cannot read image: {e}") from None
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{path}: cannot read image: too many pixels: {e}") from None
+    except Exception as e:  # Pillow raises many types for damaged files
+        raise DataError(f"{path}: cannot read image: {_reason(e)}") from None
+
+
+def _reason(e: Exception) -> str:
+    return str(e) or type(e).__name__
 
 
 def load_image(path: Path) -> torch.Tensor:
@@ -83,16 +106,33 @@ def load_image(path: Path) -> torch.Tensor:
     return torch.from_numpy(load_image_array(path)).permute(2, 0, 1).float().div_(255.0)
 
 
-def _image_size(path: Path, where: str) -> tuple[int, int]:
-    """(width, height) after EXIF rotation, reading only the header."""
+def _image_size(
+    path: Path, where: str, max_pixels: int | None = None, decode: bool = False
+) -> tuple[int, int]:
+    """(width, height) after EXIF rotation, reading only the header; with
+    ``decode`` also every pixel (at reduced scale where the format allows), so a
+    truncated or corrupt file fails here, not mid-training. Images of more than
+    ``max_pixels`` are refused before any decoding."""
     try:
         with Image.open(path) as im:
             w, h = im.size
+            if max_pixels is not None and w * h > max_pixels:
+                raise DataError(
+                    f"{where}: image {path} is {w}x{h} = {w * h} pixels, above the limit of "
+                    f"{max_pixels} (raise prepare.max_image_pixels in params.yaml to accept it)"
+                )
             orientation = im.getexif().get(0x0112, 1)
+            if decode:
+                im.draft("RGB", (max(1, w // 8), max(1, h // 8)))  # JPEG: decode at 1/8 scale
+                im.load()
+    except DataError:
+        raise
     except FileNotFoundError:
         raise DataError(f"{where}: image {path} not found") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{where}: image {path} is unreadable: {e}") from None
+    except Image.DecompressionBombError as e:
+        raise DataError(f"{where}: image {path} is unreadable: too many pixels: {e}") from None
+    except Exception as e:  # Pillow raises many types for damaged files
+        raise DataError(f"{where}: image {path} is unreadable: {_reason(e)}") from None
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
@@ -108,11 +148,52 @@ class ValidationReport:
     dropped_ids: list[int] = field(default_factory=list)
 
 
-def _int_id(rec: Any, key: str, where: str) -> int:
+def _int_id(rec: Any, key: str, where: str, low: int = 0) -> int:
+    """An id in ``[low, 2**63)``: ids become int64 tensors and numpy arrays."""
     v = rec.get(key) if isinstance(rec, dict) else None
     if isinstance(v, bool) or not isinstance(v, int):
-        raise DataError(f"{where}: '{key}' must be an integer, got {v!r}")
+        raise DataError(f"{where}: '{key}' must be an integer, got {_short(v)}")
+    if not low <= v <= MAX_ID:
+        raise DataError(f"{where}: '{key}' must be an integer in [{low}, 2**63), got {_short(v)}")
     return v
+
+
+def _short(v: Any, limit: int = 80) -> str:
+    """``repr`` cut to ``limit`` characters (a bad record can be huge)."""
+    try:
+        text = repr(v)
+    except ValueError:  # an int too long to print
+        text = f"<{type(v).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _has_size(lo: float, hi: float) -> bool:
+    """Whether ``[lo, lo + (hi - lo)]`` keeps a positive extent in float32, as the
+    dataset computes xyxy boxes (torchvision refuses boxes without one)."""
+    if not hi > lo:
+        return False
+    start = np.float32(lo)
+    return bool(start + np.float32(hi - lo) > start)
+
+
+def finite_floats(values: Any, n: int | None = None) -> list[float] | None:
+    """``values`` as floats if it is a list of (``n``) finite real numbers, else None.
+
+    JSON booleans are not numbers here; ints too large for a float are not finite."""
+    if not isinstance(values, list) or (n is not None and len(values) != n):
+        return None
+    out = []
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            return None
+        try:
+            f = float(v)
+        except OverflowError:
+            return None
+        if not math.isfinite(f):
+            return None
+        out.append(f)
+    return out
 
 
 def _check_categories(coco: dict, src: Path) -> dict[int, str]:
@@ -120,12 +201,12 @@ def _check_categories(coco: dict, src: Path) -> dict[int, str]:
     for i, c in enumerate(coco["categories"]):
         where = f"{src}: categories[{i}]"
         if not isinstance(c, dict):
-            raise DataError(f"{where}: expected an object, got {c!r}")
+            raise DataError(f"{where}: expected an object, got {_short(c)}")
         cid = _int_id(c, "id", where)
         if cid in cats:
             raise DataError(f"{src}: category id {cid}: duplicate category id")
         name = c.get("name")
-        if not isinstance(name, str) or not name:
+        if not isinstance(name, str) or not name.strip():
             raise DataError(f"{src}: category id {cid}: 'name' must be a non-empty string")
         cats[cid] = name
     if not cats:
@@ -134,12 +215,12 @@ def _check_categories(coco: dict, src: Path) -> dict[int, str]:
 
 
 def _check_images(
-    coco: dict, src: Path, image_root: Path, check_files: bool
+    coco: dict, src: Path, image_root: Path, check_files: bool, max_pixels: int
 ) -> dict[int, tuple[int, int]]:
     sizes: dict[int, tuple[int, int]] = {}
     for i, im in enumerate(coco["images"]):
         if not isinstance(im, dict):
-            raise DataError(f"{src}: images[{i}]: expected an object, got {im!r}")
+            raise DataError(f"{src}: images[{i}]: expected an object, got {_short(im)}")
         iid = _int_id(im, "id", f"{src}: images[{i}]")
         where = f"{src}: image id {iid}"
         if iid in sizes:
@@ -147,12 +228,21 @@ def _check_images(
         w, h = im.get("width"), im.get("height")
         for k, v in (("width", w), ("height", h)):
             if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise DataError(f"{where}: '{k}' must be a positive integer, got {v!r}")
+                raise DataError(f"{where}: '{k}' must be a positive integer, got {_short(v)}")
+        if w * h > max_pixels:  # masks of this size would be allocated later
+            raise DataError(
+                f"{where}: {w}x{h} = {w * h} pixels is above the limit of {max_pixels} "
+                "(raise prepare.max_image_pixels in params.yaml to accept it)"
+            )
         path = safe_image_path(image_root, im.get("file_name"), where)
         if check_files:
-            if not path.is_file():
+            try:
+                found = path.is_file()
+            except OSError as e:  # e.g. a name too long for the file system
+                raise DataError(f"{where}: image file {_short(str(path))}: {e.strerror}") from None
+            if not found:
                 raise DataError(f"{where}: image file {path} not found")
-            actual = _image_size(path, where)
+            actual = _image_size(path, where, max_pixels, decode=True)
             if actual != (w, h):
                 raise DataError(
                     f"{where}: {path} is {actual[0]}x{actual[1]} but the annotation says {w}x{h}"
@@ -169,6 +259,7 @@ def validate_coco(
     check_files: bool = True,
     drop_degenerate: bool = False,
     box_tolerance: float = 1.0,
+    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
 ) -> tuple[dict, ValidationReport]:
     """Validate a COCO instances dict; return a cleaned copy and a report.
 
@@ -176,7 +267,9 @@ def validate_coco(
     first problem. Boxes overhanging the image by at most ``box_tolerance``
     pixels are clipped (and counted); zero-size boxes are errors unless
     ``drop_degenerate``, which drops and counts them. Segmentations (polygons
-    or RLE), when present, must be well-formed and fit the image.
+    or RLE), when present, must be well-formed and fit the image. With
+    ``check_files`` every image is decoded once (a damaged file fails here)
+    and images above ``max_image_pixels`` are refused.
     """
     from rcnnops.data.masks import check_segmentation
 
@@ -188,13 +281,14 @@ def validate_coco(
         if not isinstance(coco[key], list):
             raise DataError(f"{src}: '{key}' must be a list")
     cats = _check_categories(coco, src)
-    sizes = _check_images(coco, src, image_root, check_files)
+    sizes = _check_images(coco, src, image_root, check_files, max_image_pixels)
     report = ValidationReport(images=len(sizes))
     anns, seen = [], set()
     for i, a in enumerate(coco["annotations"]):
         if not isinstance(a, dict):
-            raise DataError(f"{src}: annotations[{i}]: expected an object, got {a!r}")
-        aid = _int_id(a, "id", f"{src}: annotations[{i}]")
+            raise DataError(f"{src}: annotations[{i}]: expected an object, got {_short(a)}")
+        # pycocotools' COCOeval reads a matched ground-truth id of 0 as "no match".
+        aid = _int_id(a, "id", f"{src}: annotations[{i}]", low=1)
         where = f"{src}: annotation id {aid}"
         if aid in seen:
             raise DataError(f"{where}: duplicate annotation id")
@@ -206,38 +300,45 @@ def validate_coco(
         if cid not in cats:
             raise DataError(f"{where}: unknown category_id {cid} (known: {sorted(cats)})")
         crowd = a.get("iscrowd", 0)
-        if crowd not in (0, 1) or isinstance(crowd, bool):
-            raise DataError(f"{where}: 'iscrowd' must be 0 or 1, got {crowd!r}")
+        if isinstance(crowd, bool) or not isinstance(crowd, int) or crowd not in (0, 1):
+            raise DataError(f"{where}: 'iscrowd' must be 0 or 1, got {_short(crowd)}")
         bbox = a.get("bbox")
-        if (
-            not isinstance(bbox, list)
-            or len(bbox) != 4
-            or not all(isinstance(v, int | float) and not isinstance(v, bool) for v in bbox)
-            or not all(math.isfinite(v) for v in bbox)
-        ):
-            raise DataError(f"{where}: 'bbox' must be 4 finite numbers [x, y, w, h], got {bbox!r}")
-        x, y, bw, bh = (float(v) for v in bbox)
-        if bw <= 0 or bh <= 0:
+        floats = finite_floats(bbox, 4)
+        if floats is None:
+            raise DataError(
+                f"{where}: 'bbox' must be 4 finite numbers [x, y, w, h], got {_short(bbox)}"
+            )
+        x, y, bw, bh = floats
+        w, h = sizes[iid]
+        t = box_tolerance
+        if bw > 0 and bh > 0 and (x < -t or y < -t or x + bw > w + t or y + bh > h + t):
+            raise DataError(f"{where}: bbox {_short(bbox)} lies outside image id {iid} ({w}x{h})")
+        x1, y1 = max(0.0, x), max(0.0, y)
+        x2, y2 = min(float(w), x + bw), min(float(h), y + bh)
+        if not (_has_size(x1, x2) and _has_size(y1, y2)):
             if drop_degenerate:
                 report.dropped_degenerate += 1
                 report.dropped_ids.append(aid)
                 continue
             raise DataError(
-                f"{where}: bbox {bbox} has zero or negative size (width {bw}, height {bh}); "
+                f"{where}: bbox {bbox} has zero or negative size (width {bw}, height {bh}"
+                f"{', once clipped to the image' if bw > 0 and bh > 0 else ''}); "
                 "set prepare.drop_degenerate: true to drop such boxes"
             )
-        w, h = sizes[iid]
-        t = box_tolerance
-        if x < -t or y < -t or x + bw > w + t or y + bh > h + t:
-            raise DataError(f"{where}: bbox {bbox} lies outside image id {iid} ({w}x{h})")
-        x1, y1 = max(0.0, x), max(0.0, y)
-        x2, y2 = min(float(w), x + bw), min(float(h), y + bh)
         out = dict(a, iscrowd=crowd)
         if (x1, y1, x2, y2) != (x, y, x + bw, y + bh):
             report.clipped += 1
             out["bbox"] = [x1, y1, x2 - x1, y2 - y1]
         if "area" not in out:
             out["area"] = (x2 - x1) * (y2 - y1)
+        else:  # COCOeval's area ranges use it: a number the image can hold
+            area = finite_floats([out["area"]], 1)
+            most = (w + 2 * t) * (h + 2 * t)
+            if area is None or not 0 <= area[0] <= most:
+                raise DataError(
+                    f"{where}: 'area' must be a number in [0, {most:g}] (the image's "
+                    f"pixels), got {_short(out['area'])}"
+                )
         seg = a.get("segmentation")
         if seg not in (None, []):  # [] or absent: a box-only annotation
             check_segmentation(seg, w, h, where, box_tolerance)

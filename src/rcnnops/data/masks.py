@@ -9,13 +9,12 @@ first so that a bad record fails with an error naming it, not inside C code.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from rcnnops.data.coco import DataError
+from rcnnops.data.coco import DataError, finite_floats
 
 
 def check_segmentation(
@@ -26,7 +25,8 @@ def check_segmentation(
 
     Polygons need >= 3 points (an even number >= 6 of finite coordinates) lying
     within the image (``tolerance`` pixels of overhang allowed); RLE needs
-    ``size == [height, width]`` and counts summing to ``height * width``.
+    ``size == [height, width]`` and counts summing to ``height * width``
+    (checked here, in Python, before pycocotools' C code, which trusts them).
     """
     if isinstance(seg, list):
         if not seg:
@@ -41,9 +41,10 @@ def check_segmentation(
                     f"{where}: segmentation polygon {k} has {len(poly)} coordinate(s); "
                     "a polygon needs at least 3 (x, y) points"
                 )
-            if not all(math.isfinite(v) for v in poly):
+            coords = finite_floats(poly)
+            if coords is None:
                 raise DataError(f"{where}: segmentation polygon {k} has a non-finite coordinate")
-            xs, ys = poly[0::2], poly[1::2]
+            xs, ys = coords[0::2], coords[1::2]
             t = tolerance
             if min(xs) < -t or min(ys) < -t or max(xs) > width + t or max(ys) > height + t:
                 raise DataError(
@@ -73,12 +74,10 @@ def check_segmentation(
                 )
             return
         if isinstance(counts, str):
-            try:
-                area = int(mask_utils.area({"size": size, "counts": counts.encode()}))
-                decoded = mask_utils.decode({"size": size, "counts": counts.encode()})
-            except Exception as e:  # pycocotools raises bare exceptions on bad strings
-                raise DataError(f"{where}: RLE 'counts' string cannot be decoded: {e}") from None
-            if decoded.shape != (height, width) or area < 0:
+            runs = rle_string_counts(counts)
+            if runs is None:
+                raise DataError(f"{where}: RLE 'counts' string cannot be decoded")
+            if any(r < 0 for r in runs) or sum(runs) != height * width:
                 raise DataError(f"{where}: RLE 'counts' does not describe a {height}x{width} mask")
             return
         raise DataError(f"{where}: RLE 'counts' must be a list of integers or a string")
@@ -86,6 +85,38 @@ def check_segmentation(
         f"{where}: 'segmentation' must be polygons (a list) or RLE (an object), "
         f"got {type(seg).__name__}"
     )
+
+
+def rle_string_counts(counts: str) -> list[int] | None:
+    """The run lengths of a compressed COCO RLE string, or None if malformed.
+
+    The format (pycocotools' ``rleToString``): each run is a little-endian
+    sequence of 5-bit groups, one character (``48 + group``) each, bit 0x20
+    meaning "more groups follow" and bit 0x10 of the last group the sign; from
+    the third run on, the value is a difference to the run two places before.
+    """
+    runs: list[int] = []
+    pos, n = 0, len(counts)
+    while pos < n:
+        value, shift, more = 0, 0, True
+        while more:
+            if pos >= n:
+                return None  # ends inside a run
+            c = ord(counts[pos]) - 48
+            if not 0 <= c < 64:
+                return None
+            value |= (c & 0x1F) << shift
+            more = bool(c & 0x20)
+            pos += 1
+            shift += 5
+            if not more and c & 0x10:
+                value -= 1 << shift  # sign-extend
+            if shift > 64:
+                return None  # pycocotools' counts are 32-bit: nothing valid is this long
+        if len(runs) > 2:
+            value += runs[-2]
+        runs.append(value)
+    return runs
 
 
 def to_rle(seg: Any, width: int, height: int) -> dict:

@@ -7,7 +7,9 @@ Outputs (``prepare.out``, default ``data/prepared/``):
 - ``labels.json``: category id <-> contiguous label 1..K, with names.
 - ``manifest.json``: counts, what validation did, and content hashes
   (``data_hash`` of both splits, ``val_hash`` of the validation split: JSON and
-  image bytes), which every later stage records as lineage.
+  image bytes), which every later stage records as lineage, and the sha256 of
+  each file above, checked by :func:`load_split` (a damaged file is refused,
+  saying how to rebuild it).
 
 Nothing is written unless the whole dataset validates.
 """
@@ -82,6 +84,7 @@ def _read_split(data: DataParams, split: str, p: PrepareParams) -> tuple[dict, P
         image_root,
         drop_degenerate=p.drop_degenerate,
         box_tolerance=p.box_tolerance,
+        max_image_pixels=p.max_image_pixels,
     )
     return coco, image_root, asdict(report)
 
@@ -131,7 +134,9 @@ def prepare(data: DataParams, p: PrepareParams) -> dict:
             text = json.dumps(doc)
             (tmp / f"{s}.json").write_text(text)
             manifest["files"][f"{s}.json"] = hashlib.sha256(text.encode()).hexdigest()
-        (tmp / "labels.json").write_text(json.dumps(labels.to_json(), indent=2))
+        text = json.dumps(labels.to_json(), indent=2)
+        (tmp / "labels.json").write_text(text)
+        manifest["files"]["labels.json"] = hashlib.sha256(text.encode()).hexdigest()
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
         if out.exists():
             shutil.rmtree(out)
@@ -145,31 +150,87 @@ def prepare(data: DataParams, p: PrepareParams) -> dict:
 REBUILD = "rebuild it with `dvc repro prepare` (or `rcnnops prepare`)"
 
 
+def _manifest_problem(m: object) -> str | None:
+    """What is wrong with a parsed manifest, or None. ``data_hash`` must still
+    be the hash of the two splits' hashes (a hand-edited manifest is caught)."""
+    if not isinstance(m, dict):
+        return "not a JSON object"
+    splits, files = m.get("splits"), m.get("files")
+    if not isinstance(splits, dict) or not isinstance(files, dict):
+        return "'splits' or 'files' missing"
+    hashes = [splits[s].get("hash") if isinstance(splits.get(s), dict) else None for s in SPLITS]
+    if not all(isinstance(h, str) for h in hashes):
+        return f"a split hash is missing (splits: {sorted(splits)})"
+    if m.get("data_hash") != hashlib.sha256("".join(hashes).encode()).hexdigest():
+        return "'data_hash' does not match the splits' hashes"
+    if m.get("val_hash") != splits["val"]["hash"]:
+        return "'val_hash' does not match the val split's hash"
+    return None
+
+
 def load_manifest(prepared: Path) -> dict:
+    """``prepared``'s manifest, checked for shape and consistency (see :func:`prepare`)."""
     path = Path(prepared) / "manifest.json"
     if not path.is_file():
         raise DataError(f"{path}: prepared data not found; {REBUILD}")
-    return read_json(path)
+    try:
+        manifest = read_json(path)
+    except DataError as e:
+        raise DataError(f"{e}; {REBUILD}") from None
+    problem = _manifest_problem(manifest)
+    if problem:
+        raise DataError(f"{path}: corrupt or edited by hand: {problem}; {REBUILD}")
+    return manifest
 
 
-def load_split(prepared: Path, split: str) -> tuple[dict, Path, LabelMap]:
-    """A prepared split: (COCO dict, image root, labels), checked against the manifest."""
-    prepared = Path(prepared)
-    manifest = load_manifest(prepared)
-    path = prepared / f"{split}.json"
+def _read_checked(prepared: Path, name: str, manifest: dict, required: bool = True) -> object:
+    """Parse ``prepared/name`` after checking its sha256 against the manifest."""
+    path = prepared / name
     try:
         text = path.read_bytes()
     except FileNotFoundError:
-        raise DataError(f"{path}: prepared split not found; {REBUILD}") from None
-    expected = manifest.get("files", {}).get(f"{split}.json")
-    if expected != hashlib.sha256(text).hexdigest():
+        raise DataError(f"{path}: prepared file not found; {REBUILD}") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read: {e.strerror or e}; {REBUILD}") from None
+    expected = manifest["files"].get(name)
+    if (required or expected is not None) and expected != hashlib.sha256(text).hexdigest():
         raise DataError(
             f"{path}: checksum does not match {prepared / 'manifest.json'} "
             f"(file corrupt or edited by hand); {REBUILD}"
         )
-    coco = json.loads(text)
-    labels = LabelMap.from_json(read_json(prepared / "labels.json"))
-    return coco, Path(coco["rcnnops"]["image_root"]), labels
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:
+        raise DataError(f"{path}: not valid JSON ({e}); {REBUILD}") from None
+
+
+def load_split(prepared: Path, split: str) -> tuple[dict, Path, LabelMap]:
+    """A prepared split: (COCO dict, image root, labels), checked against the manifest.
+
+    Any damage (missing, truncated or edited files) raises :class:`DataError`
+    naming the file and how to rebuild it."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    prepared = Path(prepared)
+    manifest = load_manifest(prepared)
+    path = prepared / f"{split}.json"
+    coco = _read_checked(prepared, f"{split}.json", manifest)
+    meta = coco.get("rcnnops") if isinstance(coco, dict) else None
+    if (
+        not isinstance(meta, dict)
+        or not isinstance(meta.get("image_root"), str)
+        or any(not isinstance(coco.get(k), list) for k in ("images", "annotations", "categories"))
+    ):
+        raise DataError(f"{path}: not a prepared COCO split; {REBUILD}")
+    # labels.json is checksummed since this check exists; older manifests lack its sum.
+    raw_labels = _read_checked(prepared, "labels.json", manifest, required=False)
+    try:
+        labels = LabelMap.from_json(raw_labels)
+        if labels.num_classes == 0 or any(not isinstance(c, int) for c in labels.category_ids):
+            raise TypeError("no labels or a non-integer category id")
+    except (KeyError, TypeError, AttributeError) as e:
+        raise DataError(f"{prepared / 'labels.json'}: not a label map ({e}); {REBUILD}") from None
+    return coco, Path(meta["image_root"]), labels
 
 
 def run(params) -> dict:

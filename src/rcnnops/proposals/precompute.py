@@ -136,9 +136,13 @@ class ProposalStore:
         if not index_path.is_file():
             raise ProposalError(f"{index_path}: proposals not found; {REBUILD}")
         try:
-            self.index = json.loads(index_path.read_text())
-        except json.JSONDecodeError as e:
+            self.index = json.loads(index_path.read_bytes())
+        except (ValueError, RecursionError) as e:  # also bad UTF-8
             raise ProposalError(f"{index_path}: corrupt ({e}); {REBUILD}") from None
+        if not isinstance(self.index, dict) or not all(
+            isinstance(self.index.get(k), dict) for k in ("images", "checksums")
+        ):
+            raise ProposalError(f"{index_path}: corrupt (not a proposals index); {REBUILD}")
         if settings is not None and self.index.get("params") != settings.as_dict():
             raise ProposalError(
                 f"{index_path}: stale: made with {self.index.get('params')}, "
@@ -153,10 +157,34 @@ class ProposalStore:
             path = self.folder / name
             if not path.is_file():
                 raise ProposalError(f"{path}: missing; {REBUILD}")
-            if verify and _sha(path) != self.index["checksums"][name]:
+            if verify and _sha(path) != self.index["checksums"].get(name):
                 raise ProposalError(f"{path}: checksum mismatch (corrupt?); {REBUILD}")
-        self.boxes = np.load(self.folder / "boxes.npy", mmap_mode="r")
-        self.scores = np.load(self.folder / "scores.npy", mmap_mode="r")
+        try:
+            self.boxes = np.load(self.folder / "boxes.npy", mmap_mode="r")
+            self.scores = np.load(self.folder / "scores.npy", mmap_mode="r")
+        except (ValueError, OSError, EOFError) as e:  # truncated header or data
+            raise ProposalError(f"{self.folder}: unreadable proposals ({e}); {REBUILD}") from None
+        self._check_shapes(index_path)
+
+    def _check_shapes(self, index_path: Path) -> None:
+        """Arrays ``[total, 4]`` and ``[total]``, and every image's rows within them."""
+        total = len(self.boxes)
+        if self.boxes.shape != (total, 4) or self.scores.shape != (total,):
+            raise ProposalError(
+                f"{self.folder}: boxes {self.boxes.shape} and scores {self.scores.shape} do "
+                f"not fit together (corrupt?); {REBUILD}"
+            )
+        for key, span in self.index["images"].items():
+            if not (
+                isinstance(span, list)
+                and len(span) == 2
+                and all(isinstance(v, int) and not isinstance(v, bool) for v in span)
+                and 0 <= span[0] <= span[1] <= total
+            ):
+                raise ProposalError(
+                    f"{index_path}: image id {key}: rows {span!r} are not within the "
+                    f"{total} stored proposals (corrupt?); {REBUILD}"
+                )
 
     def __contains__(self, image_id: int) -> bool:
         return str(int(image_id)) in self.index["images"]

@@ -1,0 +1,80 @@
+"""How many variants train at once, and Prefect's concurrency limits that hold it.
+
+Two global concurrency limits on the Prefect API gate every training and
+evaluation stage the flow runs:
+
+* ``rcnnops-stages``: ``pipeline.parallel`` slots ("auto": one per GPU, 1 on a
+  CPU, where one training already keeps every core busy);
+* ``gpu``: one slot per visible GPU, taken only by stages that run on CUDA, so a
+  GPU is never given two trainings whatever ``parallel`` says. A DDP training
+  (``train.nproc`` processes) takes that many GPU slots.
+
+The limits live on the Prefect API (the ephemeral one by default, or a server
+shared by several flow runs and workers, which then share the GPUs fairly).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+
+STAGES_LIMIT = "rcnnops-stages"
+GPU_LIMIT = "gpu"
+
+
+def visible_gpus() -> int:
+    """GPUs this process may use, without importing torch (``nvidia-smi -L``,
+    narrowed by ``CUDA_VISIBLE_DEVICES``)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(line.startswith("GPU ") for line in out.stdout.splitlines())
+
+
+@dataclass(frozen=True)
+class Slots:
+    """What one stage occupies: limit names, GPU slots, CPU threads per stage."""
+
+    parallel: int
+    gpus: int
+    on_gpu: bool
+    gpus_per_stage: int = 1
+
+    @property
+    def names(self) -> list[str]:
+        return [STAGES_LIMIT] + ([GPU_LIMIT] if self.on_gpu else [])
+
+    def threads(self, cpus: int | None = None) -> dict[str, str]:
+        """``OMP_NUM_THREADS`` for a CPU stage when several run at once (so two
+        trainings share the cores instead of fighting over them); empty otherwise."""
+        if self.on_gpu or self.parallel <= 1:
+            return {}
+        per_stage = max(1, (cpus or os.cpu_count() or 1) // self.parallel)
+        return {"OMP_NUM_THREADS": str(per_stage)}
+
+
+def plan(parallel: int | str, device: str, nproc: int = 1, gpus: int | None = None) -> Slots:
+    """The slots for ``pipeline.parallel`` and ``train.device`` on this machine."""
+    gpus = visible_gpus() if gpus is None else gpus
+    on_gpu = gpus > 0 and device != "cpu"
+    if parallel == "auto":
+        parallel = max(1, gpus // max(nproc, 1)) if on_gpu else 1
+    return Slots(int(parallel), gpus, on_gpu, max(nproc, 1))
+
+
+def ensure_limits(slots: Slots) -> None:
+    """Create or resize the global concurrency limits on the Prefect API."""
+    from prefect import get_client
+
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(STAGES_LIMIT, slots.parallel)
+        if slots.on_gpu:
+            client.upsert_global_concurrency_limit_by_name(GPU_LIMIT, slots.gpus)

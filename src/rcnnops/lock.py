@@ -1,0 +1,114 @@
+"""One pipeline run at a time per project: an exclusive ``flock`` on ``PROJECT/.rcnnops.lock``.
+
+Two runs at once on one project would race on ``params.yaml``, DVC's outputs and
+cache and the registry. ``rcnnops run`` and the ``retrain`` flow take this lock
+without waiting: a second run refuses at once, naming the holder (pid, host,
+start time, written into the file). The kernel drops a ``flock`` when its
+process ends, however it ends, so a killed run never leaves a stale lock (the
+file stays; its content is only a note). Re-entrant within one process: the CLI
+takes it, then the flow it calls takes it again.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+LOCK_NAME = ".rcnnops.lock"
+
+_held: dict[Path, tuple[int, int]] = {}  # lock path -> (pid, depth) in this process
+_guard = threading.Lock()
+
+
+class LockedError(RuntimeError):
+    """Another rcnnops run holds the project's lock (the message names it)."""
+
+
+def lock_file(project: Path) -> Path:
+    return Path(project).resolve() / LOCK_NAME
+
+
+def holder(path: Path) -> dict:
+    """What the lock file says about its holder (``{}`` if unreadable or empty)."""
+    try:
+        info = json.loads(Path(path).read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _refusal(path: Path) -> LockedError:
+    info = holder(path)
+    who = (
+        f"pid {info.get('pid', '?')} on {info.get('host', '?')}, started {info.get('started', '?')}"
+        if info
+        else "holder unknown"
+    )
+    return LockedError(
+        f"another rcnnops run ({who}) holds {path}; wait for it to finish or stop it "
+        "(the lock is released when that process exits; the file itself can stay)"
+    )
+
+
+def _try_lock(path: Path, wait: float) -> int:
+    """An fd holding an exclusive flock on ``path``; :class:`LockedError` after ``wait`` s."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                os.close(fd)
+                raise _refusal(path) from None
+            time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
+
+
+@contextmanager
+def project_lock(project: Path, wait: float = 0.0) -> Iterator[Path]:
+    """Hold ``project``'s run lock for the ``with`` block; yields the lock file.
+
+    ``wait`` seconds to wait for another holder (0: refuse at once) before
+    raising :class:`LockedError`.
+    """
+    path = lock_file(project)
+    pid = os.getpid()
+    with _guard:
+        owner, depth = _held.get(path, (0, 0))
+        nested = owner == pid  # already ours (the CLI, then the flow it runs)
+        if nested:
+            _held[path] = (pid, depth + 1)
+    if nested:
+        try:
+            yield path
+        finally:
+            with _guard:
+                _held[path] = (pid, _held[path][1] - 1)
+        return
+    fd = _try_lock(path, wait)
+    try:
+        note = {
+            "pid": pid,
+            "host": socket.gethostname(),
+            "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(note).encode(), 0)
+        with _guard:
+            _held[path] = (pid, 1)
+        yield path
+    finally:
+        with _guard:
+            _held.pop(path, None)
+        os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
