@@ -139,10 +139,24 @@ def ensure_dvc(project: Path, remote: str | None = DEFAULT_REMOTE_DIR) -> list[s
     return done
 
 
+def _remove_empty_tree(folder: Path) -> None:
+    """Remove ``folder`` if it holds no file at any depth."""
+    dirs = [Path(d) for d, _, files in os.walk(folder) if not files]
+    if len(dirs) == sum(1 for _ in os.walk(folder)):
+        for d in sorted(dirs, key=lambda d: len(d.parts), reverse=True):
+            d.rmdir()
+
+
 def pull(project: Path) -> None:
     """``dvc pull`` the outputs recorded in dvc.lock that the remote has; what it
-    lacks is left for the stages to build (``--allow-missing``)."""
+    lacks is left for the stages to build (``--allow-missing``). Folders DVC
+    made for outputs it could not fetch are removed again (no empty leftovers)."""
+    project = Path(project).resolve()
+    before = set(project.iterdir())
     dvc(project, "pull", "--allow-missing", "-q")
+    for new in set(project.iterdir()) - before:
+        if new.is_dir() and not new.is_symlink():
+            _remove_empty_tree(new)
 
 
 def is_stale(project: Path, stage: str) -> bool:

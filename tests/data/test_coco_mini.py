@@ -93,3 +93,27 @@ def test_ground_truth_of_coco_mini_val_gives_ap_1(tmp_path):
     ]
     stats, _, _ = coco_evaluate(coco, results)
     assert stats["bbox_AP"] == pytest.approx(1.0)
+
+
+def test_ground_truth_masks_of_coco_mini_val_give_segm_ap_1(tmp_path):
+    """Polygons and RLE of real COCO, encoded as our results RLE, score exactly 1.0."""
+    from rcnnops.data.masks import decode, encode
+
+    p = _params(tmp_path)
+    prepare.prepare(p.data, p.prepare)
+    coco, _, _ = load_split(tmp_path / "prepared", "val")
+    sizes = {im["id"]: (im["width"], im["height"]) for im in coco["images"]}
+    results = [
+        {
+            "image_id": a["image_id"],
+            "category_id": a["category_id"],
+            "bbox": a["bbox"],
+            "segmentation": encode(decode(a["segmentation"], *sizes[a["image_id"]])),
+            "score": 1.0,
+        }
+        for a in coco["annotations"]
+        if not a["iscrowd"]
+    ]
+    stats, _, _ = coco_evaluate(coco, results, "segm")
+    assert stats["segm_AP"] == pytest.approx(1.0)
+    assert coco_evaluate(coco, results)[0]["bbox_AP"] == pytest.approx(1.0)
