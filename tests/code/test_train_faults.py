@@ -26,12 +26,12 @@ from rcnnops.models import build_model
 from rcnnops.train import (
     CheckpointError,
     Checkpoints,
-    FitConfig,
     fit,
     load_model,
     save_model,
     unlogged,
 )
+from tests.code.test_train import CFG, MODEL  # the same tiny model and schedule
 from tests.code.training_runs import (
     EXPERIMENT,
     VARIANT,
@@ -200,17 +200,6 @@ def test_divergence_stops_keeps_the_last_good_checkpoint_and_writes_no_model(
 
 
 # --- corrupt files ----------------------------------------------------------------
-
-MODEL = {
-    "backbone": "small",
-    "min_size": 64,
-    "max_size": 64,
-    "anchor_sizes": [16, 32],
-    "roi_op": "pool",
-    "representation_size": 32,
-    "box_batch_size_per_image": 16,
-}
-CFG = FitConfig(epochs=2, batch_size=4, lr=0.01, warmup_iters=2, lr_steps=[1], seed=3, log_every=1)
 
 
 def _data(prepared):
