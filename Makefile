@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install run test test-data test-model test-reliability test-scale test-ci test-all lint format clean
+.PHONY: help install run test test-data test-model test-reliability test-scale test-ci test-all bench bench-quick lint format clean
 
 help:
 	@echo "make run        install (first time) and run the whole pipeline on the default dataset"
@@ -15,6 +15,8 @@ help:
 	@echo "make test-reliability  fault-injection suite (kills, a vanishing tracking server, ...)"
 	@echo "make test-scale scale-out suite (parallel variants, mlflow server, shared DVC remote)"
 	@echo "make test-ci    what CI runs: make test, then the reliability and scale suites"
+	@echo "make bench      benchmarks (the papers' comparisons; writes benchmarks/results.md, .json)"
+	@echo "make bench-quick  the same, short (CPU, < 15 min); or: make bench ARGS=--quick"
 	@echo "make lint       ruff lint + format check"
 	@echo "make clean      remove pipeline outputs (data/, models/, reports/, mlflow.db)"
 
@@ -49,13 +51,19 @@ test-ci: test
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -m "data or model or reliability or scale or not (data or model or reliability or scale)"
 
+bench: $(STAMP)
+	$(BIN)/python -m benchmarks $(ARGS)
+
+bench-quick: $(STAMP)
+	$(BIN)/python -m benchmarks --quick $(ARGS)
+
 lint: $(STAMP)
-	$(BIN)/ruff check src pipelines tests
-	$(BIN)/ruff format --check src pipelines tests
+	$(BIN)/ruff check src pipelines tests benchmarks
+	$(BIN)/ruff format --check src pipelines tests benchmarks
 
 format: $(STAMP)
-	$(BIN)/ruff format src pipelines tests
-	$(BIN)/ruff check --fix src pipelines tests
+	$(BIN)/ruff format src pipelines tests benchmarks
+	$(BIN)/ruff check --fix src pipelines tests benchmarks
 
 clean:
 	rm -rf data models reports mlflow.db mlartifacts dvc.lock

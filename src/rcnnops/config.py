@@ -133,8 +133,15 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class EvaluateParams:
+    """COCO evaluation (stage ``evaluate``; also the per-epoch validation AP).
+
+    ``backend``: the COCOeval implementation, pycocotools (the reference) or
+    faster-coco-eval (C++; the same metrics to ~1e-16).
+    """
+
     out: str = "reports"
     batch_size: int = 8
+    backend: Literal["pycocotools", "faster_coco_eval"] = "pycocotools"
 
 
 @dataclass(frozen=True)

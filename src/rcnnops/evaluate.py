@@ -82,7 +82,7 @@ def run(params, variant: str, progress: bool = True) -> dict:
     iou_types = ("bbox", "segm") if variant in MASK_VARIANTS else ("bbox",)
     evals, curves = {}, {}
     for t in iou_types:
-        stats, per_class, curves[t] = coco_evaluate(val_coco, results, t)
+        stats, per_class, curves[t] = coco_evaluate(val_coco, results, t, params.evaluate.backend)
         evals[t] = (stats, per_class)
     metrics = summarise(evals, ms)
 

@@ -10,11 +10,12 @@ import contextlib
 import io
 import math
 import time
+from collections.abc import Callable
+from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 from torch import nn
 from tqdm import tqdm
 
@@ -36,16 +37,38 @@ STAT_NAMES = (
 )
 
 
-def _quiet_coco(dataset: dict) -> COCO:
-    coco = COCO()
-    coco.dataset = dataset
+# ``evaluate.backend``: pycocotools, the reference, or faster-coco-eval (C++
+# evaluate/accumulate). Same matching and curves; pycocotools alone adds 2**-52 to
+# precision's denominator, so numbers agree to ~1e-16 (tests/code/test_evaluate.py).
+BACKENDS = ("pycocotools", "faster_coco_eval")
+
+
+def _coco_api(backend: str = "pycocotools") -> tuple[type, Callable[..., Any]]:
+    """The ``COCO`` class and a quiet ``COCOeval`` constructor of ``backend``."""
+    if backend == "pycocotools":
+        from pycocotools.coco import COCO
+        from pycocotools.cocoeval import COCOeval
+
+        return COCO, COCOeval
+    if backend == "faster_coco_eval":
+        from faster_coco_eval import COCO, COCOeval_faster
+
+        # Its messages go to print_function (default: logging.info), not stdout.
+        return COCO, partial(COCOeval_faster, print_function=lambda *a, **k: None)
+    raise ValueError(f"evaluate.backend: expected one of {BACKENDS}, got {backend!r}")
+
+
+def _quiet_coco(coco_cls: type, dataset: dict) -> Any:
+    coco = coco_cls()
+    # Annotations copied: COCOeval writes into them ("ignore"; faster-coco-eval "rle").
+    coco.dataset = dataset | {"annotations": [dict(a) for a in dataset["annotations"]]}
     with contextlib.redirect_stdout(io.StringIO()):
         coco.createIndex()
     return coco
 
 
-def _results_coco(gt: COCO, results: list[dict]) -> COCO:
-    """pycocotools' ``loadRes`` for a possibly empty result list."""
+def _results_coco(gt: Any, results: list[dict]) -> Any:
+    """``gt.loadRes(results)`` for a possibly empty result list."""
     if results:
         with contextlib.redirect_stdout(io.StringIO()):
             return gt.loadRes(results)
@@ -54,11 +77,11 @@ def _results_coco(gt: COCO, results: list[dict]) -> COCO:
         "categories": gt.dataset["categories"],
         "annotations": [],
     }
-    return _quiet_coco(empty)
+    return _quiet_coco(type(gt), empty)
 
 
 def coco_evaluate(
-    gt: dict, results: list[dict], iou_type: str = "bbox"
+    gt: dict, results: list[dict], iou_type: str = "bbox", backend: str = "pycocotools"
 ) -> tuple[dict[str, float], dict[str, float], np.ndarray]:
     """COCOeval of ``results`` (COCO results format) against ground truth ``gt``.
 
@@ -66,16 +89,18 @@ def coco_evaluate(
     {category name: AP}, precision)``
     where ``precision`` is COCOeval's ``[T, R, K, A, M]`` array. Classes with
     no ground truth get AP ``nan`` (COCOeval's -1), excluded from the mean.
+    ``backend`` (``evaluate.backend``) is one of :data:`BACKENDS`.
     """
+    coco_cls, coco_eval = _coco_api(backend)
     if iou_type == "segm":
         if results and "segmentation" not in results[0]:
             raise ValueError("segm evaluation needs results with 'segmentation' (RLE masks)")
         # Without 'bbox', loadRes takes each result's area and box from its mask
         # (as Detectron2 does), so area ranges (APs/APm/APl) follow the mask.
         results = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
-    coco_gt = _quiet_coco(gt)
+    coco_gt = _quiet_coco(coco_cls, gt)
     coco_dt = _results_coco(coco_gt, results)
-    ev = COCOeval(coco_gt, coco_dt, iou_type)
+    ev = coco_eval(coco_gt, coco_dt, iou_type)
     with contextlib.redirect_stdout(io.StringIO()):
         ev.evaluate()
         ev.accumulate()

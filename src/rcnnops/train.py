@@ -614,9 +614,10 @@ def _run(params, variant: str, world: World, device: torch.device, progress: boo
         results, ms = predict(
             m, val_set, labels, device, params.evaluate.batch_size, progress=False
         )
-        stats, _, _ = coco_evaluate(val_coco, results)
+        backend = params.evaluate.backend
+        stats, _, _ = coco_evaluate(val_coco, results, "bbox", backend)
         if masks:
-            stats |= coco_evaluate(val_coco, results, "segm")[0]
+            stats |= coco_evaluate(val_coco, results, "segm", backend)[0]
         return {f"val/{k}": v for k, v in stats.items()} | {"val/infer_ms_per_image": ms}
 
     tags = {

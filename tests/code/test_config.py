@@ -15,6 +15,7 @@ def test_repo_params_parse():
     assert p.register.metric_for("faster_rcnn") == "bbox_AP"
     assert p.variant("rcnn").model["classifier"] == "softmax"
     assert p.variant("faster_rcnn").model["backbone"] == "small"
+    assert p.evaluate.backend == "pycocotools"
 
 
 @pytest.mark.parametrize(
@@ -26,6 +27,7 @@ def test_repo_params_parse():
         ({"variants": ["yolo"]}, "unknown variant 'yolo'"),
         ({"train": {"device": "tpu"}}, "train.device"),
         ({"prepare": {"val_fraction": 1.5}}, "prepare.val_fraction"),
+        ({"evaluate": {"backend": "detectron2"}}, "evaluate.backend: expected one of"),
     ],
 )
 def test_bad_params_name_the_field(patch, field):

@@ -1,14 +1,21 @@
-"""Evaluation exactness through our COCO code (pycocotools underneath)."""
+"""Evaluation exactness through our COCO code (pycocotools underneath, or
+faster-coco-eval: ``evaluate.backend``)."""
 
+import copy
 import json
+import math
+import typing
 
+import numpy as np
 import pytest
 import torch
+from pycocotools import mask as mask_utils
 
+from rcnnops.config import EvaluateParams
 from rcnnops.data.masks import decode, encode
 from rcnnops.data.prepare import load_split
 from rcnnops.evaluate import summarise
-from rcnnops.metrics import coco_evaluate, to_coco_results
+from rcnnops.metrics import BACKENDS, coco_evaluate, to_coco_results
 from rcnnops.plots import plot_pr
 
 
@@ -142,3 +149,181 @@ def test_to_coco_results_encodes_masks_at_half_probability(tiny_prepared):
     m = decode(r["segmentation"], 8, 6)
     assert m.sum() == 6 and m[1:3, 2:5].all()
     json.dumps(r)
+
+
+# --- evaluate.backend: faster-coco-eval against pycocotools ---------------------------
+
+CATEGORIES = [{"id": 1, "name": "a"}, {"id": 2, "name": "b"}, {"id": 5, "name": "c"}]
+CATEGORIES += [{"id": 7, "name": "no_gt"}]  # only false positives: AP nan
+
+
+def _generated_gt(seed: int = 0) -> dict:
+    """7 images with 1-5 objects each (small, medium and large; diamond polygons or
+    ellipse RLE masks, in 3 classes), an image without objects and a crowd region."""
+    rng = np.random.default_rng(seed)
+    images, anns = [], []
+    for i in range(1, 9):
+        w, h = (240, 240) if i % 2 else (200, 150)
+        images.append({"id": i, "width": w, "height": h, "file_name": f"{i}.png"})
+        for _ in range(rng.integers(1, 6) if i < 8 else 0):
+            size = rng.choice([rng.uniform(8, 30), rng.uniform(33, 90), rng.uniform(100, 140)])
+            bw, bh = (min(size * rng.uniform(0.7, 1.3), d - 4) for d in (w, h))
+            x, y = rng.uniform(1, w - bw - 1), rng.uniform(1, h - bh - 1)
+            if rng.random() < 0.5:
+                seg = [[round(v, 2) for v in (x + bw / 2, y, x + bw, y + bh / 2)]]
+                seg[0] += [round(v, 2) for v in (x + bw / 2, y + bh, x, y + bh / 2)]
+            else:
+                yy, xx = np.mgrid[:h, :w]
+                inside = ((xx - x - bw / 2) / (bw / 2)) ** 2 + ((yy - y - bh / 2) / (bh / 2)) ** 2
+                seg = encode(inside <= 1)
+            anns.append({"image_id": i, "category_id": int(rng.choice([1, 2, 5])), "iscrowd": 0})
+            anns[-1]["segmentation"] = seg
+    crowd = np.zeros((240, 240), np.uint8)
+    crowd[150:230, 10:120] = 1
+    flat = crowd.flatten(order="F")
+    edges = np.flatnonzero(np.diff(flat)) + 1
+    counts = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()  # uncompressed RLE
+    anns.append({"image_id": 1, "category_id": 1, "iscrowd": 1})
+    anns[-1]["segmentation"] = {"size": [240, 240], "counts": counts}
+    for k, a in enumerate(anns, start=1):
+        im = images[a["image_id"] - 1]
+        rle = mask_utils.encode(np.asfortranarray(_mask(a, im)))
+        a.update(id=k, area=float(mask_utils.area(rle)), bbox=mask_utils.toBbox(rle).tolist())
+    return {"images": images, "categories": CATEGORIES, "annotations": anns}
+
+
+def _mask(ann: dict, image: dict) -> np.ndarray:
+    return decode(ann["segmentation"], image["width"], image["height"])
+
+
+def _gt_predictions(gt: dict) -> list[dict]:
+    images = {im["id"]: im for im in gt["images"]}
+    return [
+        {
+            "image_id": a["image_id"],
+            "category_id": a["category_id"],
+            "bbox": a["bbox"],
+            "segmentation": encode(_mask(a, images[a["image_id"]])),
+            "score": 1.0,
+        }
+        for a in gt["annotations"]
+        if not a["iscrowd"]
+    ]
+
+
+def _noisy_predictions(gt: dict, seed: int = 100) -> list[dict]:
+    """Jittered boxes and shifted masks (some objects missed, some found twice),
+    false positives everywhere (120 on image 2: past maxDets=100; some of a class
+    without ground truth; on the empty image) and one on the crowd region.
+    Scores have one decimal: ties, which both backends break by a stable sort."""
+    rng = np.random.default_rng(seed)
+    images = {im["id"]: im for im in gt["images"]}
+    out = []
+
+    def add(image_id, category_id, box, mask):
+        score = round(float(rng.random()), 1)
+        out.append(
+            {
+                "image_id": image_id,
+                "category_id": category_id,
+                "bbox": [round(float(v), 2) for v in box],
+                "segmentation": encode(mask),
+                "score": score,
+            }
+        )
+
+    for a in gt["annotations"]:
+        mask = _mask(a, images[a["image_id"]])
+        for _ in range(rng.choice([0, 1, 1, 1, 2])):
+            x, y, w, h = a["bbox"]
+            dx, dy = rng.normal(0, 0.12 * w), rng.normal(0, 0.12 * h)
+            sw, sh = rng.uniform(0.8, 1.2, 2)
+            shifted = np.roll(mask, (round(dy), round(dx)), axis=(0, 1))
+            add(a["image_id"], a["category_id"], [x + dx, y + dy, w * sw, h * sh], shifted)
+    for image_id, im in images.items():
+        w, h = im["width"], im["height"]
+        for _ in range(120 if image_id == 2 else rng.integers(2, 6)):
+            bw, bh = rng.uniform(6, 80, 2)
+            x, y = rng.uniform(0, w - bw), rng.uniform(0, h - bh)
+            box = np.zeros((h, w), np.uint8)
+            box[int(y) : int(y + bh), int(x) : int(x + bw)] = 1
+            add(image_id, int(rng.choice([1, 2, 5, 7])), [x, y, bw, bh], box)
+    on_crowd = np.zeros((240, 240), np.uint8)
+    on_crowd[160:220, 20:110] = 1
+    add(1, 1, [20, 160, 90, 60], on_crowd)
+    return out
+
+
+def test_backends_are_the_configurable_ones():
+    hint = typing.get_type_hints(EvaluateParams)["backend"]
+    assert typing.get_args(hint) == BACKENDS
+    assert EvaluateParams().backend == "pycocotools"
+
+
+def test_unknown_backend_names_the_param_and_the_choices():
+    gt = _generated_gt()
+    with pytest.raises(ValueError, match=r"evaluate\.backend.*pycocotools.*faster_coco_eval.*'x'"):
+        coco_evaluate(gt, _gt_predictions(gt), "bbox", "x")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("iou_type", ["bbox", "segm"])
+def test_ground_truth_as_predictions_gives_ap_1_with_both_backends(backend, iou_type):
+    gt = _generated_gt()
+    before = copy.deepcopy(gt)
+    stats, per_class, precision = coco_evaluate(gt, _gt_predictions(gt), iou_type, backend)
+    for name in ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR10", "AR100", "ARs", "ARm"):
+        assert stats[f"{iou_type}_{name}"] == 1.0, name
+    assert per_class["a"] == per_class["b"] == per_class["c"] == 1.0
+    assert math.isnan(per_class["no_gt"])
+    assert precision.shape == (10, 101, 4, 4, 3)
+    assert gt == before  # COCOeval's scratch keys ("ignore", "rle") stay out of it
+
+
+# pycocotools' precision is tp / (tp + fp + np.spacing(1)); faster-coco-eval's is
+# tp / (tp + fp). They differ only where tp + fp == 1 (the spacing is lost in any
+# larger sum): a curve whose best precision comes from its first detection alone,
+# a true positive, is 1 / (1 + 2**-52) in pycocotools and 1.0 in faster-coco-eval.
+PYCOCOTOOLS_ONE = 1.0 / (1.0 + np.spacing(1.0))
+
+
+def _as_one(precision: np.ndarray) -> np.ndarray:
+    return np.where(precision == PYCOCOTOOLS_ONE, 1.0, precision)
+
+
+@pytest.mark.parametrize("iou_type", ["bbox", "segm"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_faster_coco_eval_gives_pycocotools_numbers(iou_type, seed):
+    gt = _generated_gt(seed)
+    results = _noisy_predictions(gt, 100 + seed)
+    ref = coco_evaluate(gt, copy.deepcopy(results), iou_type, "pycocotools")
+    fast = coco_evaluate(gt, copy.deepcopy(results), iou_type, "faster_coco_eval")
+    ref_p, fast_p = ref[2], fast[2]
+    assert ref_p.shape == fast_p.shape == (10, 101, 4, 4, 3)
+    assert (ref_p == PYCOCOTOOLS_ONE).any()  # the one difference occurs here ...
+    assert np.array_equal(_as_one(ref_p), _as_one(fast_p))  # ... and is the only one
+    # Means over those arrays: equal to the last bits of a double, and to the
+    # 6 decimals metrics.json keeps.
+    assert list(fast[0]) == list(ref[0])
+    for k, v in ref[0].items():
+        assert fast[0][k] == pytest.approx(v, rel=0, abs=1e-15), k
+        assert round(fast[0][k], 6) == round(v, 6), k
+    assert 0.05 < ref[0][f"{iou_type}_AP"] < 0.5  # a real mix of hits and misses
+    assert list(fast[1]) == list(ref[1]) == ["a", "b", "c", "no_gt"]
+    for k, v in ref[1].items():
+        if k == "no_gt":
+            assert math.isnan(v) and math.isnan(fast[1][k])
+        else:
+            assert fast[1][k] == pytest.approx(v, rel=0, abs=1e-15), k
+
+
+def test_both_backends_leave_results_alike():
+    """loadRes adds id/area/iscrowd/segmentation to box results in place (evaluate
+    writes them to predictions.json afterwards): the same with both backends."""
+    gt = _generated_gt()
+    ref = [{k: v for k, v in r.items() if k != "segmentation"} for r in _noisy_predictions(gt)]
+    fast = copy.deepcopy(ref)
+    coco_evaluate(gt, ref, "bbox", "pycocotools")
+    coco_evaluate(gt, fast, "bbox", "faster_coco_eval")
+    assert ref == fast
+    json.dumps(fast)

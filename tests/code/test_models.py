@@ -47,7 +47,7 @@ CASES = {
     "rcnn": [{"warp_size": 24, "context": 2, "width": 8}],
     "mask_rcnn": [
         {"mask_head_channels": 16, "mask_head_layers": 2, "stride": 4},
-        {"mask_head_channels": 8, "mask_head_layers": 1, "roi_op": "pool"},
+        {"mask_head_channels": 8, "mask_head_layers": 1, "roi_op": "pool", "mask_roi_op": "pool"},
     ],
 }
 PROPOSAL_SMALL = {

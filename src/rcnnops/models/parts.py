@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import mobilenet_backbone, resnet_fpn_backbone
@@ -172,10 +173,82 @@ class RoIPool(MultiScaleRoIAlign):
 
     def forward(self, features, boxes, image_sizes):
         x = features[self.featmap_name]
-        # Scale from the padded batch size (the same for every image in it).
-        scale = x.shape[-1] / max(s[1] for s in image_sizes)
-        scale = 2.0 ** round(math.log2(scale))
+        scale = _single_map_scale(x, image_sizes)
         return roi_pool(x, [b.to(x.dtype) for b in boxes], self.output_size, scale)
+
+
+def _single_map_scale(x: torch.Tensor, image_sizes: list[tuple[int, int]]) -> float:
+    """Feature-map scale from the padded batch width (the same for every image),
+    rounded to a power of 2 as torchvision infers it."""
+    scale = x.shape[-1] / max(s[1] for s in image_sizes)
+    return 2.0 ** round(math.log2(scale))
+
+
+def roi_align_sampled(
+    x: torch.Tensor,
+    boxes: list[torch.Tensor],
+    output_size: tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+) -> torch.Tensor:
+    """RoIAlign with torchvision's semantics (``aligned=False``, a fixed
+    ``sampling_ratio`` >= 1) computed with ``grid_sample``.
+
+    Each output bin averages ``sampling_ratio**2`` bilinear samples at regular
+    points inside it (no quantisation); coordinates within one pixel outside
+    the map read the border, farther ones read 0, as in torchvision's kernel.
+    The result equals ``torchvision.ops.roi_align`` to float rounding, but the
+    backward pass is a vectorised ``grid_sample`` backward instead of a
+    single-threaded scatter: about 2x faster forward + backward on a CPU.
+    ``boxes``: one ``[R_i, 4]`` xyxy tensor per image; returns ``[sum R_i, C, *output_size]``.
+    """
+    n, c, h, w = x.shape
+    ph, pw = output_size
+    sr = sampling_ratio
+    out = []
+    for i, b in enumerate(boxes):
+        r = len(b)
+        if r == 0:
+            out.append(x.new_zeros((0, c, ph, pw)))
+            continue
+        b = b.to(x.dtype) * spatial_scale
+        bw = (b[:, 2] - b[:, 0]).clamp(min=1.0)
+        bh = (b[:, 3] - b[:, 1]).clamp(min=1.0)
+        tx = (torch.arange(pw * sr, device=x.device, dtype=x.dtype) + 0.5) / (pw * sr)
+        ty = (torch.arange(ph * sr, device=x.device, dtype=x.dtype) + 0.5) / (ph * sr)
+        xs = b[:, 0:1] + tx[None] * bw[:, None]  # [r, pw * sr] sample x, feature pixels
+        ys = b[:, 1:2] + ty[None] * bh[:, None]
+        gx = xs * (2.0 / max(w - 1, 1)) - 1.0  # align_corners=True: pixel k at -1 + 2k/(w-1)
+        gy = ys * (2.0 / max(h - 1, 1)) - 1.0
+        grid = torch.stack(
+            (gx[:, None, :].expand(r, ph * sr, pw * sr), gy[:, :, None].expand(r, ph * sr, pw * sr)),
+            dim=-1,
+        ).reshape(1, r * ph * sr, pw * sr, 2)
+        o = F.grid_sample(x[i : i + 1], grid, "bilinear", "border", align_corners=True)
+        o = o.view(c, r, ph * sr, pw * sr).transpose(0, 1)
+        inside_y = ((ys >= -1.0) & (ys <= h)).to(o.dtype)
+        inside_x = ((xs >= -1.0) & (xs <= w)).to(o.dtype)
+        o = o * (inside_y[:, None, :, None] * inside_x[:, None, None, :])
+        out.append(F.avg_pool2d(o, sr) if sr > 1 else o)
+    return torch.cat(out)
+
+
+class RoIAlign(MultiScaleRoIAlign):
+    """RoIAlign over a single feature map (:func:`roi_align_sampled`); same call
+    and output as ``MultiScaleRoIAlign``, of which it is a subclass because
+    torchvision's heads type-check it."""
+
+    def __init__(self, featmap_name: str, output_size: int, sampling_ratio: int) -> None:
+        if sampling_ratio < 1:
+            raise ValueError(f"sampling_ratio must be >= 1 here, got {sampling_ratio}")
+        super().__init__([featmap_name], output_size, sampling_ratio=sampling_ratio)
+        self.featmap_name = featmap_name
+
+    def forward(self, features, boxes, image_sizes):
+        x = features[self.featmap_name]
+        return roi_align_sampled(
+            x, boxes, self.output_size, _single_map_scale(x, image_sizes), self.sampling_ratio
+        )
 
 
 ROI_OPS = ("align", "pool")
@@ -187,7 +260,11 @@ def roi_pooler(
     """RoIAlign (bilinear, Mask R-CNN) or RoIPool (max, Fast/Faster R-CNN papers).
 
     RoIAlign picks the FPN level per box by its size; RoIPool needs a single map.
+    On a single map (the small backbone) RoIAlign is :class:`RoIAlign`, torchvision's
+    op computed faster on CPUs.
     """
+    if op == "align" and len(names) == 1 and sampling_ratio >= 1:
+        return RoIAlign(names[0], output_size, sampling_ratio)
     if op == "align":
         return MultiScaleRoIAlign(
             featmap_names=names, output_size=output_size, sampling_ratio=sampling_ratio

@@ -1,0 +1,217 @@
+"""What every comparison shares: the bench project, timing, result records.
+
+A comparison module has ``run(ctx: Context) -> dict`` returning a *section*::
+
+    {"title": str, "paper": str,            # what the papers report
+     "columns": [str, ...], "rows": [{column: value}, ...],
+     "targets": [{"name", "value", "target", "holds"}, ...],   # optional
+     "notes": [str, ...]}                                       # optional
+
+and is run by ``python -m benchmarks`` in a process of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+VARIANTS = ("rcnn", "fast_rcnn", "faster_rcnn", "mask_rcnn")
+
+
+@dataclass(frozen=True)
+class Context:
+    """``work``: scratch folder; ``project``: the bench project made by
+    ``benchmarks.setup`` (default data, trained variants, reports)."""
+
+    work: Path
+    quick: bool
+
+    @property
+    def project(self) -> Path:
+        return self.work / "project"
+
+    def pick(self, quick: Any, full: Any) -> Any:
+        return quick if self.quick else full
+
+
+# -- timing -------------------------------------------------------------------------
+
+
+def now() -> float:
+    """Wall clock for timings; waits for queued CUDA work first."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t0 = now()
+    out = fn()
+    return now() - t0, out
+
+
+def ab(
+    cases: dict[str, Callable[[Any], Any]], inputs: Iterable[Any], warmup: int = 1
+) -> dict[str, list[float]]:
+    """Time every case on every input, interleaved A/B/A/B on the same input so
+    that drifts of the machine (clock, other load) hit all cases alike.
+    Returns seconds per case per input; the first ``warmup`` inputs are run but
+    not kept (allocator and kernel warm-up)."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for i, x in enumerate(inputs):
+        for name, fn in cases.items():
+            t, _ = timed(lambda fn=fn, x=x: fn(x))
+            if i >= warmup:
+                times[name].append(t)
+    return times
+
+
+def median_ms(seconds: list[float]) -> float:
+    return 1000.0 * statistics.median(seconds)
+
+
+class Split:
+    """Accumulates time spent inside chosen methods (``wrap``), by bucket."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def wrap(self, obj: Any, method: str, bucket: str) -> None:
+        inner = getattr(obj, method)
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t0 = now()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.seconds[bucket] = self.seconds.get(bucket, 0.0) + now() - t0
+
+        setattr(obj, method, wrapper)
+
+    def take(self) -> dict[str, float]:
+        out, self.seconds = self.seconds, {}
+        return out
+
+
+# -- the bench project ----------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def in_dir(path: Path) -> Iterator[None]:
+    old = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(old)
+
+
+def new_project(path: Path, assignments: dict[str, Any]) -> Path:
+    """A project folder like the repo (dvc.yaml, params.yaml, stage sources) with
+    ``assignments`` applied to params.yaml (dotted keys, as ``rcnnops run --set``)."""
+    from rcnnops.config import set_params
+
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    for name in ("dvc.yaml", "params.yaml"):
+        shutil.copy(REPO / name, path / name)
+    shutil.copytree(
+        REPO / "src", path / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+    )
+    if assignments:
+        set_params(path / "params.yaml", assignments)
+    return path
+
+
+def project_env(project: Path) -> dict[str, str]:
+    """Environment for commands in ``project``: its own MLflow store, and the
+    running interpreter's bin folder first on PATH (``rcnnops``, ``dvc``)."""
+    env = dict(os.environ)
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{project / 'mlflow.db'}"
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.pop("RCNNOPS_DVC_REMOTE", None)
+    return env
+
+
+def command(project: Path, *args: str) -> float:
+    """Run ``rcnnops ARGS`` in ``project``; seconds taken. Its output goes to
+    ``<project>/bench.log``; a failure raises with the log's tail."""
+    log = project / "bench.log"
+    with log.open("a") as out:
+        out.write(f"\n$ rcnnops {' '.join(args)}\n")
+        out.flush()
+        t0 = time.perf_counter()
+        proc = subprocess.run(
+            [str(Path(sys.executable).parent / "rcnnops"), *args],
+            cwd=project,
+            env=project_env(project),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        took = time.perf_counter() - t0
+    if proc.returncode != 0:
+        tail = "\n".join(log.read_text().splitlines()[-30:])
+        raise RuntimeError(f"`rcnnops {' '.join(args)}` failed in {project}:\n{tail}")
+    return took
+
+
+def load_params(project: Path):
+    from rcnnops.config import load_params as load
+
+    return load(project / "params.yaml")
+
+
+def load_trained(project: Path, variant: str):
+    """``(model in eval mode, model.json)`` of a variant trained in ``project``."""
+    from rcnnops.train import load_model
+
+    model, meta = load_model(project / "models" / variant)
+    return model.eval(), meta
+
+
+def val_dataset(project: Path, proposals: bool = False, train: bool = False):
+    """``(CocoDetection, coco dict, LabelMap)`` of the project's prepared split;
+    with the cached selective-search boxes when ``proposals``."""
+    from rcnnops.data.coco import CocoDetection
+    from rcnnops.data.prepare import load_split
+
+    params = load_params(project)
+    split = "train" if train else "val"
+    coco, root, labels = load_split(project / params.prepare.out, split)
+    boxes = None
+    if proposals:
+        from rcnnops.proposals.precompute import ProposalStore
+
+        boxes = ProposalStore(project / params.proposals.out / split).boxes_for
+    return CocoDetection(coco, root, labels, proposals=boxes), coco, labels
+
+
+def metrics(project: Path, variant: str) -> dict:
+    return json.loads((project / "reports" / variant / "metrics.json").read_text())
+
+
+def stage_times(project: Path) -> dict[str, float]:
+    path = project / "stage_times.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
