@@ -220,10 +220,9 @@ def roi_align_sampled(
         ys = b[:, 1:2] + ty[None] * bh[:, None]
         gx = xs * (2.0 / max(w - 1, 1)) - 1.0  # align_corners=True: pixel k at -1 + 2k/(w-1)
         gy = ys * (2.0 / max(h - 1, 1)) - 1.0
-        grid = torch.stack(
-            (gx[:, None, :].expand(r, ph * sr, pw * sr), gy[:, :, None].expand(r, ph * sr, pw * sr)),
-            dim=-1,
-        ).reshape(1, r * ph * sr, pw * sr, 2)
+        size = (r, ph * sr, pw * sr)
+        grid = torch.stack((gx[:, None, :].expand(size), gy[:, :, None].expand(size)), dim=-1)
+        grid = grid.reshape(1, r * ph * sr, pw * sr, 2)
         o = F.grid_sample(x[i : i + 1], grid, "bilinear", "border", align_corners=True)
         o = o.view(c, r, ph * sr, pw * sr).transpose(0, 1)
         inside_y = ((ys >= -1.0) & (ys <= h)).to(o.dtype)
