@@ -137,6 +137,12 @@ def markdown(doc: dict) -> str:
         + ", ".join(f"{k} {v}" for k, v in m["packages"].items() if v is not None)
         + ".",
         "",
+        (
+            f"Comparisons kept from an earlier run: {', '.join(doc['kept_from_earlier_run'])}."
+            if doc.get("kept_from_earlier_run")
+            else ""
+        ),
+        "",
         "Timings are medians over inputs with the compared cases interleaved "
         "(A/B/A/B on the same input), one process per comparison.",
         "",
@@ -164,11 +170,27 @@ def markdown(doc: dict) -> str:
     return "\n".join(out) + "\n"
 
 
+def _earlier_sections(path: Path, quick: bool, replaced: list[str]) -> list[dict]:
+    """Sections of an earlier results.json of the same mode, minus ``replaced``."""
+    try:
+        earlier = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return []
+    if earlier.get("quick") != quick:
+        return []
+    return [
+        sec
+        for sec in earlier.get("sections", [])
+        if sec.get("name") in COMPARISONS and sec.get("name") not in replaced
+    ]
+
+
 def run_case(name: str, ctx: Context, out: Path) -> None:
     """The child process: one comparison, its section written to ``out``."""
     import importlib
 
     module = importlib.import_module(f"benchmarks.{name}")
+    os.chdir(ctx.project)  # the prepared data's image folders are project-relative
     t0 = time.perf_counter()
     try:
         section = module.run(ctx)
@@ -251,6 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             section = {
                 "title": name,
+                "name": name,
                 "error": f"process exited with {proc.returncode}",
                 "seconds": time.perf_counter() - t0,
             }
@@ -270,6 +293,13 @@ def main(argv: list[str] | None = None) -> int:
         "setup_stage_seconds": json.loads((ctx.project / "stage_times.json").read_text()),
         "sections": sections,
     }
+    if args.only:  # keep the other comparisons of an earlier run in the same mode
+        kept = _earlier_sections(args.out / "results.json", ctx.quick, names)
+        if kept:
+            doc["sections"] = sorted(
+                kept + sections, key=lambda sec: COMPARISONS.index(sec.get("name", ""))
+            )
+            doc["kept_from_earlier_run"] = [sec["name"] for sec in kept]
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(doc, indent=2, default=str) + "\n")
     (args.out / "results.md").write_text(markdown(doc))

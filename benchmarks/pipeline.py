@@ -14,8 +14,8 @@ from __future__ import annotations
 from benchmarks.common import VARIANTS, Context, command, new_project
 
 SMALL = {
-    "generate.num_train": 64,
-    "generate.num_val": 16,
+    "generate.num_train": 48,
+    "generate.num_val": 12,
     "train.*.epochs": 1,
     "train.*.lr_steps": [],
     "train.*.warmup_iters": 10,
@@ -62,7 +62,7 @@ def run(ctx: Context) -> dict:
         ],
         "notes": [
             (
-                "quick mode: 64 + 16 images, one epoch per variant"
+                "quick mode: 48 + 12 images, one epoch per variant"
                 if ctx.quick
                 else "default params (the same work as `make run`)"
             ),

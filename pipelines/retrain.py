@@ -18,11 +18,12 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.futures import wait
 
 from pipelines import slots as stage_slots
+from pipelines import state as run_state
 from rcnnops import project as dvcproj
 from rcnnops.config import USES_PROPOSALS, load_params
 from rcnnops.lock import project_lock
 
-REMOTE_ENV = "RCNNOPS_DVC_REMOTE"  # overrides params.yaml's pipeline.remote
+REMOTE_ENV = run_state.REMOTE_ENV  # overrides params.yaml's pipeline.remote
 
 
 def _chdir(project: str) -> Path:
@@ -58,12 +59,15 @@ def pipeline_status(project: str) -> list[str]:
 
 
 @task(name="dvc-repro")
-def repro(project: str, stage: str, pipeline_fresh: bool = False) -> bool:
-    """Run one DVC stage if stale; True when it ran."""
+def repro(
+    project: str, stage: str, pipeline_fresh: bool = False, stale: tuple[str, ...] = ()
+) -> bool:
+    """Run one DVC stage if stale; True when it ran. ``stale``: the stages the
+    run's first ``dvc status`` reported (no need to ask DVC again about those)."""
     if pipeline_fresh:
         get_run_logger().info("%s: up to date (DVC cache)", stage)
         return False
-    ran = dvcproj.repro(Path(project), stage)
+    ran = dvcproj.repro(Path(project), stage, known_stale=stage in stale)
     get_run_logger().info("%s: %s", stage, "ran" if ran else "up to date (DVC cache)")
     return ran
 
@@ -80,7 +84,11 @@ def tracking_store(project: str, experiment: str) -> str:
 
 @task(name="train-evaluate")
 def train_and_evaluate(
-    project: str, variant: str, slots: stage_slots.Slots, pipeline_fresh: bool = False
+    project: str,
+    variant: str,
+    slots: stage_slots.Slots,
+    pipeline_fresh: bool = False,
+    stale: tuple[str, ...] = (),
 ) -> bool:
     """``train@<variant>`` then ``evaluate@<variant>`` if stale, holding the
     concurrency slots (see :mod:`pipelines.slots`); True when training ran."""
@@ -96,8 +104,9 @@ def train_and_evaluate(
             held.enter_context(
                 concurrency(stage_slots.GPU_LIMIT, occupy=slots.gpus_per_stage, strict=True)
             )
-        ran = dvcproj.repro(root, f"train@{variant}", extra_env=env)
-        evaluated = dvcproj.repro(root, f"evaluate@{variant}", extra_env=env)
+        train, evaluate = f"train@{variant}", f"evaluate@{variant}"
+        ran = dvcproj.repro(root, train, extra_env=env, known_stale=train in stale)
+        evaluated = dvcproj.repro(root, evaluate, extra_env=env, known_stale=evaluate in stale)
     get_run_logger().info(
         "train@%s: %s; evaluate@%s: %s",
         variant,
@@ -109,14 +118,14 @@ def train_and_evaluate(
 
 
 @task(name="version-data")
-def version_data(project: str, pipeline_fresh: bool = False) -> dict:
+def version_data(project: str, pipeline_fresh: bool = False, stale: tuple[str, ...] = ()) -> dict:
     """Generate the default dataset if it is the source, then validate and
     version it with `prepare`; returns the data hashes every run records."""
     p = load_params(Path(project) / "params.yaml")
     if not pipeline_fresh:
         if Path(p.data.root).resolve() == (Path(project) / p.generate.out).resolve():
-            dvcproj.repro(Path(project), "generate")
-        dvcproj.repro(Path(project), "prepare")
+            dvcproj.repro(Path(project), "generate", known_stale="generate" in stale)
+        dvcproj.repro(Path(project), "prepare", known_stale="prepare" in stale)
     from rcnnops.data.prepare import load_manifest
 
     m = load_manifest(Path(project) / p.prepare.out)
@@ -244,21 +253,22 @@ def retrain(
 def _retrain(root: Path, variants: list[str] | None, push_to_remote: bool) -> list[dict]:
     params = load_params(root / "params.yaml")
     variants = variants or params.variants
-    ensure_dvc(str(root), os.environ.get(REMOTE_ENV) or params.pipeline.remote)
+    remote = os.environ.get(REMOTE_ENV) or params.pipeline.remote
+    ensure_dvc(str(root), remote)
     stale = pipeline_status(str(root))
     if stale and params.pipeline.pull and (root / "dvc.lock").is_file():
         stale = pull(str(root))
-    fresh = not stale
-    version_data(str(root), fresh)
+    fresh, known = not stale, tuple(stale)
+    version_data(str(root), fresh, known)
     if USES_PROPOSALS & set(variants):
-        repro(str(root), "proposals", fresh)
+        repro(str(root), "proposals", fresh, known)
     slots = stage_slots.plan(
         params.pipeline.parallel, params.train.device, getattr(params.train, "nproc", 1)
     )
     if not fresh:
         stage_slots.ensure_limits(slots)
         tracking_store(str(root), params.register.experiment)
-    trained = {v: train_and_evaluate.submit(str(root), v, slots, fresh) for v in variants}
+    trained = {v: train_and_evaluate.submit(str(root), v, slots, fresh, known) for v in variants}
     wait(list(trained.values()))
     failed = [v for v, f in trained.items() if not f.state.is_completed()]
     if failed:  # nothing is registered unless every variant trained and evaluated
@@ -285,4 +295,7 @@ def _retrain(root: Path, variants: list[str] | None, push_to_remote: bool) -> li
         key="rcnnops-compare",
         description="Variants compared: latest run and champion (metrics, cost, lineage)",
     )
+    from prefect.runtime import flow_run
+
+    run_state.record(root, variants, remote, push_to_remote, decisions, flow_run.get_name() or "")
     return decisions

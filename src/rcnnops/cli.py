@@ -193,20 +193,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     # One run per project (params.yaml, DVC outputs, registry); taken before the
     # params edit, and before importing Prefect so a second run refuses at once.
     with project_lock(Path.cwd()):
-        from pipelines.retrain import retrain
-
         changes = _assignments(args)
         if changes:
             from rcnnops.config import set_params
 
             set_params(args.params, changes)
             print(f"{args.params}: set " + ", ".join(f"{k}={v}" for k, v in changes.items()))
+        from pipelines import state
+
+        if not args.force and (Path.cwd() / state.STATE).is_file():
+            import os
+
+            from rcnnops.config import load_params
+
+            params = load_params(args.params)
+            remote = os.environ.get(state.REMOTE_ENV) or params.pipeline.remote
+            variants = args.variants or params.variants
+            summary = state.check(Path.cwd(), variants, remote, push=not args.no_push)
+            if summary:
+                print(summary)
+                return 0
+        from pipelines.retrain import retrain  # Prefect: only when there is work
+
         decisions = retrain(
             project=".", variants=args.variants or None, push_to_remote=not args.no_push
         )
     for d in decisions:
-        state = "champion" if d["promoted"] else "kept previous champion"
-        print(f"{d['name']} v{d['version']}: {state} ({d['reason']})")
+        outcome = "champion" if d["promoted"] else "kept previous champion"
+        print(f"{d['name']} v{d['version']}: {outcome} ({d['reason']})")
     return 0
 
 
@@ -371,6 +385,12 @@ def build_parser() -> argparse.ArgumentParser:
     r = add("run", cmd_run, "run the whole retraining flow (Prefect + DVC + MLflow)")
     r.add_argument("--variants", nargs="+", help="variants to run (default: params variants)")
     r.add_argument("--no-push", action="store_true", help="skip `dvc push` at the end")
+    r.add_argument(
+        "--force",
+        action="store_true",
+        help="run the flow even when nothing changed since the last successful run "
+        "(by default that is detected in seconds and the flow is not started)",
+    )
     r.add_argument(
         "--data",
         metavar="DIR",

@@ -47,6 +47,11 @@ def holder(path: Path) -> dict:
 
 def _refusal(path: Path) -> LockedError:
     info = holder(path)
+    for _ in range(20):  # the holder writes its note just after taking the lock
+        if info:
+            break
+        time.sleep(0.05)
+        info = holder(path)
     who = (
         f"pid {info.get('pid', '?')} on {info.get('host', '?')}, started {info.get('started', '?')}"
         if info

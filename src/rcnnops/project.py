@@ -93,7 +93,15 @@ def _git_toplevel(project: Path) -> Path | None:
         )
     except OSError:
         return None
-    return Path(out.stdout.strip()).resolve() if out.returncode == 0 else None
+    if out.returncode != 0:
+        return None
+    top = Path(out.stdout.strip()).resolve()
+    # A project in a folder the enclosing repository ignores is not part of it
+    # (DVC refuses `init --subdir` there): treat it as outside any repository.
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", str(project.resolve())], cwd=project, timeout=10
+    )
+    return None if top != project.resolve() and ignored.returncode == 0 else top
 
 
 def dvc_config(project: Path) -> dict[str, str]:
@@ -166,12 +174,18 @@ def is_stale(project: Path, stage: str) -> bool:
 
 
 def repro(
-    project: Path, stage: str, force: bool = False, extra_env: dict[str, str] | None = None
+    project: Path,
+    stage: str,
+    force: bool = False,
+    extra_env: dict[str, str] | None = None,
+    known_stale: bool = False,
 ) -> bool:
     """``dvc repro --single-item STAGE`` (the flow orders stages itself).
 
-    Returns True when the stage ran, False when DVC found it up to date."""
-    stale = force or is_stale(project, stage)
+    Returns True when the stage ran, False when DVC found it up to date.
+    ``known_stale``: the caller already knows (from :func:`status`) that it is,
+    which saves a ``dvc status`` call (about a second and a half)."""
+    stale = force or known_stale or is_stale(project, stage)
     if stale:
         args = ("repro", "--single-item", stage, *(["--force"] if force else []))
         dvc(project, *args, extra_env=extra_env)

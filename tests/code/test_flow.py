@@ -131,6 +131,26 @@ def test_flow_end_to_end_then_noop_then_param_change(harness, tiny_project, monk
     assert (tiny_project / "dvc.lock").read_text() == lock
     assert (tiny_project / "models/faster_rcnn/model.pt").stat().st_mtime_ns == model_mtime
 
+    # `rcnnops run` finds that nothing changed without starting the flow, and
+    # does start it when an output is gone or the registry lost a version.
+    from pipelines import state
+    from rcnnops import tracking
+
+    up = state.check(tiny_project, VARIANTS, ".dvcremote", push=True)
+    assert up and "up to date" in up and "rcnnops-mask_rcnn v1" in up
+    assert state.check(tiny_project, VARIANTS, ".dvcremote", push=False) is None
+    assert state.check(tiny_project, ["faster_rcnn"], ".dvcremote", push=True) is None
+    report = tiny_project / "reports/rcnn/metrics.json"
+    saved = report.read_bytes()
+    report.unlink()
+    assert state.check(tiny_project, VARIANTS, ".dvcremote", push=True) is None
+    report.write_bytes(saved)
+    reg = tracking.client()
+    reg.delete_model_version_tag("rcnnops-rcnn", "1", "promotion.decision")
+    assert state.check(tiny_project, VARIANTS, ".dvcremote", push=True) is None
+    reg.set_model_version_tag("rcnnops-rcnn", "1", "promotion.decision", "promoted")
+    assert state.check(tiny_project, VARIANTS, ".dvcremote", push=True) == up
+
     # One training param changed: only that variant's training is stale (its
     # evaluation follows once the model changes); data stages are untouched.
     params = yaml.safe_load((tiny_project / "params.yaml").read_text())

@@ -231,3 +231,16 @@ def test_second_clone_pulls_what_the_first_pushed(harness, tiny_project, tmp_pat
     shutil.rmtree(clone / "models")  # and `dvc pull` by hand brings it back too
     dvcproj.pull(clone)
     assert _sha(clone / model) == _sha(tiny_project / model)
+
+
+def test_project_in_a_folder_git_ignores_gets_its_own_dvc_repo(tmp_path):
+    """DVC refuses `init --subdir` in an ignored folder (e.g. a scratch folder of
+    a checkout); such a project is set up as outside any git repository."""
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    (tmp_path / ".gitignore").write_text("/scratch/\n")
+    ignored, tracked = tmp_path / "scratch" / "proj", tmp_path / "proj"
+    for proj in (ignored, tracked):
+        proj.mkdir(parents=True)
+    assert dvcproj.ensure_dvc(ignored)[0] == "initialised DVC (--no-scm)"
+    assert dvcproj.ensure_dvc(tracked)[0] == "initialised DVC (--subdir)"
+    assert (ignored / ".dvc").is_dir() and (tracked / ".dvc").is_dir()
