@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -93,14 +95,35 @@ def check(root: Path, variants: list[str], remote: str | None, push: bool) -> st
         last = json.loads((root / STATE).read_text())
     except (OSError, ValueError):
         return None
-    now = fingerprint(root, variants, remote, push)
-    if not isinstance(last, dict) or any(last.get(k) != v for k, v in now.items()):
+    if not isinstance(last, dict) or not isinstance(last.get("models"), dict):
         return None
-    if project.status(root):  # an output deleted or edited since, a source file changed
+    # `dvc status` (an output deleted or edited since, a source file changed)
+    # runs while MLflow is imported and the registry read: each takes seconds.
+    status = subprocess.Popen(
+        [sys.executable, "-m", "dvc", "status", "--json"],
+        cwd=root,
+        env=project.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        now = fingerprint(root, variants, remote, push)
+        same = all(last.get(k) == v for k, v in now.items())
+        same = same and _registry_intact(now["tracking_uri"], last["models"])
+        out = status.communicate(timeout=300)[0] if same else ""
+    finally:
+        if status.poll() is None:
+            status.kill()
+            status.wait()
+    if not same or status.returncode != 0:
         return None
-    models = last.get("models") or {}
-    if not isinstance(models, dict) or not _registry_intact(now["tracking_uri"], models):
+    try:
+        if json.loads(out or "{}"):
+            return None
+    except ValueError:
         return None
+    models = last["models"]
     listed = ", ".join(f"{name} v{version}" for name, version in models.items())
     return (
         f"up to date: params, data and models are as the flow run of {last.get('finished')} "

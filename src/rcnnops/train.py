@@ -435,6 +435,26 @@ def unlogged(
     return {k: v for k, v in metrics.items() if at > done.get(k, -1)}
 
 
+def metric_logger(done: Mapping[str, int]) -> Callable[[dict[str, float], int | None], None]:
+    """``fit``'s ``log`` for an MLflow run that already holds ``done``
+    (:func:`unlogged`). Per-step losses (``train/*``, every ``log_every``
+    steps) are queued for MLflow's background thread, so the training loop
+    does not wait on the store; the epoch's metrics, logged just before its
+    checkpoint is written, first wait for the queue, so a run killed after a
+    checkpoint has every step up to it stored and a resumed run loses none."""
+    from rcnnops import tracking
+
+    def log(metrics: dict[str, float], step: int | None = None) -> None:
+        fresh = unlogged(metrics, step, done)
+        if metrics and all(k.startswith("train/") for k in metrics):
+            tracking.log_metrics(fresh, step, synchronous=False)
+        else:
+            tracking.flush()
+            tracking.log_metrics(fresh, step)
+
+    return log
+
+
 def save_model(model: nn.Module, out_dir: Path, meta: dict) -> None:
     """``model.pt`` (state dict) and ``model.json`` (meta), each written atomically."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -633,8 +653,7 @@ def _run(params, variant: str, world: World, device: torch.device, progress: boo
     with tracking.stage_run(params.register.experiment, variant, run_id, tags) as active:
         done = tracking.last_steps(run_id) if run_id else {}
 
-        def log(metrics: dict[str, float], step: int | None = None) -> None:
-            tracking.log_metrics(unlogged(metrics, step, done), step)
+        log = metric_logger(done)
 
         tracking.log_params(
             flatten(to_dict(vp), "train.")
