@@ -169,24 +169,13 @@ def log_params(params: dict[str, Any]) -> None:
         mlflow.log_params({k: str(v)[:6000] for k, v in fresh.items()})
 
 
-def log_metrics(
-    metrics: dict[str, float], step: int | None = None, synchronous: bool = True
-) -> None:
-    """Log numeric metrics to the active run, if any (one batched call).
-
-    ``synchronous=False`` queues them for MLflow's background logging thread
-    (the training loop does not wait on the store); :func:`flush` waits for the
-    queue."""
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    """Log numeric metrics to the active run, if any (one batched call)."""
     if mlflow.active_run() is None:
         return
     clean = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
     if clean:
-        mlflow.log_metrics(clean, step=step, synchronous=synchronous)
-
-
-def flush() -> None:
-    """Wait until every metric queued with ``synchronous=False`` is stored."""
-    mlflow.flush_async_logging()
+        mlflow.log_metrics(clean, step=step)
 
 
 def last_steps(run_id: str) -> dict[str, int]:

@@ -89,8 +89,8 @@ def test_stage_stopped_mid_epoch_resumes_its_mlflow_run(tmp_path, monkeypatch):
 
     real = tracking.log_metrics
 
-    def dies_after_step_3(metrics, step=None, synchronous=True):
-        real(metrics, step, synchronous)
+    def dies_after_step_3(metrics, step=None):
+        real(metrics, step)
         if step == 3 and "train/loss_total" in metrics:
             raise KeyboardInterrupt
 
