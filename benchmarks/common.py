@@ -12,7 +12,6 @@ and is run by ``python -m benchmarks`` in a process of its own.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -20,7 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,16 +106,6 @@ class Split:
 
 
 # -- the bench project ----------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def in_dir(path: Path) -> Iterator[None]:
-    old = Path.cwd()
-    os.chdir(path)
-    try:
-        yield
-    finally:
-        os.chdir(old)
 
 
 def new_project(path: Path, assignments: dict[str, Any]) -> Path:

@@ -26,7 +26,7 @@ from benchmarks.common import (
 )
 
 
-def test_times(ctx: Context) -> dict[str, dict[str, float]]:
+def test_times(ctx: Context, models: dict) -> dict[str, dict[str, float]]:
     from rcnnops.data.coco import load_image_array
     from rcnnops.metrics import to_coco_results
     from rcnnops.models import USES_PROPOSALS
@@ -34,7 +34,6 @@ def test_times(ctx: Context) -> dict[str, dict[str, float]]:
 
     p = load_params(ctx.project).proposals
     dataset, _, labels = val_dataset(ctx.project, proposals=True)
-    models = {v: load_trained(ctx.project, v)[0] for v in VARIANTS}
     split = Split()
     for m in models.values():
         split.wrap(m.roi_heads, "postprocess_detections", "post")
@@ -129,14 +128,15 @@ def train_times(ctx: Context) -> dict[str, float]:
 def run(ctx: Context) -> dict:
     from rcnnops.models.parts import count_parameters
 
-    test = test_times(ctx)
+    models = {v: load_trained(ctx.project, v)[0] for v in VARIANTS}
+    params_m = {v: count_parameters(m) / 1e6 for v, m in models.items()}  # before timing wraps
+    test = test_times(ctx, models)
     train = train_times(ctx)
     stages = stage_times(ctx.project)
     params = load_params(ctx.project)
     rows = []
     for v in VARIANTS:
         m = metrics(ctx.project, v)
-        model, _ = load_trained(ctx.project, v)
         rows.append(
             {
                 "variant": v,
@@ -149,7 +149,7 @@ def run(ctx: Context) -> dict:
                 "postprocess ms": test[v]["post"],
                 "test ms/img": test[v]["total"],
                 "test speedup": test["rcnn"]["total"] / test[v]["total"],
-                "params M": count_parameters(model) / 1e6,
+                "params M": params_m[v],
                 "bbox AP": m["bbox_AP"],
                 "bbox AP50": m["bbox_AP50"],
                 "segm AP": m.get("segm_AP"),

@@ -23,8 +23,6 @@ from rcnnops import project as dvcproj
 from rcnnops.config import USES_PROPOSALS, load_params
 from rcnnops.lock import project_lock
 
-REMOTE_ENV = run_state.REMOTE_ENV  # overrides params.yaml's pipeline.remote
-
 
 def _chdir(project: str) -> Path:
     path = Path(project).resolve()
@@ -253,7 +251,7 @@ def retrain(
 def _retrain(root: Path, variants: list[str] | None, push_to_remote: bool) -> list[dict]:
     params = load_params(root / "params.yaml")
     variants = variants or params.variants
-    remote = os.environ.get(REMOTE_ENV) or params.pipeline.remote
+    remote = run_state.dvc_remote(params)
     ensure_dvc(str(root), remote)
     stale = pipeline_status(str(root))
     if stale and params.pipeline.pull and (root / "dvc.lock").is_file():

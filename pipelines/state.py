@@ -25,6 +25,12 @@ STATE = Path(".rcnnops") / "last_run.json"
 REMOTE_ENV = "RCNNOPS_DVC_REMOTE"  # overrides params.yaml's pipeline.remote
 
 
+def dvc_remote(params) -> str | None:
+    """The DVC remote a run pulls from and pushes to: ``$RCNNOPS_DVC_REMOTE``,
+    else params.yaml's ``pipeline.remote``."""
+    return os.environ.get(REMOTE_ENV) or params.pipeline.remote
+
+
 def _sha(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
 

@@ -202,13 +202,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         from pipelines import state
 
         if not args.force and (Path.cwd() / state.STATE).is_file():
-            import os
-
             from rcnnops.config import load_params
 
             params = load_params(args.params)
-            remote = os.environ.get(state.REMOTE_ENV) or params.pipeline.remote
             variants = args.variants or params.variants
+            remote = state.dvc_remote(params)
             summary = state.check(Path.cwd(), variants, remote, push=not args.no_push)
             if summary:
                 print(summary)

@@ -95,13 +95,13 @@ def _git_toplevel(project: Path) -> Path | None:
         return None
     if out.returncode != 0:
         return None
-    top = Path(out.stdout.strip()).resolve()
+    top, here = Path(out.stdout.strip()).resolve(), project.resolve()
+    if top == here:
+        return top
     # A project in a folder the enclosing repository ignores is not part of it
     # (DVC refuses `init --subdir` there): treat it as outside any repository.
-    ignored = subprocess.run(
-        ["git", "check-ignore", "-q", str(project.resolve())], cwd=project, timeout=10
-    )
-    return None if top != project.resolve() and ignored.returncode == 0 else top
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(here)], cwd=project, timeout=10)
+    return None if ignored.returncode == 0 else top
 
 
 def dvc_config(project: Path) -> dict[str, str]:
