@@ -5,16 +5,15 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install run test test-data test-model test-reliability test-scale test-ci test-all bench bench-quick lint format clean
+.PHONY: help install run test test-data test-reliability test-scale test-ci test-all bench bench-quick lint format clean
 
 help:
 	@echo "make run        install (first time) and run the whole pipeline on the default dataset"
 	@echo "make test       install (first time) and run the default test suite (< 10 min, CPU)"
 	@echo "make test-data  real-data tests on ../shared/data/coco-mini (skipped if absent)"
-	@echo "make test-model slow trained-model tests"
 	@echo "make test-reliability  fault-injection suite (kills, a vanishing tracking server, ...)"
 	@echo "make test-scale scale-out suite (parallel variants, mlflow server, shared DVC remote)"
-	@echo "make test-ci    what CI runs: make test, then the reliability and scale suites"
+	@echo "make test-ci    what CI (.ci/run) runs after a fresh install: make test, then make test-scale"
 	@echo "make bench      benchmarks (the papers' comparisons; writes benchmarks/results.md, .json)"
 	@echo "make bench-quick  the same, short (CPU, < 15 min); or: make bench ARGS=--quick"
 	@echo "make lint       ruff lint + format check"
@@ -36,20 +35,16 @@ test: $(STAMP)
 test-data: $(STAMP)
 	$(BIN)/python -m pytest -m data
 
-test-model: $(STAMP)
-	$(BIN)/python -m pytest -m model
-
 test-reliability: $(STAMP)
 	$(BIN)/python -m pytest -m reliability
 
 test-scale: $(STAMP)
 	$(BIN)/python -m pytest -m scale
 
-test-ci: test
-	$(BIN)/python -m pytest -m "reliability or scale"
+test-ci: test test-scale
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -m "data or model or reliability or scale or not (data or model or reliability or scale)"
+	$(BIN)/python -m pytest -m "data or reliability or scale or not (data or reliability or scale)"
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(ARGS)

@@ -111,7 +111,7 @@ class Split:
 def new_project(path: Path, assignments: dict[str, Any]) -> Path:
     """A project folder like the repo (dvc.yaml, params.yaml, stage sources) with
     ``assignments`` applied to params.yaml (dotted keys, as ``rcnnops run --set``)."""
-    from rcnnops.config import set_params
+    from rcnnops.params_edit import set_params
 
     if path.exists():
         shutil.rmtree(path)
@@ -166,16 +166,16 @@ def load_params(project: Path):
 
 def load_trained(project: Path, variant: str):
     """``(model in eval mode, model.json)`` of a variant trained in ``project``."""
-    from rcnnops.train import load_model
+    from rcnnops.models.io import load_model
 
     model, meta = load_model(project / "models" / variant)
     return model.eval(), meta
 
 
 def val_dataset(project: Path, proposals: bool = False, train: bool = False):
-    """``(CocoDetection, coco dict, LabelMap)`` of the project's prepared split;
+    """``(DetectionDataset, coco dict, LabelMap)`` of the project's prepared split;
     with the cached selective-search boxes when ``proposals``."""
-    from rcnnops.data.coco import CocoDetection
+    from rcnnops.data.dataset import DetectionDataset
     from rcnnops.data.prepare import load_split
 
     params = load_params(project)
@@ -186,7 +186,7 @@ def val_dataset(project: Path, proposals: bool = False, train: bool = False):
         from rcnnops.proposals.precompute import ProposalStore
 
         boxes = ProposalStore(project / params.proposals.out / split).boxes_for
-    return CocoDetection(coco, root, labels, proposals=boxes), coco, labels
+    return DetectionDataset(coco, root, labels, proposals=boxes), coco, labels
 
 
 def metrics(project: Path, variant: str) -> dict:

@@ -14,7 +14,7 @@ from benchmarks.common import Context, load_params, now, val_dataset
 
 
 def run(ctx: Context) -> dict:
-    from rcnnops.data.coco import collate
+    from rcnnops.data.dataset import collate
     from rcnnops.data.transforms import RandomHorizontalFlip
     from rcnnops.models import build_model
 

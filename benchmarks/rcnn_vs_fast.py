@@ -22,7 +22,7 @@ SVD_RANK = 32
 def run(ctx: Context) -> dict:
     from rcnnops.metrics import coco_evaluate, predict
     from rcnnops.models import build_model
-    from rcnnops.models.fast_rcnn import compress
+    from rcnnops.models.roi import compress
 
     dataset, coco, labels = val_dataset(ctx.project, proposals=True)
     rcnn, meta = load_trained(ctx.project, "rcnn")

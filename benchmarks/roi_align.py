@@ -14,7 +14,7 @@ from benchmarks.common import Context, command, metrics, stage_times
 
 
 def run(ctx: Context) -> dict:
-    from rcnnops.config import set_params
+    from rcnnops.params_edit import set_params
 
     copy = ctx.work / "roi_pool"
     if copy.exists():

@@ -15,7 +15,7 @@ from benchmarks.common import Context, Split, ab, load_params, load_trained, med
 
 
 def run(ctx: Context) -> dict:
-    from rcnnops.data.coco import load_image, load_image_array
+    from rcnnops.data.io import load_image, load_image_array
     from rcnnops.proposals.selective_search import selective_search
 
     p = load_params(ctx.project).proposals

@@ -21,9 +21,12 @@ def run(ctx: Context) -> dict:
     from torch.utils.data import Subset
 
     from rcnnops import tracking
+    from rcnnops.checkpoints import Checkpoints
     from rcnnops.data.transforms import RandomHorizontalFlip
+    from rcnnops.engine import fit
     from rcnnops.models import build_model
-    from rcnnops.train import Checkpoints, FitConfig, fit, metric_logger
+    from rcnnops.solver import FitConfig
+    from rcnnops.tracking import metric_logger
 
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{ctx.work / 'tracking-bench.db'}"
     params = load_params(ctx.project)

@@ -27,7 +27,7 @@ from benchmarks.common import (
 
 
 def test_times(ctx: Context, models: dict) -> dict[str, dict[str, float]]:
-    from rcnnops.data.coco import load_image_array
+    from rcnnops.data.io import load_image_array
     from rcnnops.metrics import to_coco_results
     from rcnnops.models import USES_PROPOSALS
     from rcnnops.proposals.selective_search import selective_search
@@ -83,12 +83,12 @@ def test_times(ctx: Context, models: dict) -> dict[str, dict[str, float]]:
 
 def train_times(ctx: Context) -> dict[str, float]:
     """Median ms per image of a training step (forward, backward, SGD) per variant."""
-    from rcnnops.data.coco import CocoDetection
+    from rcnnops.data.dataset import DetectionDataset
     from rcnnops.data.prepare import load_split
     from rcnnops.data.transforms import RandomHorizontalFlip
+    from rcnnops.engine import split_proposals
     from rcnnops.models import MASK_VARIANTS, USES_PROPOSALS, build_model
     from rcnnops.proposals.precompute import ProposalStore
-    from rcnnops.train import split_proposals
 
     params = load_params(ctx.project)
     coco, root, labels = load_split(ctx.project / params.prepare.out, "train")
@@ -99,7 +99,7 @@ def train_times(ctx: Context) -> dict[str, float]:
         torch.manual_seed(0)
         model = build_model(v, labels.num_classes + 1, vp.model).train()
         opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-        data = CocoDetection(
+        data = DetectionDataset(
             coco,
             root,
             labels,
@@ -126,7 +126,7 @@ def train_times(ctx: Context) -> dict[str, float]:
 
 
 def run(ctx: Context) -> dict:
-    from rcnnops.models.parts import count_parameters
+    from rcnnops.models.weights import count_parameters
 
     models = {v: load_trained(ctx.project, v)[0] for v in VARIANTS}
     params_m = {v: count_parameters(m) / 1e6 for v, m in models.items()}  # before timing wraps

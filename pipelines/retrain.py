@@ -20,7 +20,7 @@ from prefect.futures import wait
 from pipelines import slots as stage_slots
 from pipelines import state as run_state
 from rcnnops import project as dvcproj
-from rcnnops.config import USES_PROPOSALS, load_params
+from rcnnops.config import USES_PROPOSALS, Params, load_params
 from rcnnops.lock import project_lock
 
 
@@ -116,40 +116,30 @@ def train_and_evaluate(
 
 
 @task(name="version-data")
-def version_data(project: str, pipeline_fresh: bool = False, stale: tuple[str, ...] = ()) -> dict:
+def version_data(
+    project: str, params: Params, pipeline_fresh: bool = False, stale: tuple[str, ...] = ()
+) -> dict:
     """Generate the default dataset if it is the source, then validate and
     version it with `prepare`; returns the data hashes every run records."""
-    p = load_params(Path(project) / "params.yaml")
+    root = Path(project)
     if not pipeline_fresh:
-        if Path(p.data.root).resolve() == (Path(project) / p.generate.out).resolve():
-            dvcproj.repro(Path(project), "generate", known_stale="generate" in stale)
-        dvcproj.repro(Path(project), "prepare", known_stale="prepare" in stale)
+        if Path(params.data.root).resolve() == (root / params.generate.out).resolve():
+            dvcproj.repro(root, "generate", known_stale="generate" in stale)
+        dvcproj.repro(root, "prepare", known_stale="prepare" in stale)
     from rcnnops.data.prepare import load_manifest
 
-    m = load_manifest(Path(project) / p.prepare.out)
+    m = load_manifest(root / params.prepare.out)
     get_run_logger().info("data_hash %s (val %s)", m["data_hash"][:12], m["val_hash"][:12])
     return {"data_hash": m["data_hash"], "val_hash": m["val_hash"]}
 
 
 @task(name="register", retries=3, retry_delay_seconds=[2, 5, 10])
-def register(project: str, variant: str) -> dict:
+def register(params: Params, variant: str) -> dict:
     from rcnnops import registry, tracking
 
     tracking.check_reachable()  # a clear message (and a retry) when the server is gone
-    p = load_params(Path(project) / "params.yaml")
-    proposals = None
-    if variant in USES_PROPOSALS:  # the served model runs selective search as trained
-        from rcnnops.proposals.precompute import settings_from
-
-        proposals = settings_from(p).as_dict()
     with tracking.unreachable_explained():
-        r = registry.register(
-            variant,
-            Path(p.train.out) / variant,
-            Path(p.evaluate.out) / variant,
-            p.register.experiment,
-            proposals=proposals,
-        )
+        r = registry.register_variant(params, variant)
     get_run_logger().info(
         "%s version %s (%s)", r.name, r.version, "new" if r.created else "already registered"
     )
@@ -157,23 +147,15 @@ def register(project: str, variant: str) -> dict:
 
 
 @task(name="promote", retries=3, retry_delay_seconds=[2, 5, 10])
-def promote(project: str, variant: str, version: str) -> dict:
+def promote(params: Params, variant: str, version: str) -> dict:
     from prefect.runtime import flow_run
 
     from rcnnops import registry, tracking
 
     tracking.check_reachable()
-    p = load_params(Path(project) / "params.yaml")
     actor = f"prefect flow run {flow_run.get_name() or flow_run.get_id()}"
     with tracking.unreachable_explained():
-        d = registry.promote(
-            variant,
-            version,
-            p.register.metric_for(variant),
-            p.register.min_improvement,
-            actor=actor,
-            experiment=p.register.experiment,
-        )
+        d = registry.promote_variant(params, variant, version, actor=actor)
     get_run_logger().info(
         "%s v%s: %s (%s)",
         d.name,
@@ -199,12 +181,11 @@ def unchanged(reg: dict) -> dict:
 
 
 @task(name="compare", retries=2, retry_delay_seconds=[2, 5])
-def compare(project: str, variants: list[str]) -> str:
+def compare(p: Params, variants: list[str]) -> str:
     """The variants' comparison (latest run and champion) as Markdown; also draws
     reports/compare/side_by_side.png and logs both to MLflow when they changed."""
     from rcnnops import compare as cmp
 
-    p = load_params(Path(project) / "params.yaml")
     rows = cmp.collect(p, variants)
     plot = cmp.side_by_side(p, variants)
     run_id = cmp.log_to_mlflow(p.register.experiment, rows, plot)
@@ -224,16 +205,21 @@ def push(project: str) -> None:
 
 
 def _summary(decisions: list[dict]) -> str:
-    rows = ["| model | version | decision | metric | value | reason |", "|---|---|---|---|---|---|"]
-    for d in decisions:
-        value = "n/a" if d["value"] is None else f"{d['value']:.4f}"
-        metric = d["metric"] or "-"
-        rows.append(
-            f"| {d['name']} | {d['version']} | "
-            f"{'promoted' if d['promoted'] else 'kept'} | {metric} | {value} | "
-            f"{d['reason']} |"
-        )
-    return "\n".join(rows)
+    from rcnnops.tables import markdown_table
+
+    columns = ("model", "version", "decision", "metric", "value", "reason")
+    rows = [
+        [
+            d["name"],
+            str(d["version"]),
+            "promoted" if d["promoted"] else "kept",
+            d["metric"] or "-",
+            "n/a" if d["value"] is None else f"{d['value']:.4f}",
+            d["reason"],
+        ]
+        for d in decisions
+    ]
+    return markdown_table(columns, rows)
 
 
 @flow(name="rcnnops-retrain", log_prints=True)
@@ -257,12 +243,10 @@ def _retrain(root: Path, variants: list[str] | None, push_to_remote: bool) -> li
     if stale and params.pipeline.pull and (root / "dvc.lock").is_file():
         stale = pull(str(root))
     fresh, known = not stale, tuple(stale)
-    version_data(str(root), fresh, known)
+    version_data(str(root), params, fresh, known)
     if USES_PROPOSALS & set(variants):
         repro(str(root), "proposals", fresh, known)
-    slots = stage_slots.plan(
-        params.pipeline.parallel, params.train.device, getattr(params.train, "nproc", 1)
-    )
+    slots = stage_slots.plan(params.pipeline.parallel, params.train.device, params.train.nproc)
     if not fresh:
         stage_slots.ensure_limits(slots)
         tracking_store(str(root), params.register.experiment)
@@ -276,9 +260,9 @@ def _retrain(root: Path, variants: list[str] | None, push_to_remote: bool) -> li
         )
     decisions = []
     for v in variants:
-        reg = register(str(root), v)
+        reg = register(params, v)
         if reg["created"] or not reg["decided"]:  # also a version an earlier run left undecided
-            decisions.append(promote(str(root), v, reg["version"]))
+            decisions.append(promote(params, v, reg["version"]))
         else:
             decisions.append(unchanged(reg))
     if push_to_remote:
@@ -289,7 +273,7 @@ def _retrain(root: Path, variants: list[str] | None, push_to_remote: bool) -> li
         description="Promotion decisions of this retraining run",
     )
     create_markdown_artifact(
-        compare(str(root), variants),
+        compare(params, variants),
         key="rcnnops-compare",
         description="Variants compared: latest run and champion (metrics, cost, lineage)",
     )

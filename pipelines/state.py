@@ -13,13 +13,14 @@ No Prefect import here: the point is not to pay for it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from rcnnops.files import sha256_file
 
 STATE = Path(".rcnnops") / "last_run.json"
 REMOTE_ENV = "RCNNOPS_DVC_REMOTE"  # overrides params.yaml's pipeline.remote
@@ -32,7 +33,7 @@ def dvc_remote(params) -> str | None:
 
 
 def _sha(path: Path) -> str | None:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    return sha256_file(path) if path.is_file() else None
 
 
 def fingerprint(root: Path, variants: list[str], remote: str | None, push: bool) -> dict:

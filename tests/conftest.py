@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -36,7 +35,7 @@ TINY = GenerateParams(
 def tiny_raw(tmp_path, monkeypatch) -> Path:
     """A tiny shapes dataset (64 px) written as COCO under tmp_path/raw."""
     monkeypatch.chdir(tmp_path)
-    return generate(dataclasses.replace(TINY, out=str(tmp_path / "raw")))
+    return generate(TINY.model_copy(update=dict(out=str(tmp_path / "raw"))))
 
 
 @pytest.fixture
@@ -44,8 +43,8 @@ def tiny_prepared(tiny_raw, tmp_path) -> Path:
     """``tiny_raw`` through ``prepare`` into tmp_path/prepared."""
     data = DataParams(
         root=str(tiny_raw),
-        train=SplitSource("annotations/instances_train.json", "train"),
-        val=SplitSource("annotations/instances_val.json", "val"),
+        train=SplitSource(annotations="annotations/instances_train.json", images="train"),
+        val=SplitSource(annotations="annotations/instances_val.json", images="val"),
     )
     prepare(data, PrepareParams(out=str(tmp_path / "prepared")))
     return tmp_path / "prepared"

@@ -100,15 +100,13 @@ def champion_row(variant: str, mv: Any) -> dict:
 def _registered_version(variant: str, models: Path) -> str | None:
     """The registered version holding the project's current weights, if any."""
     from rcnnops import registry
+    from rcnnops.files import sha256_file
 
     weights = models / variant / "model.pt"
     if not weights.is_file():
         return None
-    digest = registry.file_sha256(weights)
-    for mv in registry._versions(registry.model_name(variant)):
-        if mv.tags.get("model_hash") == digest:
-            return str(mv.version)
-    return None
+    mv = registry.version_with_hash(registry.model_name(variant), sha256_file(weights))
+    return None if mv is None else str(mv.version)
 
 
 def collect(params: Any, variants: list[str] | None = None) -> list[dict]:
@@ -158,14 +156,12 @@ def render(rows: list[dict], fmt: str = "table") -> str:
         writer.writeheader()
         writer.writerows({c: "" if r.get(c) is None else r[c] for c in COLUMNS} for r in rows)
         return buf.getvalue().rstrip("\n")
+    from rcnnops.tables import markdown_table, text_table
+
     cells = [[_cell(c, r.get(c)) for c in TABLE_COLUMNS] for r in rows]
     if fmt == "markdown":
-        lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
-        return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in cells])
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(TABLE_COLUMNS)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(TABLE_COLUMNS, widths, strict=True))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
-    return "\n".join(line.rstrip() for line in lines)
+        return markdown_table(TABLE_COLUMNS, cells)
+    return text_table(TABLE_COLUMNS, cells)
 
 
 # --- the picture -------------------------------------------------------------------
@@ -198,9 +194,9 @@ def side_by_side(
 ) -> Path | None:
     """Ground truth + each evaluated variant's predictions on the same validation
     images, one row per image; None when no variant has predictions."""
-    from rcnnops.data.coco import load_image_array, safe_image_path
+    from rcnnops.data.io import load_image_array, safe_image_path
     from rcnnops.data.prepare import load_split
-    from rcnnops.plots import draw_detections
+    from rcnnops.plots import draw_detections, pyplot
 
     reports = Path(params.evaluate.out)
     preds = {}
@@ -217,7 +213,7 @@ def side_by_side(
         v: (lambda i, p=p: [r for r in p if r["image_id"] == i and r["score"] >= score_threshold])
         for v, p in preds.items()
     }
-    plt = _pyplot()
+    plt = pyplot()
     nrows, ncols = max(len(images), 1), len(columns)
     fig, axes = plt.subplots(nrows, ncols, figsize=(2.6 * ncols, 2.6 * nrows), squeeze=False)
     for r, im in enumerate(images):
@@ -234,15 +230,6 @@ def side_by_side(
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 # --- MLflow ------------------------------------------------------------------------

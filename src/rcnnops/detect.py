@@ -23,7 +23,6 @@ from typing import Any
 import numpy as np
 
 DEFAULT_MAX_SIDE = 4096  # pixels; longer images are refused (model_config max_image_side)
-MASK_THRESHOLD = 0.5
 SERVING_FILE = "serving.json"  # in a model bundle: proposal settings for the served model
 
 
@@ -137,10 +136,11 @@ def images_from_input(model_input: Any, max_side: int = DEFAULT_MAX_SIDE) -> lis
 
 
 def encode_masks(masks: Any) -> list[dict]:
-    """``float [N, 1, H, W]`` mask probabilities -> COCO RLE dicts (``counts`` a str)."""
-    from rcnnops.data.masks import encode
+    """``float [N, 1, H, W]`` mask probabilities -> COCO RLE dicts (``counts`` a str),
+    binarised by :func:`~rcnnops.data.masks.binarize`."""
+    from rcnnops.data.masks import binarize, encode
 
-    binary = np.asarray(masks, dtype=np.float32)[:, 0] >= MASK_THRESHOLD
+    binary = binarize(np.asarray(masks, dtype=np.float32)[:, 0])
     return [encode(m) for m in binary]
 
 
@@ -172,15 +172,17 @@ class Detector:
 
     @classmethod
     def from_dir(cls, model_dir: Path) -> Detector:
-        """Load ``model.pt`` + ``model.json`` (+ ``serving.json``) from a bundle."""
-        from rcnnops.data.coco import LabelMap
+        """Load ``model.pt`` + ``model.json`` (+ ``serving.json``: proposal settings,
+        ``svd_rank``) from a bundle."""
+        from rcnnops.data.dataset import LabelMap
         from rcnnops.models import USES_PROPOSALS
-        from rcnnops.train import load_model
+        from rcnnops.models.io import load_model
 
         model_dir = Path(model_dir)
-        model, meta = load_model(model_dir, "cpu")
-        serving = model_dir / SERVING_FILE
-        settings = json.loads(serving.read_text()).get("proposals") if serving.is_file() else None
+        serving_path = model_dir / SERVING_FILE
+        serving = json.loads(serving_path.read_text()) if serving_path.is_file() else {}
+        model, meta = load_model(model_dir, "cpu", svd_rank=serving.get("svd_rank"))
+        settings = serving.get("proposals")
         if meta["variant"] in USES_PROPOSALS and settings is None:
             settings = {}  # the selective search defaults
         names = LabelMap.from_json(meta["labels"]).names

@@ -40,7 +40,7 @@ def summarise(evals: dict[str, tuple[dict, dict]], ms: float) -> dict:
 
 def write_samples(dataset, results: list[dict], labels, path: Path, title: str) -> None:
     """The first validation images with their detections scoring >= 0.5."""
-    from rcnnops.data.coco import load_image_array
+    from rcnnops.data.io import load_image_array
 
     names = dict(zip(labels.category_ids, labels.names, strict=True))
     by_image: dict[int, list[dict]] = {}
@@ -56,17 +56,19 @@ def write_samples(dataset, results: list[dict], labels, path: Path, title: str) 
 def run(params, variant: str, progress: bool = True) -> dict:
     """The stage: evaluate the trained ``variant`` on the prepared validation split."""
     from rcnnops import tracking
-    from rcnnops.data.coco import CocoDetection, DataError
+    from rcnnops.data.dataset import DetectionDataset
+    from rcnnops.data.io import DataError
     from rcnnops.data.prepare import load_manifest, load_split
+    from rcnnops.device import resolve_device
     from rcnnops.models import MASK_VARIANTS, USES_PROPOSALS
-    from rcnnops.train import load_model, resolve_device
+    from rcnnops.models.io import load_model
 
     prepared = Path(params.prepare.out)
     manifest = load_manifest(prepared)
     val_coco, val_root, labels = load_split(prepared, "val")
     device = resolve_device(params.train.device)
     model_dir = Path(params.train.out) / variant
-    model, meta = load_model(model_dir, device)
+    model, meta = load_model(model_dir, device, svd_rank=params.evaluate.svd_rank)
     if meta["data_hash"] != manifest["data_hash"]:
         raise DataError(
             f"{model_dir / 'model.json'}: the model was trained on other data "
@@ -77,7 +79,7 @@ def run(params, variant: str, progress: bool = True) -> dict:
         from rcnnops.proposals.precompute import open_store
 
         proposals = open_store(params, "val").boxes_for
-    dataset = CocoDetection(val_coco, val_root, labels, proposals=proposals)
+    dataset = DetectionDataset(val_coco, val_root, labels, proposals=proposals)
     results, ms = predict(model, dataset, labels, device, params.evaluate.batch_size, progress)
     iou_types = ("bbox", "segm") if variant in MASK_VARIANTS else ("bbox",)
     evals, curves = {}, {}

@@ -17,10 +17,12 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+
+from rcnnops.errors import UserError
 
 LOCK_NAME = ".rcnnops.lock"
 
@@ -28,7 +30,7 @@ _held: dict[Path, tuple[int, int]] = {}  # lock path -> (pid, depth) in this pro
 _guard = threading.Lock()
 
 
-class LockedError(RuntimeError):
+class LockedError(UserError, RuntimeError):
     """Another rcnnops run holds the project's lock (the message names it)."""
 
 
@@ -63,18 +65,38 @@ def _refusal(path: Path) -> LockedError:
     )
 
 
-def _try_lock(path: Path, wait: float) -> int:
-    """An fd holding an exclusive flock on ``path``; :class:`LockedError` after ``wait`` s."""
+@contextmanager
+def flocked(
+    path: Path, wait: float | None = None, refusal: Callable[[], Exception] | None = None
+) -> Iterator[int]:
+    """Hold an exclusive ``flock`` on ``path`` (created if missing) for the block;
+    yields its fd. ``wait`` None blocks until it is free; otherwise after ``wait``
+    seconds ``refusal()`` is raised. ``flock`` excludes other processes and other
+    threads that open the file too, and dies with its process."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    deadline = time.monotonic() + wait
+    try:
+        if wait is None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        else:
+            _poll(
+                fd, time.monotonic() + wait, refusal or (lambda: LockedError(f"{path} is locked"))
+            )
+        try:
+            yield fd
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+def _poll(fd: int, deadline: float, refusal: Callable[[], Exception]) -> None:
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
+            return
         except BlockingIOError:
             if time.monotonic() >= deadline:
-                os.close(fd)
-                raise _refusal(path) from None
+                raise refusal() from None
             time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
 
@@ -99,8 +121,7 @@ def project_lock(project: Path, wait: float = 0.0) -> Iterator[Path]:
             with _guard:
                 _held[path] = (pid, _held[path][1] - 1)
         return
-    fd = _try_lock(path, wait)
-    try:
+    with flocked(path, wait, lambda: _refusal(path)) as fd:
         note = {
             "pid": pid,
             "host": socket.gethostname(),
@@ -110,10 +131,9 @@ def project_lock(project: Path, wait: float = 0.0) -> Iterator[Path]:
         os.pwrite(fd, json.dumps(note).encode(), 0)
         with _guard:
             _held[path] = (pid, 1)
-        yield path
-    finally:
-        with _guard:
-            _held.pop(path, None)
-        os.ftruncate(fd, 0)
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        try:
+            yield path
+        finally:
+            with _guard:
+                _held.pop(path, None)
+            os.ftruncate(fd, 0)

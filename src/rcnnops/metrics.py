@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from rcnnops.data.coco import LabelMap
+from rcnnops.data.dataset import LabelMap
 
 STAT_NAMES = (
     "AP",
@@ -151,13 +151,10 @@ def predict(
     return results, 1000.0 * elapsed / max(n, 1)
 
 
-MASK_THRESHOLD = 0.5
-
-
 def to_coco_results(image_id: int, output: dict, labels: LabelMap) -> list[dict]:
     """One image's detections (xyxy) -> COCO result records (xywh, category id;
     ``segmentation`` as compressed RLE when the output has ``masks`` ``[N, 1, H, W]``,
-    binarised at probability 0.5)."""
+    binarised by :func:`~rcnnops.data.masks.binarize`)."""
     boxes = output["boxes"].detach().float().cpu()
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
     records = [
@@ -172,9 +169,9 @@ def to_coco_results(image_id: int, output: dict, labels: LabelMap) -> list[dict]
         )
     ]
     if "masks" in output:
-        from rcnnops.data.masks import encode
+        from rcnnops.data.masks import binarize, encode
 
-        binary = (output["masks"][:, 0] > MASK_THRESHOLD).cpu().numpy()
+        binary = binarize(output["masks"][:, 0])
         for rec, mask in zip(records, binary, strict=True):
             rec["segmentation"] = encode(mask)
     return records

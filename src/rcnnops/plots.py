@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed), imported on first use."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -36,7 +37,7 @@ def write_loss_csv(steps_log: list[dict], path: Path) -> None:
 
 def plot_loss(steps_log: list[dict], path: Path, title: str) -> None:
     """Total and per-term training loss against the step (log scale)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     steps = [r["step"] for r in steps_log]
     keys = sorted({k for r in steps_log for k in r if k.startswith("train/loss")})
@@ -60,7 +61,7 @@ def plot_pr(curves: dict[str, np.ndarray], names: Sequence[str], path: Path, tit
     """Precision-recall curves from COCOeval's ``precision[T, R, K, A, M]``, one
     row per IoU type in ``curves`` (``bbox``, ``segm``): the mean over classes
     at IoU .50/.75, and one curve per class at .50."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(len(curves), 2, figsize=(11, 4.5 * len(curves)), squeeze=False)
     for (iou_type, precision), row in zip(curves.items(), axes, strict=True):
         recall = np.linspace(0, 1, precision.shape[1])
@@ -138,7 +139,7 @@ def plot_samples(
     columns: int = 4,
 ) -> None:
     """A grid of images with their detections (boxes, labels, scores, masks)."""
-    plt = _pyplot()
+    plt = pyplot()
     n = max(1, len(images))
     cols = min(columns, n)
     rows = -(-n // cols)

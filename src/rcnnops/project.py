@@ -13,12 +13,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+from rcnnops.errors import UserError
+
 DEFAULT_REMOTE_NAME = "local"
 DEFAULT_REMOTE_DIR = ".dvcremote"  # inside the project, git-ignored
 TEAM_REMOTE = "rcnnops"  # the name given to a remote set by params or $RCNNOPS_DVC_REMOTE
 
 
-class StageError(RuntimeError):
+class StageError(UserError, RuntimeError):
     """A DVC command failed; the message carries its output's tail."""
 
 

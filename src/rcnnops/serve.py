@@ -25,11 +25,13 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from rcnnops.errors import UserError
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 5001
 
 
-class ServeError(RuntimeError):
+class ServeError(UserError, RuntimeError):
     """The server cannot be started (port in use, bad address) or did not come up."""
 
 
@@ -228,7 +230,7 @@ def draw(image_path: Path, det: dict, out_dir: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from rcnnops.data.coco import load_image_array
+    from rcnnops.data.io import load_image_array
     from rcnnops.plots import draw_detections
 
     image = load_image_array(image_path)

@@ -10,13 +10,15 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import mlflow
 from mlflow.tracking import MlflowClient
+
+from rcnnops.errors import UserError
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -37,7 +39,7 @@ def tracking_uri(project: Path | None = None) -> str:
     return f"sqlite:///{project / DEFAULT_DB}"
 
 
-class TrackingUnavailable(RuntimeError):
+class TrackingUnavailable(UserError, RuntimeError):
     """The MLflow tracking server does not answer (local outputs are unaffected)."""
 
 
@@ -199,3 +201,32 @@ def set_tags(tags: dict[str, str]) -> None:
 def active_run_id() -> str | None:
     run = mlflow.active_run()
     return run.info.run_id if run else None
+
+
+def unlogged(
+    metrics: dict[str, float], step: int | None, done: Mapping[str, int]
+) -> dict[str, float]:
+    """The entries of ``metrics`` that the MLflow run does not hold yet at ``step``.
+
+    ``done`` maps each key to the highest step already logged (``step`` None
+    counts as 0, as in MLflow). A run resumed from its epoch-e checkpoint replays
+    the steps logged between that checkpoint and the kill; MLflow's history is
+    append-only, so they are skipped rather than logged twice (on CPU with a
+    fixed seed the replayed values are the same numbers; on CUDA they may differ
+    in the last bits, and the history keeps the first).
+    """
+    at = 0 if step is None else step
+    return {k: v for k, v in metrics.items() if at > done.get(k, -1)}
+
+
+def metric_logger(done: Mapping[str, int]) -> Callable[[dict[str, float], int | None], None]:
+    """The training loop's ``log`` for an MLflow run that already holds ``done``
+    (:func:`unlogged`): one synchronous batched call per logged step, so every
+    step logged before a checkpoint is stored when the checkpoint is written.
+    (MLflow's asynchronous logging was tried: its flush before each checkpoint
+    waited up to a second, more than all the synchronous calls of an epoch.)"""
+
+    def log(metrics: dict[str, float], step: int | None = None) -> None:
+        log_metrics(unlogged(metrics, step, done), step)
+
+    return log

@@ -3,12 +3,23 @@
 import subprocess
 import sys
 
+from pipelines.cli import add_parsers as orchestration
 from rcnnops.cli import build_parser, main
 
 
 def test_help_lists_commands():
-    text = build_parser().format_help()
-    for cmd in ("run", "generate", "prepare", "train", "evaluate", "register", "promote", "models"):
+    text = build_parser((orchestration,)).format_help()
+    for cmd in (
+        "run",
+        "schedule",
+        "generate",
+        "prepare",
+        "train",
+        "evaluate",
+        "register",
+        "promote",
+        "models",
+    ):
         assert cmd in text
     assert "MLFLOW_TRACKING_URI" in text
 

@@ -56,7 +56,7 @@ def test_stable_hash_ignores_key_order():
 
 
 def test_set_params_edits_in_place_keeping_comments(tmp_path):
-    from rcnnops.config import set_params
+    from rcnnops.params_edit import set_params
 
     path = tmp_path / "params.yaml"
     shutil.copy(REPO / "params.yaml", path)
@@ -78,7 +78,7 @@ def test_set_params_edits_in_place_keeping_comments(tmp_path):
     ],
 )
 def test_set_params_refuses_invalid_values_and_writes_nothing(tmp_path, assignment, message):
-    from rcnnops.config import set_params
+    from rcnnops.params_edit import set_params
 
     path = tmp_path / "params.yaml"
     shutil.copy(REPO / "params.yaml", path)
@@ -89,7 +89,7 @@ def test_set_params_refuses_invalid_values_and_writes_nothing(tmp_path, assignme
 
 
 def test_find_coco_splits_reads_the_coco_layout(tmp_path):
-    from rcnnops.data.coco import DataError
+    from rcnnops.data.io import DataError
     from rcnnops.data.prepare import find_coco_splits
 
     (tmp_path / "annotations").mkdir()

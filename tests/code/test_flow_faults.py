@@ -24,7 +24,7 @@ def harness():
 def _versions(name: str) -> list[str]:
     from rcnnops import registry
 
-    return sorted(str(mv.version) for mv in registry._versions(name))
+    return sorted(str(mv.version) for mv in registry.versions(name))
 
 
 def test_a_failed_variant_registers_nothing(harness, tiny_project, monkeypatch):

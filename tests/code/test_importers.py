@@ -12,8 +12,12 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from rcnnops.cli import main
-from rcnnops.data.coco import CocoDetection, DataError, LabelMap, validate_coco
-from rcnnops.data.importers import VOC_CLASSES, import_masks, import_voc, parse_classes
+from rcnnops.data.dataset import DetectionDataset, LabelMap
+from rcnnops.data.importers import parse_classes
+from rcnnops.data.importers.mask_png import import_masks
+from rcnnops.data.importers.voc import VOC_CLASSES, import_voc
+from rcnnops.data.io import DataError
+from rcnnops.data.validate import validate_coco
 
 # ----------------------------------------------------------------- fixtures
 
@@ -109,7 +113,7 @@ def test_voc_round_trip_boxes_and_loading(voc, tmp_path):
     assert all(a["iscrowd"] == 0 for a in coco["annotations"])
     assert (res.images, res.annotations, res.classes) == (2, 2, 20)
     validate_coco(coco, res.path, voc / "JPEGImages")
-    ds = CocoDetection(coco, voc / "JPEGImages", LabelMap.from_categories(coco["categories"]))
+    ds = DetectionDataset(coco, voc / "JPEGImages", LabelMap.from_categories(coco["categories"]))
     _, target = ds[0]
     assert target["boxes"].tolist() == [[0, 0, 40, 30], [4, 5, 14, 20]]
     assert target["labels"].tolist() == [dog, cat]
@@ -240,9 +244,9 @@ def test_masks_round_trip_rle_boxes_areas(masks, tmp_path):
         assert np.array_equal(_rle_decode(a["segmentation"]), want.astype(np.uint8))
     validate_coco(coco, res.path, images)
     labels = LabelMap.from_categories(coco["categories"])
-    mask_opts = [p for p in inspect.signature(CocoDetection).parameters if "mask" in p]
+    mask_opts = [p for p in inspect.signature(DetectionDataset).parameters if "mask" in p]
     kwargs = {mask_opts[0]: True} if mask_opts else {}
-    _, target = CocoDetection(coco, images, labels, **kwargs)[0]
+    _, target = DetectionDataset(coco, images, labels, **kwargs)[0]
     assert target["boxes"].tolist() == [[1, 1, 4, 3], [5, 3, 8, 6], [7, 0, 8, 1]]
     if "masks" in target:
         assert target["masks"].shape == (3, 6, 8)

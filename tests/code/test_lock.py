@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from rcnnops import cli
+from pipelines.cli import main as run_cli
 from rcnnops.lock import LOCK_NAME, LockedError, holder, project_lock
 
 # Takes the lock, says so, and holds it until its stdin closes (or 60 s pass).
@@ -62,7 +62,7 @@ def _refusal(project: Path, proc: subprocess.Popen) -> str:
 def test_second_run_refuses_at_once_then_proceeds(held, capsys, monkeypatch):
     project, proc = held
     t0 = time.monotonic()
-    assert cli.main(["-C", str(project), "run", "--no-push"]) == 2
+    assert run_cli(["-C", str(project), "run", "--no-push"]) == 2
     assert time.monotonic() - t0 < 5  # refused before Prefect or DVC start
     err = capsys.readouterr().err
     assert err.startswith("rcnnops run: error: another rcnnops run")
@@ -80,7 +80,7 @@ def test_second_run_refuses_at_once_then_proceeds(held, capsys, monkeypatch):
         return []
 
     monkeypatch.setattr(pipelines.retrain, "retrain", fake_retrain)
-    assert cli.main(["-C", str(project), "run", "--no-push"]) == 0
+    assert run_cli(["-C", str(project), "run", "--no-push"]) == 0
     assert calls == [os.getpid()]
     assert holder(project / LOCK_NAME) == {}  # released, note cleared
 

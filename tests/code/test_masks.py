@@ -10,10 +10,12 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from rcnnops.config import PrepareParams
-from rcnnops.data.coco import CocoDetection, DataError, LabelMap, validate_coco
+from rcnnops.data.dataset import DetectionDataset, LabelMap
+from rcnnops.data.io import DataError
 from rcnnops.data.masks import check_segmentation, decode, encode, to_rle
 from rcnnops.data.prepare import load_split, prepare
 from rcnnops.data.transforms import RandomHorizontalFlip
+from rcnnops.data.validate import validate_coco
 from tests.code.test_prepare import ANN, _data, _edit
 
 W, H = 40, 30
@@ -121,7 +123,7 @@ def test_dataset_masks_match_annotations_and_skip_crowd(tiny_prepared):
     im = next(i for i in coco["images"] if i["id"] == a["image_id"])
     crowd_mask = decode(a["segmentation"], im["width"], im["height"])
     a.update(iscrowd=1, segmentation=_uncompressed(crowd_mask))
-    ds = CocoDetection(coco, root, labels, masks=True)
+    ds = DetectionDataset(coco, root, labels, masks=True)
     for i in range(len(ds)):
         image, target = ds[i]
         anns = [x for x in coco["annotations"] if x["image_id"] == ds.images[i]["id"]]
@@ -152,8 +154,8 @@ def test_mask_variant_needs_segmentation(tiny_prepared):
     coco, root, labels = load_split(tiny_prepared, "train")
     coco["annotations"][0].pop("segmentation")
     with pytest.raises(DataError, match="no 'segmentation'"):
-        CocoDetection(coco, root, labels, masks=True)
-    CocoDetection(coco, root, labels)  # box-only variants do not need masks
+        DetectionDataset(coco, root, labels, masks=True)
+    DetectionDataset(coco, root, labels)  # box-only variants do not need masks
 
 
 def test_empty_segmentation_means_box_only(tmp_path):
@@ -171,4 +173,4 @@ def test_empty_segmentation_means_box_only(tmp_path):
     cleaned, _ = validate_coco(coco, tmp_path / "a.json", tmp_path / "img")
     assert cleaned["annotations"][0]["segmentation"] == []
     with pytest.raises(DataError, match="no 'segmentation'"):
-        CocoDetection(cleaned, tmp_path / "img", LabelMap((1,), ("x",)), masks=True)
+        DetectionDataset(cleaned, tmp_path / "img", LabelMap((1,), ("x",)), masks=True)

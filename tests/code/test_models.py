@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from rcnnops.models import MASK_VARIANTS, MODELS, USES_PROPOSALS, build_model
-from rcnnops.models.parts import load_pretrained
+from rcnnops.models.weights import load_pretrained
 
 SMALL = {
     "backbone": "small",

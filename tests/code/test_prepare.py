@@ -6,7 +6,8 @@ import os
 import pytest
 
 from rcnnops.config import DataParams, PrepareParams, SplitSource
-from rcnnops.data.coco import DataError, LabelMap
+from rcnnops.data.dataset import LabelMap
+from rcnnops.data.io import DataError
 from rcnnops.data.prepare import load_split, prepare, split_train_val
 
 ANN = "annotations/instances_train.json"
@@ -15,8 +16,10 @@ ANN = "annotations/instances_train.json"
 def _data(root, val=True):
     return DataParams(
         root=str(root),
-        train=SplitSource(ANN, "train"),
-        val=SplitSource("annotations/instances_val.json", "val") if val else None,
+        train=SplitSource(annotations=ANN, images="train"),
+        val=SplitSource(annotations="annotations/instances_val.json", images="val")
+        if val
+        else None,
     )
 
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from rcnnops.data.prepare import load_manifest, load_split
-from rcnnops.models.parts import PrecomputedProposals
+from rcnnops.models.proposals import PrecomputedProposals
 from rcnnops.proposals.precompute import (
     ProposalError,
     ProposalStore,

@@ -1,14 +1,15 @@
 """The papers' pieces: R-CNN warp, box coding, sampling, truncated SVD."""
 
+import copy
+
 import pytest
 import torch
 from torchvision.models.detection._utils import BoxCoder
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 
 from rcnnops.models import build_model
-from rcnnops.models.fast_rcnn import compress, truncate_fc
-from rcnnops.models.parts import ProposalRoIHeads, roi_pooler
 from rcnnops.models.rcnn import WarpCrops, expand_boxes
+from rcnnops.models.roi import ProposalRoIHeads, compress, roi_pooler, truncate_fc
 
 
 def test_warp_of_a_known_region_equals_its_pixels():
@@ -86,11 +87,62 @@ def test_truncated_svd_keeps_outputs_at_full_rank_and_shrinks_at_low_rank():
     assert sum(p.numel() for p in model.parameters()) < before
 
 
+TINY_HEAD = {"min_size": 64, "max_size": 64, "representation_size": 32}
+
+
+@pytest.mark.parametrize(
+    ("variant", "head"),
+    [
+        ("fast_rcnn", "mlp"),
+        ("fast_rcnn", "mlp_bn"),
+        ("faster_rcnn", "mlp"),
+        ("faster_rcnn", "mlp_bn"),
+        ("mask_rcnn", "mlp_bn"),
+    ],
+)
+def test_compress_truncates_every_fc_of_the_box_head(variant, head):
+    """Each FC becomes two layers whose product has rank <= t; at full rank the
+    RoI head's outputs (class scores, box deltas) are those of the original."""
+    torch.manual_seed(0)
+    params = TINY_HEAD | {"box_head": head}
+    if variant != "fast_rcnn":
+        params["anchor_sizes"] = [16, 32]
+    model = build_model(variant, 3, params).eval()
+    roi_heads = model.roi_heads
+    names = [n for n, m in roi_heads.box_head.named_children() if isinstance(m, torch.nn.Linear)]
+    assert len(names) == 2  # mlp: fc6, fc7; mlp_bn: the two Linear layers
+    x = torch.randn(
+        6, model.backbone.out_channels, 7, 7, generator=torch.Generator().manual_seed(1)
+    )
+    with torch.no_grad():
+        before = roi_heads.box_predictor(roi_heads.box_head(x))
+    full = copy.deepcopy(model)
+    assert compress(full, 32) is full
+    low = compress(model, 4)
+    for name in names:
+        for compressed, rank in ((full, 32), (low, 4)):
+            first, second = getattr(compressed.roi_heads.box_head, name)
+            assert isinstance(first, torch.nn.Linear) and isinstance(second, torch.nn.Linear)
+            assert first.out_features == second.in_features == rank
+            product = (second.weight @ first.weight).detach()
+            assert torch.linalg.matrix_rank(product) <= rank
+    with torch.no_grad():
+        after = full.roi_heads.box_predictor(full.roi_heads.box_head(x))
+    for a, b in zip(after, before, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_compress_refuses_a_box_head_without_fc_layers():
+    model = build_model("rcnn", 3, {"warp_size": 16, "context": 1, "width": 8} | TINY_HEAD)
+    with pytest.raises(ValueError, match=r"RCNN's box head \(CropNet\) has no FC layer"):
+        compress(model, 8)
+
+
 @pytest.mark.parametrize("sampling_ratio", [1, 2])
 def test_our_roi_align_equals_torchvision_values_and_gradients(sampling_ratio):
     from torchvision.ops import roi_align
 
-    from rcnnops.models.parts import RoIAlign
+    from rcnnops.models.roi import RoIAlign
 
     g = torch.Generator().manual_seed(0)
     feats = torch.randn(2, 5, 9, 11, generator=g, dtype=torch.float64)

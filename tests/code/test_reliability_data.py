@@ -3,7 +3,7 @@
 - A hypothesis fuzz of the COCO reader and validator: a valid tiny COCO dict is
   mutated (wrong types, missing keys, bad numbers, unknown or duplicate ids, bad
   polygons and RLE...) and run through ``prepare`` -> ``load_split`` ->
-  ``CocoDetection`` (boxes, labels, masks). Every case either loads valid data
+  ``DetectionDataset`` (boxes, labels, masks). Every case either loads valid data
   or raises :class:`DataError`; anything else is a bug in the validator.
 - Awkward image files (truncated, empty, 16-bit, grey, CMYK, palette,
   EXIF-rotated, too many pixels): read as RGB, or refused naming the file.
@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import copy
-import dataclasses
 import io
 import json
 import math
@@ -34,16 +33,12 @@ from PIL import Image
 
 from rcnnops import cli
 from rcnnops.config import DataParams, ParamsError, PrepareParams, SplitSource, parse_params
-from rcnnops.data.coco import (
-    CocoDetection,
-    DataError,
-    load_image_array,
-    read_json,
-    validate_coco,
-)
+from rcnnops.data.dataset import DetectionDataset
+from rcnnops.data.io import DataError, load_image_array, read_json
 from rcnnops.data.masks import encode
 from rcnnops.data.prepare import SPLITS, load_split, prepare
 from rcnnops.data.shapes import generate
+from rcnnops.data.validate import validate_coco
 from rcnnops.proposals.precompute import (
     ProposalError,
     ProposalStore,
@@ -272,7 +267,7 @@ def _check_loaded(out: Path) -> None:
     for split in SPLITS:
         coco, root, labels = load_split(out, split)
         masks = all(a.get("segmentation") for a in coco["annotations"] if not a.get("iscrowd"))
-        ds = CocoDetection(coco, root, labels, masks=masks, skip_crowd=False)
+        ds = DetectionDataset(coco, root, labels, masks=masks, skip_crowd=False)
         for i in range(len(ds)):
             image, target = ds[i]
             _, h, w = image.shape
@@ -307,7 +302,11 @@ def test_fuzz_coco_reader_loads_valid_data_or_raises_data_error(fuzz_root, data)
         _mutate(doc, data)
     ann = fuzz_root / "annotations.json"
     ann.write_text(json.dumps(doc))
-    src = DataParams(root=str(fuzz_root), train=SplitSource("annotations.json", "images"), val=None)
+    src = DataParams(
+        root=str(fuzz_root),
+        train=SplitSource(annotations="annotations.json", images="images"),
+        val=None,
+    )
     out = fuzz_root / "prepared"
     try:
         prepare(src, PrepareParams(out=str(out), val_fraction=0.34))
@@ -322,7 +321,11 @@ def test_fuzz_coco_reader_loads_valid_data_or_raises_data_error(fuzz_root, data)
 def test_unmutated_fuzz_seed_loads(fuzz_root, tmp_path):
     """The fuzz starts from a valid dataset (else every case would be an error)."""
     (fuzz_root / "annotations.json").write_text(json.dumps(_valid_coco()))
-    src = DataParams(root=str(fuzz_root), train=SplitSource("annotations.json", "images"), val=None)
+    src = DataParams(
+        root=str(fuzz_root),
+        train=SplitSource(annotations="annotations.json", images="images"),
+        val=None,
+    )
     m = prepare(src, PrepareParams(out=str(tmp_path / "p"), val_fraction=0.34))
     assert m["splits"]["train"]["annotations"] + m["splits"]["val"]["annotations"] == 4
     _check_loaded(tmp_path / "p")
@@ -571,8 +574,8 @@ def test_max_image_pixels_param_reaches_prepare(tiny_raw, tmp_path):
             parse_params(raw | {"prepare": {"max_image_pixels": bad}})
     data = DataParams(
         root=str(tiny_raw),
-        train=SplitSource("annotations/instances_train.json", "train"),
-        val=SplitSource("annotations/instances_val.json", "val"),
+        train=SplitSource(annotations="annotations/instances_train.json", images="train"),
+        val=SplitSource(annotations="annotations/instances_val.json", images="val"),
     )
     out = tmp_path / "prepared"
     with pytest.raises(DataError, match=r"instances_train.json: image id 1: 64x64 = 4096 pixels"):
@@ -588,8 +591,8 @@ def test_truncated_jpeg_stops_prepare_not_training(tiny_raw, tmp_path):
     first.write_bytes(first.read_bytes()[:-200])  # a PNG missing its end
     data = DataParams(
         root=str(tiny_raw),
-        train=SplitSource("annotations/instances_train.json", "train"),
-        val=SplitSource("annotations/instances_val.json", "val"),
+        train=SplitSource(annotations="annotations/instances_train.json", images="train"),
+        val=SplitSource(annotations="annotations/instances_val.json", images="val"),
     )
     with pytest.raises(DataError, match=rf"image id 1: image .*{first.name} is unreadable"):
         prepare(data, PrepareParams(out=str(tmp_path / "p")))
@@ -606,11 +609,11 @@ PROPOSALS_HINT = "rebuild them with `dvc repro proposals` (or `rcnnops proposals
 def built(tmp_path_factory) -> Path:
     """Prepared data and proposals written once by the real stage functions."""
     root = tmp_path_factory.mktemp("built")
-    raw = generate(dataclasses.replace(TINY, out=str(root / "raw"), num_train=6, num_val=3))
+    raw = generate(TINY.model_copy(update=dict(out=str(root / "raw"), num_train=6, num_val=3)))
     data = DataParams(
         root=str(raw),
-        train=SplitSource("annotations/instances_train.json", "train"),
-        val=SplitSource("annotations/instances_val.json", "val"),
+        train=SplitSource(annotations="annotations/instances_train.json", images="train"),
+        val=SplitSource(annotations="annotations/instances_val.json", images="val"),
     )
     prepare(data, PrepareParams(out=str(root / "prepared")))
     precompute(root / "prepared", root / "proposals", SEARCH, workers=1)

@@ -8,7 +8,7 @@ from prefect import get_client
 from prefect.testing.utilities import prefect_test_harness
 
 from pipelines import schedule
-from rcnnops.cli import main
+from pipelines.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,10 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from rcnnops import tracking
-from rcnnops.data.coco import CocoDetection, DataError, safe_image_path, validate_coco
+from rcnnops.data.dataset import DetectionDataset
+from rcnnops.data.io import DataError, safe_image_path
 from rcnnops.data.prepare import load_split
+from rcnnops.data.validate import validate_coco
 from tests.conftest import TINY_PARAMS
 
 # --- file names ----------------------------------------------------------------------------
@@ -127,7 +129,7 @@ def test_symlink_planted_after_prepare_is_refused_when_training_reads(tiny_prepa
     secret.write_bytes(first.read_bytes())
     first.unlink()
     first.symlink_to(secret)
-    ds = CocoDetection(coco, root, labels)
+    ds = DetectionDataset(coco, root, labels)
     with pytest.raises(DataError, match="resolves outside the image folder"):
         ds[0]
 
@@ -246,7 +248,7 @@ class Payload:
 def model_dir(tmp_path) -> Path:
     """A real (untrained) tiny Faster R-CNN saved as the train stage saves it."""
     from rcnnops.models import build_model
-    from rcnnops.train import save_model
+    from rcnnops.models.io import save_model
 
     params = yaml.safe_load(TINY_PARAMS)["train"]["faster_rcnn"]["model"]
     model = build_model("faster_rcnn", 3, params)
@@ -257,8 +259,9 @@ def model_dir(tmp_path) -> Path:
 
 @pytest.mark.parametrize("where", ["whole file", "inside the state dict"])
 def test_weights_with_a_pickle_payload_are_refused_and_never_run(model_dir, tmp_path, where):
-    from rcnnops.models.parts import load_pretrained
-    from rcnnops.train import CheckpointError, Checkpoints, load_model
+    from rcnnops.checkpoints import Checkpoints
+    from rcnnops.models.io import CheckpointError, load_model
+    from rcnnops.models.weights import load_pretrained
 
     model, _ = load_model(model_dir)  # the honest file loads
     marker = tmp_path / "pwned"

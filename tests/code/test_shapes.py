@@ -1,4 +1,3 @@
-import dataclasses
 import hashlib
 import json
 
@@ -20,9 +19,9 @@ def _digest(root):
 
 
 def test_generator_is_deterministic(tmp_path):
-    a = generate(dataclasses.replace(TINY, out=str(tmp_path / "a")))
-    b = generate(dataclasses.replace(TINY, out=str(tmp_path / "b")))
-    c = generate(dataclasses.replace(TINY, out=str(tmp_path / "c"), seed=2))
+    a = generate(TINY.model_copy(update=dict(out=str(tmp_path / "a"))))
+    b = generate(TINY.model_copy(update=dict(out=str(tmp_path / "b"))))
+    c = generate(TINY.model_copy(update=dict(out=str(tmp_path / "c"), seed=2)))
     assert _digest(a) == _digest(b)
     assert _digest(a) != _digest(c)
 
@@ -48,6 +47,6 @@ def test_coco_round_trip(tiny_raw):
 
 
 def test_some_images_have_no_objects(tmp_path):
-    out = generate(dataclasses.replace(TINY, out=str(tmp_path / "e"), empty_fraction=1.0))
+    out = generate(TINY.model_copy(update=dict(out=str(tmp_path / "e"), empty_fraction=1.0)))
     coco = json.loads((out / "annotations" / "instances_train.json").read_text())
     assert coco["annotations"] == [] and len(coco["images"]) == TINY.num_train

@@ -2,7 +2,7 @@
 
 import torch
 
-from rcnnops.data.coco import CocoDetection
+from rcnnops.data.dataset import DetectionDataset
 from rcnnops.data.prepare import load_split
 from rcnnops.models import build_model
 from rcnnops.models.svm import mine_svm, ridge
@@ -45,7 +45,7 @@ def test_rcnn_with_svms_on_a_tiny_dataset(tiny_prepared, tmp_path):
     precompute(tiny_prepared, tmp_path / "props", s, workers=1)
     coco, root, labels = load_split(tiny_prepared, "train")
     store = ProposalStore(tmp_path / "props" / "train", s)
-    ds = CocoDetection(coco, root, labels, proposals=store.boxes_for)
+    ds = DetectionDataset(coco, root, labels, proposals=store.boxes_for)
     torch.manual_seed(0)
     model = build_model("rcnn", labels.num_classes + 1, TINY_SVM_RCNN)
     counts = model.fit_svms(ds[i] for i in range(len(ds)))
@@ -59,3 +59,36 @@ def test_rcnn_with_svms_on_a_tiny_dataset(tiny_prepared, tmp_path):
     again = build_model("rcnn", labels.num_classes + 1, TINY_SVM_RCNN)
     again.load_state_dict(model.state_dict())
     assert torch.equal(again.roi_heads.svm.weight, model.roi_heads.svm.weight)
+
+
+def _never(reason: str):
+    raise AssertionError(reason)
+    yield
+
+
+def test_second_stage_is_the_variants_own(capsys):
+    """softmax: nothing to train (samples untouched); svm: the SVMs, on the CPU,
+    with the model left where it was."""
+    softmax = build_model("rcnn", 3, TINY_SVM_RCNN | {"classifier": "softmax"})
+    assert softmax.second_stage(_never("softmax must not read samples")) is None
+
+    g = torch.Generator().manual_seed(0)
+    boxes = torch.tensor([[4.0, 4.0, 28.0, 30.0], [34.0, 30.0, 60.0, 62.0]])
+    samples = [
+        (
+            torch.rand(3, 64, 64, generator=g),
+            {
+                "boxes": boxes,
+                "labels": torch.tensor([1, 2]),
+                "proposals": torch.rand(40, 2, generator=g).mul(40).repeat(1, 2)
+                + torch.tensor([0.0, 0.0, 12.0, 12.0]),
+            },
+        )
+        for _ in range(3)
+    ]
+    torch.manual_seed(0)
+    model = build_model("rcnn", 3, TINY_SVM_RCNN)
+    assert model.second_stage(iter(samples)) == "svm"
+    assert bool(model.roi_heads.svm.trained)
+    assert next(model.parameters()).device.type == "cpu"
+    assert "trained 2 per-class SVMs (+ ridge box regressors)" in capsys.readouterr().out

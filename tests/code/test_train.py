@@ -3,18 +3,15 @@
 import pytest
 import torch
 
-from rcnnops.data.coco import CocoDetection, DataError
+from rcnnops.checkpoints import Checkpoints
+from rcnnops.data.dataset import DetectionDataset
+from rcnnops.data.io import DataError
 from rcnnops.data.prepare import load_split
 from rcnnops.data.transforms import RandomHorizontalFlip
+from rcnnops.engine import TrainingDiverged, fit
 from rcnnops.models import build_model
-from rcnnops.train import (
-    CheckpointError,
-    Checkpoints,
-    FitConfig,
-    TrainingDiverged,
-    fit,
-    lr_factor,
-)
+from rcnnops.models.io import CheckpointError
+from rcnnops.solver import FitConfig, lr_factor
 
 MODEL = {
     "backbone": "small",
@@ -39,7 +36,7 @@ def test_lr_schedule_warmup_then_steps():
 
 def _data(prepared):
     coco, root, labels = load_split(prepared, "train")
-    return CocoDetection(coco, root, labels, RandomHorizontalFlip(0.5)), labels
+    return DetectionDataset(coco, root, labels, RandomHorizontalFlip(0.5)), labels
 
 
 def _model(labels):

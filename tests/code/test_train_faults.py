@@ -18,19 +18,15 @@ import pytest
 import torch
 
 from rcnnops import tracking
+from rcnnops.checkpoints import Checkpoints
 from rcnnops.cli import main
-from rcnnops.data.coco import CocoDetection
+from rcnnops.data.dataset import DetectionDataset
 from rcnnops.data.prepare import load_split
 from rcnnops.data.transforms import RandomHorizontalFlip
+from rcnnops.engine import fit
 from rcnnops.models import build_model
-from rcnnops.train import (
-    CheckpointError,
-    Checkpoints,
-    fit,
-    load_model,
-    save_model,
-    unlogged,
-)
+from rcnnops.models.io import CheckpointError, load_model, save_model
+from rcnnops.tracking import unlogged
 from tests.code.test_train import CFG, MODEL  # the same tiny model and schedule
 from tests.code.training_runs import (
     EXPERIMENT,
@@ -204,7 +200,7 @@ def test_divergence_stops_keeps_the_last_good_checkpoint_and_writes_no_model(
 
 def _data(prepared):
     coco, root, labels = load_split(prepared, "train")
-    return CocoDetection(coco, root, labels, RandomHorizontalFlip(0.5)), labels
+    return DetectionDataset(coco, root, labels, RandomHorizontalFlip(0.5)), labels
 
 
 def _model(labels):

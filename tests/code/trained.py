@@ -51,22 +51,14 @@ def train_and_register(project: Path, variants: list[str]) -> dict[str, str]:
         p = load_params("params.yaml")
         generate(p.generate)
         prepare.run(p)
-        proposals = None
         if USES_PROPOSALS & set(variants):
             from rcnnops.proposals import precompute
 
             precompute.run(p)
-            proposals = precompute.settings_from(p).as_dict()
         for v in variants:
             train.run(p, v, progress=False)
             evaluate.run(p, v, progress=False)
-            r = registry.register(
-                v,
-                Path(p.train.out) / v,
-                Path(p.evaluate.out) / v,
-                p.register.experiment,
-                proposals=proposals if v in USES_PROPOSALS else None,
-            )
-            registry.promote(v, r.version, experiment=p.register.experiment, actor="test")
+            r = registry.register_variant(p, v)
+            registry.promote_variant(p, v, r.version, actor="test")
             versions[v] = r.version
     return versions

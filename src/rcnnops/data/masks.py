@@ -14,7 +14,11 @@ from typing import Any
 import numpy as np
 from pycocotools import mask as mask_utils
 
-from rcnnops.data.coco import DataError, finite_floats
+from rcnnops.data.checks import finite_floats
+from rcnnops.data.io import DataError
+
+# Mask probabilities above this are in the mask (evaluation and serving alike).
+MASK_THRESHOLD = 0.5
 
 
 def check_segmentation(
@@ -29,62 +33,70 @@ def check_segmentation(
     (checked here, in Python, before pycocotools' C code, which trusts them).
     """
     if isinstance(seg, list):
-        if not seg:
-            raise DataError(f"{where}: 'segmentation' is an empty polygon list")
-        for k, poly in enumerate(seg):
-            if not isinstance(poly, list) or not all(
-                isinstance(v, int | float) and not isinstance(v, bool) for v in poly
-            ):
-                raise DataError(f"{where}: segmentation polygon {k} must be a list of numbers")
-            if len(poly) < 6 or len(poly) % 2:
-                raise DataError(
-                    f"{where}: segmentation polygon {k} has {len(poly)} coordinate(s); "
-                    "a polygon needs at least 3 (x, y) points"
-                )
-            coords = finite_floats(poly)
-            if coords is None:
-                raise DataError(f"{where}: segmentation polygon {k} has a non-finite coordinate")
-            xs, ys = coords[0::2], coords[1::2]
-            t = tolerance
-            if min(xs) < -t or min(ys) < -t or max(xs) > width + t or max(ys) > height + t:
-                raise DataError(
-                    f"{where}: segmentation polygon {k} lies outside the image ({width}x{height})"
-                )
+        _check_polygons(seg, width, height, where, tolerance)
         return
     if isinstance(seg, dict):
-        size, counts = seg.get("size"), seg.get("counts")
-        if (
-            not isinstance(size, list)
-            or len(size) != 2
-            or not all(isinstance(v, int) and not isinstance(v, bool) for v in size)
-        ):
-            raise DataError(f"{where}: RLE 'size' must be [height, width], got {size!r}")
-        if size != [height, width]:
-            raise DataError(
-                f"{where}: RLE size {size} (height, width) does not match the image "
-                f"({height}x{width} h x w)"
-            )
-        if isinstance(counts, list):
-            if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts):
-                raise DataError(f"{where}: RLE 'counts' must be non-negative integers")
-            if sum(counts) != height * width:
-                raise DataError(
-                    f"{where}: RLE counts cover {sum(counts)} pixels, the image has "
-                    f"{height * width}"
-                )
-            return
-        if isinstance(counts, str):
-            runs = rle_string_counts(counts)
-            if runs is None:
-                raise DataError(f"{where}: RLE 'counts' string cannot be decoded")
-            if any(r < 0 for r in runs) or sum(runs) != height * width:
-                raise DataError(f"{where}: RLE 'counts' does not describe a {height}x{width} mask")
-            return
-        raise DataError(f"{where}: RLE 'counts' must be a list of integers or a string")
+        _check_rle(seg, width, height, where)
+        return
     raise DataError(
         f"{where}: 'segmentation' must be polygons (a list) or RLE (an object), "
         f"got {type(seg).__name__}"
     )
+
+
+def _check_polygons(seg: list, width: int, height: int, where: str, tolerance: float) -> None:
+    if not seg:
+        raise DataError(f"{where}: 'segmentation' is an empty polygon list")
+    for k, poly in enumerate(seg):
+        if not isinstance(poly, list) or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in poly
+        ):
+            raise DataError(f"{where}: segmentation polygon {k} must be a list of numbers")
+        if len(poly) < 6 or len(poly) % 2:
+            raise DataError(
+                f"{where}: segmentation polygon {k} has {len(poly)} coordinate(s); "
+                "a polygon needs at least 3 (x, y) points"
+            )
+        coords = finite_floats(poly)
+        if coords is None:
+            raise DataError(f"{where}: segmentation polygon {k} has a non-finite coordinate")
+        xs, ys = coords[0::2], coords[1::2]
+        t = tolerance
+        if min(xs) < -t or min(ys) < -t or max(xs) > width + t or max(ys) > height + t:
+            raise DataError(
+                f"{where}: segmentation polygon {k} lies outside the image ({width}x{height})"
+            )
+
+
+def _check_rle(seg: dict, width: int, height: int, where: str) -> None:
+    size, counts = seg.get("size"), seg.get("counts")
+    if (
+        not isinstance(size, list)
+        or len(size) != 2
+        or not all(isinstance(v, int) and not isinstance(v, bool) for v in size)
+    ):
+        raise DataError(f"{where}: RLE 'size' must be [height, width], got {size!r}")
+    if size != [height, width]:
+        raise DataError(
+            f"{where}: RLE size {size} (height, width) does not match the image "
+            f"({height}x{width} h x w)"
+        )
+    if isinstance(counts, list):
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts):
+            raise DataError(f"{where}: RLE 'counts' must be non-negative integers")
+        if sum(counts) != height * width:
+            raise DataError(
+                f"{where}: RLE counts cover {sum(counts)} pixels, the image has {height * width}"
+            )
+        return
+    if isinstance(counts, str):
+        runs = rle_string_counts(counts)
+        if runs is None:
+            raise DataError(f"{where}: RLE 'counts' string cannot be decoded")
+        if any(r < 0 for r in runs) or sum(runs) != height * width:
+            raise DataError(f"{where}: RLE 'counts' does not describe a {height}x{width} mask")
+        return
+    raise DataError(f"{where}: RLE 'counts' must be a list of integers or a string")
 
 
 def rle_string_counts(counts: str) -> list[int] | None:
@@ -137,3 +149,14 @@ def encode(mask: np.ndarray) -> dict:
     """A binary ``[H, W]`` mask as JSON-ready compressed RLE (``counts`` a str)."""
     rle = mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))
     return {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def binarize(probabilities: Any) -> np.ndarray:
+    """Mask probabilities (numpy array or torch tensor, any shape, e.g. ``[N, H, W]``)
+    -> ``bool`` array of the same shape: a pixel is in the mask where its
+    probability is above :data:`MASK_THRESHOLD`. The comparison runs where the
+    values are (a tensor may be on the GPU); only the booleans are copied."""
+    above = probabilities > MASK_THRESHOLD
+    if hasattr(above, "cpu"):  # a torch tensor
+        above = above.cpu().numpy()
+    return np.asarray(above, dtype=bool)

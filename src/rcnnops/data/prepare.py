@@ -19,15 +19,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
 from rcnnops.config import DataParams, PrepareParams
-from rcnnops.data.coco import DataError, LabelMap, read_json, safe_image_path, validate_coco
+from rcnnops.data.dataset import LabelMap
+from rcnnops.data.io import DataError, read_json, safe_image_path
+from rcnnops.data.validate import validate_coco
+from rcnnops.files import replaced_dir, sha256_bytes, sha256_file
 
 SPLITS = ("train", "val")
 
@@ -43,7 +44,7 @@ def _split_hash(coco: dict, image_root: Path) -> str:
     for im in sorted(coco["images"], key=lambda r: r["id"]):
         path = safe_image_path(image_root, im["file_name"], f"image id {im['id']}")
         h.update(im["file_name"].encode())
-        h.update(hashlib.sha256(path.read_bytes()).digest())
+        h.update(bytes.fromhex(sha256_file(path)))
     return h.hexdigest()
 
 
@@ -110,7 +111,7 @@ def prepare(data: DataParams, p: PrepareParams) -> dict:
     splits = {"train": train, "val": val}
     hashes = {s: _split_hash(splits[s], roots[s]) for s in SPLITS}
     manifest = {
-        "data_hash": hashlib.sha256((hashes["train"] + hashes["val"]).encode()).hexdigest(),
+        "data_hash": sha256_bytes(hashes["train"] + hashes["val"]),
         "val_hash": hashes["val"],
         "source": _display_path(Path(data.root)),
         "num_classes": labels.num_classes,
@@ -125,25 +126,16 @@ def prepare(data: DataParams, p: PrepareParams) -> dict:
         "validation": reports,
         "files": {},
     }
-    out = Path(p.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".prepare-", dir=out.parent))
-    try:
+    with replaced_dir(Path(p.out), ".prepare-") as tmp:
         for s in SPLITS:
             doc = dict(splits[s], rcnnops={"image_root": _display_path(roots[s]), "split": s})
             text = json.dumps(doc)
             (tmp / f"{s}.json").write_text(text)
-            manifest["files"][f"{s}.json"] = hashlib.sha256(text.encode()).hexdigest()
+            manifest["files"][f"{s}.json"] = sha256_bytes(text)
         text = json.dumps(labels.to_json(), indent=2)
         (tmp / "labels.json").write_text(text)
-        manifest["files"]["labels.json"] = hashlib.sha256(text.encode()).hexdigest()
+        manifest["files"]["labels.json"] = sha256_bytes(text)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return manifest
 
 
@@ -161,7 +153,7 @@ def _manifest_problem(m: object) -> str | None:
     hashes = [splits[s].get("hash") if isinstance(splits.get(s), dict) else None for s in SPLITS]
     if not all(isinstance(h, str) for h in hashes):
         return f"a split hash is missing (splits: {sorted(splits)})"
-    if m.get("data_hash") != hashlib.sha256("".join(hashes).encode()).hexdigest():
+    if m.get("data_hash") != sha256_bytes("".join(hashes)):
         return "'data_hash' does not match the splits' hashes"
     if m.get("val_hash") != splits["val"]["hash"]:
         return "'val_hash' does not match the val split's hash"
@@ -193,7 +185,7 @@ def _read_checked(prepared: Path, name: str, manifest: dict, required: bool = Tr
     except OSError as e:
         raise DataError(f"{path}: cannot read: {e.strerror or e}; {REBUILD}") from None
     expected = manifest["files"].get(name)
-    if (required or expected is not None) and expected != hashlib.sha256(text).hexdigest():
+    if (required or expected is not None) and expected != sha256_bytes(text):
         raise DataError(
             f"{path}: checksum does not match {prepared / 'manifest.json'} "
             f"(file corrupt or edited by hand); {REBUILD}"

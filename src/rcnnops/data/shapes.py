@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import cv2
@@ -24,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from rcnnops.config import GenerateParams
+from rcnnops.files import replaced_dir
 
 SHAPES = ("circle", "square", "triangle", "diamond", "hexagon", "star")
 
@@ -195,9 +193,7 @@ def generate_split(
 def generate(p: GenerateParams) -> Path:
     """Generate train and val splits under ``p.out`` atomically; returns ``p.out``."""
     out = Path(p.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".generate-", dir=out.parent))
-    try:
+    with replaced_dir(out, ".generate-") as tmp:
         (tmp / "annotations").mkdir()
         # Separate seeds per split; val ids follow train ids so ids never clash.
         splits = {
@@ -207,10 +203,4 @@ def generate(p: GenerateParams) -> Path:
         for split, (num, seed, first) in splits.items():
             coco = generate_split(p, split, num, seed, tmp, first_id=first)
             (tmp / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out

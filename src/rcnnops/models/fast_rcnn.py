@@ -3,20 +3,21 @@ precomputed (selective search) proposals, two FC layers, sibling softmax and
 box-regression heads, multi-task loss.
 
 The variant's difference from the shared parts: the proposal source is
-:class:`parts.PrecomputedProposals` (instead of an RPN), the RoI op defaults
+:class:`proposals.PrecomputedProposals` (instead of an RPN), the RoI op defaults
 to the paper's 7x7 RoIPool, and sampling follows the paper (2 images x 64 RoIs,
-25 % foreground at IoU >= 0.5, background in [0.1, 0.5)). Optional
-truncated SVD of the FC layers at test time (``svd_rank``).
+25 % foreground at IoU >= 0.5, background in [0.1, 0.5)). The paper's truncated
+SVD of the FC layers at test time is :func:`roi.compress`, applied on load.
 """
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
-from rcnnops.models import parts
+from rcnnops.models import backbones, roi
+from rcnnops.models.proposals import PrecomputedProposals
+from rcnnops.models.weights import load_pretrained
 
 
 class FastRCNN(nn.Module):
@@ -32,7 +33,7 @@ class FastRCNN(nn.Module):
         self,
         backbone: nn.Module,
         transform: GeneralizedRCNNTransform,
-        proposal_source: parts.PrecomputedProposals,
+        proposal_source: PrecomputedProposals,
         roi_heads: nn.Module,
     ) -> None:
         super().__init__()
@@ -52,33 +53,6 @@ class FastRCNN(nn.Module):
         if self.training:
             return losses
         return self.transform.postprocess(detections, images.image_sizes, original_sizes)
-
-
-def truncate_fc(layer: nn.Linear, rank: int) -> nn.Sequential:
-    """``W ~ U_t S_t V_t^T``: one FC layer as two smaller ones (paper, section 3.1).
-
-    Cost drops from ``u * v`` to ``t * (u + v)`` multiply-adds per RoI.
-    """
-    u_mat, s, vh = torch.linalg.svd(layer.weight.detach(), full_matrices=False)
-    rank = min(rank, s.numel())
-    first = nn.Linear(layer.in_features, rank, bias=False)
-    second = nn.Linear(rank, layer.out_features, bias=layer.bias is not None)
-    with torch.no_grad():
-        first.weight.copy_(s[:rank, None] * vh[:rank])
-        second.weight.copy_(u_mat[:, :rank])
-        if layer.bias is not None:
-            second.bias.copy_(layer.bias)
-    return nn.Sequential(first, second)
-
-
-def compress(model: FastRCNN, rank: int) -> FastRCNN:
-    """Replace the box head's FC layers with their rank-``rank`` truncated SVD
-    (in place; for inference)."""
-    head = model.roi_heads.box_head
-    for name, module in list(head.named_children()):
-        if isinstance(module, nn.Linear):
-            setattr(head, name, truncate_fc(module, rank))
-    return model
 
 
 def build(
@@ -102,26 +76,21 @@ def build(
     box_score_thresh: float = 0.01,
     box_nms_thresh: float = 0.3,
     box_detections_per_img: int = 100,
-    svd_rank: int | None = None,
 ) -> FastRCNN:
-    """A Fast R-CNN for ``num_classes`` classes including background (K + 1).
-
-    ``svd_rank`` compresses the FC layers for inference once weights are loaded
-    (see :func:`compress`; applied by the loaders, not during training).
-    """
-    body = parts.build_backbone(backbone, norm, pretrained is not None, stride)
-    names = parts.feature_names(body)
-    heads = parts.ProposalRoIHeads(
-        parts.roi_pooler(names, 7, roi_op, sampling_ratio),
-        parts.box_head(
+    """A Fast R-CNN for ``num_classes`` classes including background (K + 1)."""
+    body = backbones.build_backbone(backbone, norm, pretrained is not None, stride)
+    names = backbones.feature_names(body)
+    heads = roi.ProposalRoIHeads(
+        roi.roi_pooler(names, 7, roi_op, sampling_ratio),
+        roi.box_head(
             box_head,
             body.out_channels,
             7,
             representation_size,
-            parts.norm_layer(norm, pretrained is not None),
+            backbones.norm_layer(norm, pretrained is not None),
         ),
         FastRCNNPredictor(representation_size, num_classes),
-        **parts.proposal_sampling(
+        **roi.proposal_sampling(
             fg_iou,
             bg_iou_low,
             box_batch_size_per_image,
@@ -133,11 +102,10 @@ def build(
     )
     model = FastRCNN(
         body,
-        parts.image_transform(min_size, max_size),
-        parts.PrecomputedProposals(proposals_train, proposals_test),
+        backbones.image_transform(min_size, max_size),
+        PrecomputedProposals(proposals_train, proposals_test),
         heads,
     )
-    model.svd_rank = svd_rank
     if pretrained is not None:
-        parts.load_pretrained(model, pretrained)
+        load_pretrained(model, pretrained)
     return model

@@ -12,7 +12,9 @@ from torch import nn
 from torchvision.models.detection import faster_rcnn as tv
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 
-from rcnnops.models import parts
+from rcnnops.models import backbones, roi
+from rcnnops.models.proposals import anchor_generator
+from rcnnops.models.weights import load_pretrained
 
 
 class FasterRCNN(tv.FasterRCNN):
@@ -59,28 +61,28 @@ def components(
 
     ``min_size``/``max_size`` set the image rescaling (torchvision's transform);
     ``pretrained`` is an optional local weights file, loaded by :func:`build`
-    (see ``parts.load_pretrained``). Mask R-CNN extends these.
+    (see ``weights.load_pretrained``). Mask R-CNN extends these.
     """
-    body = parts.build_backbone(backbone, norm, pretrained is not None, stride)
-    names = parts.feature_names(body)
+    body = backbones.build_backbone(backbone, norm, pretrained is not None, stride)
+    names = backbones.feature_names(body)
     kwargs = {
         "num_classes": None,
         "min_size": min_size,
         "max_size": max_size,
-        "image_mean": list(parts.IMAGE_MEAN),
-        "image_std": list(parts.IMAGE_STD),
-        "rpn_anchor_generator": parts.anchor_generator(names, anchor_sizes, list(aspect_ratios)),
+        "image_mean": list(backbones.IMAGE_MEAN),
+        "image_std": list(backbones.IMAGE_STD),
+        "rpn_anchor_generator": anchor_generator(names, anchor_sizes, list(aspect_ratios)),
         "rpn_pre_nms_top_n_train": rpn_pre_nms_top_n_train,
         "rpn_post_nms_top_n_train": rpn_post_nms_top_n_train,
         "rpn_pre_nms_top_n_test": rpn_pre_nms_top_n_test,
         "rpn_post_nms_top_n_test": rpn_post_nms_top_n_test,
-        "box_roi_pool": parts.roi_pooler(names, 7, roi_op, sampling_ratio),
-        "box_head": parts.box_head(
+        "box_roi_pool": roi.roi_pooler(names, 7, roi_op, sampling_ratio),
+        "box_head": roi.box_head(
             box_head,
             body.out_channels,
             7,
             representation_size,
-            parts.norm_layer(norm, pretrained is not None),
+            backbones.norm_layer(norm, pretrained is not None),
         ),
         "box_predictor": FastRCNNPredictor(representation_size, num_classes),
         "box_batch_size_per_image": box_batch_size_per_image,
@@ -95,7 +97,7 @@ def build(num_classes: int, pretrained: str | None = None, **params: Any) -> Fas
     body, kwargs = components(num_classes, pretrained=pretrained, **params)
     model = FasterRCNN(body, **kwargs)
     if pretrained is not None:
-        parts.load_pretrained(model, pretrained)
+        load_pretrained(model, pretrained)
     return model
 
 

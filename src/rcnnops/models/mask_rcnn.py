@@ -13,7 +13,8 @@ from typing import Any
 
 from torchvision.models.detection import mask_rcnn as tv
 
-from rcnnops.models import faster_rcnn, parts
+from rcnnops.models import backbones, faster_rcnn, roi
+from rcnnops.models.weights import load_pretrained
 
 
 class MaskRCNN(tv.MaskRCNN):
@@ -59,18 +60,18 @@ def build(
     body, kwargs = faster_rcnn.components(
         num_classes, pretrained=pretrained, roi_op=roi_op, **params
     )
-    names = parts.feature_names(body)
-    norm = parts.norm_layer(params.get("norm", "auto"), pretrained is not None)
+    names = backbones.feature_names(body)
+    norm = backbones.norm_layer(params.get("norm", "auto"), pretrained is not None)
     channels = [mask_head_channels] * mask_head_layers
     model = MaskRCNN(
         body,
-        mask_roi_pool=parts.roi_pooler(names, mask_roi_size, mask_roi_op, mask_sampling_ratio),
+        mask_roi_pool=roi.roi_pooler(names, mask_roi_size, mask_roi_op, mask_sampling_ratio),
         mask_head=tv.MaskRCNNHeads(body.out_channels, channels, 1, norm_layer=norm),
         mask_predictor=tv.MaskRCNNPredictor(channels[-1], channels[-1], num_classes),
         **kwargs,
     )
     if pretrained is not None:
-        parts.load_pretrained(model, pretrained)
+        load_pretrained(model, pretrained)
     return model
 
 

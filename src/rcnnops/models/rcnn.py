@@ -6,7 +6,7 @@ image crops (:class:`WarpCrops`) fed through a whole CNN (:class:`CropNet`)
 instead of pooled backbone features, so the network runs once per proposal
 (the cost Fast R-CNN removes). Sampling (fg IoU >= 0.5, bg [0.1, 0.5), 25 %
 foreground), K+1-way classification, class-specific ``(t_x, t_y, t_w, t_h)``
-box regression and per-class NMS are the shared :class:`parts.ProposalRoIHeads`.
+box regression and per-class NMS are the shared :class:`roi.ProposalRoIHeads`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,11 @@ from torch import nn
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 from torchvision.ops import MultiScaleRoIAlign, roi_align
 
-from rcnnops.models import parts
+from rcnnops.models import backbones, roi
 from rcnnops.models.fast_rcnn import FastRCNN
+from rcnnops.models.proposals import PrecomputedProposals
 from rcnnops.models.svm import SVMPredictor, mine_svm, ridge
+from rcnnops.models.weights import load_pretrained
 
 
 def expand_boxes(boxes: torch.Tensor, warp_size: int, context: int) -> torch.Tensor:
@@ -71,7 +73,9 @@ class CropNet(nn.Module):
         self, representation: int = 256, width: int = 32, norm=nn.BatchNorm2d, chunk: int = 512
     ) -> None:
         super().__init__()
-        self.body = parts.SmallBackbone(width=width, out_channels=4 * width, stride=8, norm=norm)
+        self.body = backbones.SmallBackbone(
+            width=width, out_channels=4 * width, stride=8, norm=norm
+        )
         self.fc = nn.Sequential(
             nn.Flatten(1), nn.Linear(4 * width, representation), nn.ReLU(inplace=True)
         )
@@ -94,7 +98,7 @@ class _ImageAsFeatures(nn.Module):
         return OrderedDict([("image", x)])
 
 
-class SVMRoIHeads(parts.ProposalRoIHeads):
+class SVMRoIHeads(roi.ProposalRoIHeads):
     """R-CNN heads whose test-time scores and boxes can come from the paper's
     per-class SVMs and ridge regressors (``self.svm``) once they are trained."""
 
@@ -136,7 +140,30 @@ class SVMRoIHeads(parts.ProposalRoIHeads):
 
 
 class RCNN(FastRCNN):
-    """Same API as :class:`FastRCNN` (proposals required); only the RoI path differs."""
+    """Same API as :class:`FastRCNN` (proposals required); only the RoI path differs.
+
+    ``classifier`` (set by :func:`build`): ``softmax`` scores with the fine-tuned
+    network's own head; ``svm`` adds the paper's second stage (:meth:`second_stage`).
+    """
+
+    classifier: str = "softmax"
+
+    def second_stage(self, samples) -> str | None:
+        """Train what follows fine-tuning, if this R-CNN has anything to train.
+
+        With ``classifier == "svm"``: fit the per-class SVMs and ridge box
+        regressors (:meth:`fit_svms`, on the CPU, then back on the device the
+        model was on) and return ``"svm"`` (the scores to validate again).
+        With ``softmax``: nothing to do, return ``None``. ``samples`` as for
+        :meth:`fit_svms`.
+        """
+        if self.classifier != "svm":
+            return None
+        device = next(self.parameters()).device
+        counts = self.cpu().fit_svms(samples)
+        self.to(device)
+        print(f"trained {len(counts)} per-class SVMs (+ ridge box regressors)")
+        return "svm"
 
     @torch.no_grad()
     def fit_svms(
@@ -154,36 +181,13 @@ class RCNN(FastRCNN):
         IoU < ``neg_iou`` with every object of the class (hard-mined). Ridge
         box regression from proposals with IoU >= ``reg_iou``. Returns counts.
         """
-        from torchvision.ops import box_iou
-
         self.eval()
         heads = self.roi_heads
         feats, gt_labels, iou_rows, targets_rows = [], [], [], []
         for image, target in samples:
-            original = [tuple(image.shape[-2:])]
-            images, tgts = self.transform(
-                [image], [{"boxes": target["boxes"], "labels": target["labels"]}]
-            )
-            props = self.proposal_source([target["proposals"]], original, images.image_sizes)[0]
-            gt = tgts[0]["boxes"]
-            boxes = torch.cat([gt, props])
-            x = heads.box_head(
-                heads.box_roi_pool(self.backbone(images.tensors), [boxes], images.image_sizes)
-            )
+            x, labels, best, reg_t = self._svm_rows(image, target)
             feats.append(x)
-            labels = torch.zeros(len(boxes), dtype=torch.int64)
-            labels[: len(gt)] = tgts[0]["labels"]
             gt_labels.append(labels)
-            k = self.roi_heads.svm.weight.shape[0]
-            best = torch.zeros(len(boxes), k)  # best IoU with an object of each class
-            reg_t = torch.zeros(len(boxes), k, 4)
-            if len(gt):
-                iou = box_iou(boxes, gt)
-                for cls in tgts[0]["labels"].unique().tolist():
-                    m = tgts[0]["labels"] == cls
-                    val, idx = iou[:, m].max(dim=1)
-                    best[:, cls] = val
-                    reg_t[:, cls] = heads.box_coder.encode_single(gt[m][idx], boxes)
             iou_rows.append(best)
             targets_rows.append(reg_t)
         x, labels = torch.cat(feats), torch.cat(gt_labels)
@@ -204,6 +208,37 @@ class RCNN(FastRCNN):
             }
         svm.trained.fill_(True)
         return counts
+
+    def _svm_rows(self, image, target) -> tuple[torch.Tensor, ...]:
+        """One image's rows for :meth:`fit_svms`: its ground-truth boxes then its
+        proposals, as ``(features [R, D], labels [R] (0 for proposals),
+        best IoU with an object of each class [R, K+1], box targets [R, K+1, 4])``."""
+        from torchvision.ops import box_iou
+
+        heads = self.roi_heads
+        original = [tuple(image.shape[-2:])]
+        images, tgts = self.transform(
+            [image], [{"boxes": target["boxes"], "labels": target["labels"]}]
+        )
+        props = self.proposal_source([target["proposals"]], original, images.image_sizes)[0]
+        gt = tgts[0]["boxes"]
+        boxes = torch.cat([gt, props])
+        x = heads.box_head(
+            heads.box_roi_pool(self.backbone(images.tensors), [boxes], images.image_sizes)
+        )
+        labels = torch.zeros(len(boxes), dtype=torch.int64)
+        labels[: len(gt)] = tgts[0]["labels"]
+        k = heads.svm.weight.shape[0]
+        best = torch.zeros(len(boxes), k)  # best IoU with an object of each class
+        reg_t = torch.zeros(len(boxes), k, 4)
+        if len(gt):
+            iou = box_iou(boxes, gt)
+            for cls in tgts[0]["labels"].unique().tolist():
+                m = tgts[0]["labels"] == cls
+                val, idx = iou[:, m].max(dim=1)
+                best[:, cls] = val
+                reg_t[:, cls] = heads.box_coder.encode_single(gt[m][idx], boxes)
+        return x, labels, best, reg_t
 
 
 def build(
@@ -231,17 +266,20 @@ def build(
     """An R-CNN for ``num_classes`` classes including background (K + 1).
 
     ``classifier: svm`` adds the paper's per-class SVMs + ridge box regression,
-    trained after fine-tuning (:meth:`RCNN.fit_svms`) and used at test time.
+    trained after fine-tuning (:meth:`RCNN.second_stage`) and used at test time.
     """
     if classifier not in ("softmax", "svm"):
         raise ValueError(f"classifier must be 'softmax' or 'svm', got {classifier!r}")
     heads = SVMRoIHeads(
         WarpCrops(warp_size, context),
         CropNet(
-            representation_size, width, parts.norm_layer(norm, pretrained is not None), crop_chunk
+            representation_size,
+            width,
+            backbones.norm_layer(norm, pretrained is not None),
+            crop_chunk,
         ),
         FastRCNNPredictor(representation_size, num_classes),
-        **parts.proposal_sampling(
+        **roi.proposal_sampling(
             fg_iou,
             bg_iou_low,
             box_batch_size_per_image,
@@ -255,11 +293,11 @@ def build(
     )
     model = RCNN(
         _ImageAsFeatures(),
-        parts.image_transform(min_size, max_size),
-        parts.PrecomputedProposals(proposals_train, proposals_test),
+        backbones.image_transform(min_size, max_size),
+        PrecomputedProposals(proposals_train, proposals_test),
         heads,
     )
     model.classifier = classifier
     if pretrained is not None:
-        parts.load_pretrained(model, pretrained)
+        load_pretrained(model, pretrained)
     return model

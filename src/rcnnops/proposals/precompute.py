@@ -15,12 +15,8 @@ params or data) or corrupt, saying how to rebuild them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import multiprocessing as mp
-import os
-import shutil
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +25,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rcnnops.data.coco import DataError, load_image_array, safe_image_path
+from rcnnops.data.io import DataError, load_image_array, safe_image_path
+from rcnnops.files import replaced_dir, sha256_file
 from rcnnops.proposals.selective_search import selective_search
 
 REBUILD = "rebuild them with `dvc repro proposals` (or `rcnnops proposals`)"
@@ -92,10 +89,6 @@ def compute_split(
     return [im["id"] for im in images], [r[0] for r in results], [r[1] for r in results]
 
 
-def _sha(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def write_split(
     folder: Path,
     ids: list[int],
@@ -115,7 +108,7 @@ def write_split(
         "data_hash": data_hash,
         "images": {str(i): [int(offsets[k]), int(offsets[k + 1])] for k, i in enumerate(ids)},
         "empty": [i for i, b in zip(ids, boxes, strict=True) if len(b) == 0],
-        "checksums": {n: _sha(folder / n) for n in ("boxes.npy", "scores.npy")},
+        "checksums": {n: sha256_file(folder / n) for n in ("boxes.npy", "scores.npy")},
     }
     (folder / "index.json").write_text(json.dumps(index))
     return index
@@ -157,7 +150,7 @@ class ProposalStore:
             path = self.folder / name
             if not path.is_file():
                 raise ProposalError(f"{path}: missing; {REBUILD}")
-            if verify and _sha(path) != self.index["checksums"].get(name):
+            if verify and sha256_file(path) != self.index["checksums"].get(name):
                 raise ProposalError(f"{path}: checksum mismatch (corrupt?); {REBUILD}")
         try:
             self.boxes = np.load(self.folder / "boxes.npy", mmap_mode="r")
@@ -202,7 +195,7 @@ class ProposalStore:
         )
 
     def boxes_for(self, image_id: int) -> torch.Tensor:
-        """``Tensor[N, 4]`` xyxy, for ``CocoDetection(proposals=...)``."""
+        """``Tensor[N, 4]`` xyxy, for ``DetectionDataset(proposals=...)``."""
         return self[image_id][0]
 
     @property
@@ -215,34 +208,27 @@ def precompute(prepared: Path, out: Path, settings: SearchSettings, workers: int
     from rcnnops.data.prepare import load_manifest, load_split
 
     manifest = load_manifest(prepared)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".proposals-", dir=out.parent))
     summary, pool = {}, None
     try:
-        pool = search_pool(workers) if workers > 1 else None
-        for split in ("train", "val"):
-            coco, root, _ = load_split(prepared, split)
-            ids, boxes, scores = compute_split(
-                coco, root, settings, workers, f"proposals {split}", pool
-            )
-            index = write_split(
-                tmp / split, ids, boxes, scores, settings, manifest["splits"][split]["hash"]
-            )
-            n = [len(b) for b in boxes]
-            summary[split] = {
-                "images": len(ids),
-                "mean_boxes": float(np.mean(n)) if n else 0.0,
-                "images_without_proposals": len(index["empty"]),
-            }
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        with replaced_dir(Path(out), ".proposals-") as tmp:
+            pool = search_pool(workers) if workers > 1 else None
+            for split in ("train", "val"):
+                coco, root, _ = load_split(prepared, split)
+                ids, boxes, scores = compute_split(
+                    coco, root, settings, workers, f"proposals {split}", pool
+                )
+                index = write_split(
+                    tmp / split, ids, boxes, scores, settings, manifest["splits"][split]["hash"]
+                )
+                n = [len(b) for b in boxes]
+                summary[split] = {
+                    "images": len(ids),
+                    "mean_boxes": float(np.mean(n)) if n else 0.0,
+                    "images_without_proposals": len(index["empty"]),
+                }
     finally:
         if pool is not None:
             pool.shutdown()
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return summary
 
 
@@ -263,7 +249,7 @@ def open_store(params, split: str) -> ProposalStore:
 
 def run(params) -> dict:
     """The stage: proposals for both splits, then the recall report."""
-    from rcnnops.data.coco import CocoDetection
+    from rcnnops.data.dataset import DetectionDataset
     from rcnnops.data.prepare import load_split
     from rcnnops.proposals.recall import plot_recall, recall_report
 
@@ -277,7 +263,7 @@ def run(params) -> dict:
     for split in ("train", "val"):
         coco, root, labels = load_split(Path(params.prepare.out), split)
         store = open_store(params, split)
-        ds = CocoDetection(coco, root, labels)
+        ds = DetectionDataset(coco, root, labels)
         pairs = ((ds.gt_boxes(k), store.boxes_for(im["id"])) for k, im in enumerate(ds.images))
         reports[split] = recall_report(pairs) | summary[split]
         print(

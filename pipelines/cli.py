@@ -1,0 +1,117 @@
+"""The ``rcnnops`` command: the library's commands (:mod:`rcnnops.cli`) plus the two
+that start Prefect, ``run`` (the retraining flow, now) and ``schedule`` (the flow
+as a deployment on a cron schedule).
+
+The orchestration layer sits above the library: this module imports
+``rcnnops.cli``, never the reverse. Prefect is imported only when a flow starts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from rcnnops.cli import main as library_main
+from rcnnops.cli.common import add, assignments
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from rcnnops.lock import project_lock
+
+    # One run per project (params.yaml, DVC outputs, registry); taken before the
+    # params edit, and before importing Prefect so a second run refuses at once.
+    with project_lock(Path.cwd()):
+        changes = assignments(args.data, args.epochs, args.set)
+        if changes:
+            from rcnnops.params_edit import set_params
+
+            set_params(args.params, changes)
+            print(f"{args.params}: set " + ", ".join(f"{k}={v}" for k, v in changes.items()))
+        if not args.force and (summary := _up_to_date(args)):
+            print(summary)
+            return 0
+        from pipelines.retrain import retrain  # Prefect: only when there is work
+
+        decisions = retrain(
+            project=".", variants=args.variants or None, push_to_remote=not args.no_push
+        )
+    for d in decisions:
+        outcome = "champion" if d["promoted"] else "kept previous champion"
+        print(f"{d['name']} v{d['version']}: {outcome} ({d['reason']})")
+    return 0
+
+
+def _up_to_date(args: argparse.Namespace) -> str | None:
+    """The explanation when a run would change nothing (see :mod:`pipelines.state`)."""
+    from pipelines import state
+
+    if not (Path.cwd() / state.STATE).is_file():
+        return None
+    from rcnnops.config import load_params
+
+    params = load_params(args.params)
+    variants = args.variants or params.variants
+    return state.check(Path.cwd(), variants, state.dvc_remote(params), push=not args.no_push)
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from pipelines import schedule
+
+    dep = schedule.deployment(
+        Path.cwd(), args.cron, args.variants, args.name, args.timezone, not args.no_push
+    )
+    print(
+        f"serving deployment 'rcnnops-retrain/{args.name}' on '{args.cron}'"
+        f"{' ' + args.timezone if args.timezone else ' (UTC)'}; Ctrl-C stops"
+    )
+    schedule.serve(dep)
+    return 0
+
+
+def add_parsers(sub: Any) -> None:
+    """``run`` and ``schedule``, added to the library's subcommands."""
+    r = add(sub, "run", cmd_run, "run the whole retraining flow (Prefect + DVC + MLflow)")
+    r.add_argument("--variants", nargs="+", help="variants to run (default: params variants)")
+    r.add_argument("--no-push", action="store_true", help="skip `dvc push` at the end")
+    force = "run the flow even if nothing changed since the last successful run (else: seconds)"
+    r.add_argument("--force", action="store_true", help=force)
+    r.add_argument(
+        "--data",
+        metavar="DIR",
+        help="use the COCO dataset in DIR (DIR/annotations/instances_<split>.json + "
+        "DIR/<split>/ images): rewrites params.yaml's data section",
+    )
+    r.add_argument(
+        "--epochs", type=int, metavar="N", help="train every variant for N epochs (train.*.epochs)"
+    )
+    r.add_argument(
+        "--set",
+        "-S",
+        action="append",
+        metavar="KEY=VALUE",
+        help="set a param in params.yaml before running, as `dvc exp run -S` does "
+        "(repeatable; `*` matches every key at one level, e.g. train.*.batch_size=2)",
+    )
+    sp = add(
+        sub,
+        "schedule",
+        cmd_schedule,
+        "serve the retraining flow as a Prefect deployment on a cron schedule (blocks)",
+    )
+    sp.add_argument(
+        "--cron", default="0 3 * * 1", help="cron schedule (default: '0 3 * * 1', Mon 03:00)"
+    )
+    sp.add_argument("--timezone", help="IANA timezone of the schedule (default: UTC)")
+    sp.add_argument("--variants", nargs="+", help="variants to retrain (default: params variants)")
+    sp.add_argument("--name", default="scheduled", help="deployment name (default: scheduled)")
+    sp.add_argument("--no-push", action="store_true", help="skip `dvc push` in each run")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return library_main(argv, extra=(add_parsers,))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Training checkpoints: ``epoch_NNNN.pt`` files, written atomically, from which an
+interrupted training resumes when its fingerprint (params + data + code) matches.
+
+The folder is deliberately not a DVC output (DVC would delete it before a rerun).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from rcnnops.models.io import CheckpointError, describe_load_error
+
+
+def code_hash() -> str:
+    """sha256 of the package's Python sources: a checkpoint made by other code
+    (a changed model, loss or sampler) must not be resumed as if it were ours."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(path.relative_to(root).as_posix().encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+@dataclass
+class Checkpoints:
+    """``epoch_NNNN.pt`` files in one folder; the newest ``keep`` are kept.
+
+    ``rerun`` is the command that retrains (named in errors)."""
+
+    folder: Path
+    keep: int = 2
+    rerun: str | None = None
+
+    def latest(self) -> Path | None:
+        files = sorted(self.folder.glob("epoch_*.pt"))
+        return files[-1] if files else None
+
+    def save(self, state: dict, epoch: int) -> Path:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"epoch_{epoch:04d}.pt"
+        tmp = path.with_suffix(".pt.tmp")
+        torch.save(state, tmp)
+        os.replace(tmp, path)  # atomic: a kill never leaves a half-written checkpoint
+        for old in sorted(self.folder.glob("epoch_*.pt"))[: -self.keep]:
+            old.unlink()
+        return path
+
+    def load(self, path: Path) -> dict:
+        """The state saved at ``path``; :class:`CheckpointError` naming the file
+        when it is truncated, garbage, a pickle with code in it, or not ours."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # truncated zip, pickle payloads, wrong format...
+            why = describe_load_error(e)
+        else:
+            if isinstance(state, dict) and {"model", "epoch", "fingerprint"} <= set(state):
+                return state
+            why = "not an rcnnops checkpoint"
+        summary = f"{path}: cannot load checkpoint ({why})"
+        raise CheckpointError(
+            f"{summary}; delete it to resume from an earlier one, or {self._from_scratch()}",
+            summary,
+        )
+
+    def latest_good(self) -> tuple[Path, dict] | None:
+        """The newest checkpoint that loads, and its state (None when there is none).
+
+        Atomic writes mean a kill never leaves a partial file, but disks and
+        copies fail: an unreadable newer file is renamed ``*.corrupt`` (kept for
+        inspection, never picked again) with a warning, and the previous one is
+        used, costing one epoch. When files exist but none loads, raises
+        :class:`CheckpointError` naming the newest and how to start over.
+        """
+        files = sorted(self.folder.glob("epoch_*.pt"), reverse=True)
+        errors: list[tuple[Path, CheckpointError]] = []
+        for path in files:
+            try:
+                state = self.load(path)
+            except CheckpointError as e:
+                errors.append((path, e))
+                continue
+            for bad, e in errors:
+                aside = bad.with_suffix(".pt.corrupt")
+                os.replace(bad, aside)
+                print(
+                    f"warning: {e.summary}: moved to {aside.name}; "
+                    f"resuming from {path.name} instead",
+                    file=sys.stderr,
+                )
+            return path, state
+        if not errors:
+            return None
+        if len(errors) == 1:
+            raise errors[0][1]
+        raise CheckpointError(
+            f"{errors[0][1].summary}, and no earlier checkpoint loads either "
+            f"({', '.join(p.name for p, _ in errors[1:])}); {self._from_scratch()}"
+        )
+
+    def resumable(self, fingerprint: str) -> dict | None:
+        """The newest good checkpoint's state if it was made with ``fingerprint``."""
+        found = self.latest_good()
+        if found is None or found[1]["fingerprint"] != fingerprint:
+            return None
+        return found[1]
+
+    def clear(self) -> None:
+        if self.folder.exists():
+            shutil.rmtree(self.folder)
+
+    def _from_scratch(self) -> str:
+        how = f"delete {self.folder} to train from scratch"
+        return how + (f" (then `{self.rerun}`)" if self.rerun else "")

@@ -1,0 +1,88 @@
+"""The ``rcnnops`` command's parser and its library commands.
+
+Stage commands (``generate``, ``prepare``, ``proposals``, ``train``,
+``evaluate``) are what ``dvc.yaml`` runs; ``register``, ``promote``,
+``rollback``, ``models`` and ``compare`` work on the MLflow registry; ``serve``
+and ``predict`` use registered models; ``import`` converts datasets. The
+orchestration commands (``run``, ``schedule``) start Prefect flows: they belong
+to :mod:`pipelines.cli`, which adds them here (``rcnnops`` is that entry point;
+this package never imports ``pipelines``). Each command's parser sits beside its
+handler. All read ``params.yaml`` from the project folder (the current
+directory, or ``-C``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from rcnnops.cli import data, registry_commands, serving, stages
+
+EPILOG = """\
+typical use:
+  rcnnops run                       the whole pipeline (DVC-cached, MLflow-tracked)
+  rcnnops run --data ~/coco --epochs 2   the same on your own COCO dataset
+  rcnnops train --variant faster_rcnn   one stage by hand (what `dvc repro train@faster_rcnn` runs)
+  rcnnops models                    registered versions, aliases and metrics
+  rcnnops promote faster_rcnn 3     run the promotion gate for version 3
+  rcnnops rollback faster_rcnn      champion back to the version it replaced
+  rcnnops compare --plot            variants side by side (metrics, cost, pictures)
+  rcnnops serve faster_rcnn         the champion over HTTP on 127.0.0.1:5001
+  rcnnops predict faster_rcnn a.png detections of the champion on image files
+  rcnnops schedule --cron "0 3 * * 1"   retrain every Monday 03:00 (Prefect)
+
+Tracking goes to $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the project;
+the flow uses $PREFECT_API_URL, else Prefect's ephemeral local API.
+"""
+
+AddCommands = Callable[[Any], None]
+
+
+def build_parser(extra: tuple[AddCommands, ...] = ()) -> argparse.ArgumentParser:
+    """The parser of every library command, plus those ``extra`` adds to the
+    subcommands (the orchestration commands of :mod:`pipelines.cli`)."""
+    parser = argparse.ArgumentParser(
+        prog="rcnnops",
+        description="Retraining pipeline for the R-CNN family of detectors.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "-C",
+        "--project",
+        default=".",
+        help="project folder holding params.yaml and dvc.yaml (default: .)",
+    )
+    parser.add_argument(
+        "--params",
+        default="params.yaml",
+        help="params file, relative to the project (default: params.yaml)",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for module in (stages, registry_commands, serving, data):
+        module.add_parsers(sub)
+    for add_parsers in extra:
+        add_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None, extra: tuple[AddCommands, ...] = ()) -> int:
+    """Run one command; an error that explains itself (:class:`rcnnops.errors.UserError`,
+    a missing file, a bad value) is printed on one line with exit status 2."""
+    args = build_parser(extra).parse_args(argv)
+    # No network: Prefect's local server must not try to send telemetry.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.chdir(args.project)
+    from rcnnops.errors import UserError
+
+    try:
+        return args.fn(args)
+    except (UserError, FileNotFoundError, ValueError) as e:
+        print(f"rcnnops {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,48 @@
+"""What every command shares: how it is added to the parser and reads params."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def add(sub: Any, name: str, fn: Handler, help_: str, **kwargs: Any) -> argparse.ArgumentParser:
+    """A subcommand ``name`` running ``fn(args)``; its help is also its description."""
+    sp = sub.add_parser(name, help=help_, description=help_, **kwargs)
+    sp.set_defaults(fn=fn)
+    return sp
+
+
+def params(args: argparse.Namespace):
+    """The project's validated params (``--params``, relative to ``-C``)."""
+    from rcnnops.config import load_params
+
+    return load_params(args.params)
+
+
+def assignments(
+    data: str | None = None, epochs: int | None = None, sets: list[str] | None = None
+) -> dict[str, Any]:
+    """``--data DIR``, ``--epochs N`` and ``--set KEY=VALUE`` as params assignments
+    (values are YAML), for :func:`rcnnops.params_edit.set_params`."""
+    import yaml
+
+    from rcnnops.config import ParamsError
+
+    out: dict[str, Any] = {}
+    if data:
+        from rcnnops.data.prepare import find_coco_splits
+
+        out.update({f"data.{k}": v for k, v in find_coco_splits(Path(data)).items()})
+    if epochs:
+        out["train.*.epochs"] = epochs
+    for item in sets or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ParamsError(f"--set {item!r}: expected KEY=VALUE, e.g. train.faster_rcnn.lr=0.01")
+        out[key.strip()] = yaml.safe_load(value)
+    return out

@@ -1,0 +1,127 @@
+"""The model registry commands: register, promote, rollback, models, compare.
+
+Each calls the registry service (:mod:`rcnnops.registry`), as the flow's tasks do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from rcnnops.cli.common import add, params
+
+MODEL_COLUMNS = (
+    "model", "version", "aliases", "bbox_AP", "segm_AP", "decision",
+    "git_commit", "data_hash", "params_hash", "run_id",
+)  # fmt: skip
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    from rcnnops import registry
+
+    r = registry.register_variant(params(args), args.variant)
+    print(f"{r.name} version {r.version}" + ("" if r.created else " (already registered)"))
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from rcnnops import registry
+
+    d = registry.promote_variant(params(args), args.variant, args.version, force=args.force)
+    outcome = "promoted to champion" if d.promoted else "not promoted"
+    print(f"{d.name} v{d.version}: {outcome} - {d.reason}")
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from rcnnops import registry
+
+    r = registry.rollback_variant(params(args), args.variant)
+    print(f"{r.name}: champion rolled back from v{r.from_version} to v{r.to_version}")
+    return 0
+
+
+def _short(col: str, value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    if col in ("git_commit", "data_hash", "params_hash", "run_id"):
+        return str(value)[:12] + ("-dirty" if str(value).endswith("-dirty") else "")
+    return str(value)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from rcnnops import registry, tracking
+    from rcnnops.tables import text_table
+
+    tracking.setup(params(args).register.experiment)
+    rows = registry.list_versions(args.variants)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print(f"no registered rcnnops models in {tracking.tracking_uri()}")
+    else:
+        print(text_table(MODEL_COLUMNS, [[_short(c, r[c]) for c in MODEL_COLUMNS] for r in rows]))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from rcnnops import compare
+
+    p = params(args)
+    rows = compare.collect(p, args.variants)
+    if not rows:
+        print("nothing to compare yet: no trained variant and no champion (run `rcnnops run`)")
+        return 0
+    print(compare.render(rows, args.format))
+    if args.plot:
+        out = compare.side_by_side(p, args.variants, n_images=args.images)
+        msg = f"wrote {out}" if out else "no predictions.json yet: nothing to draw"
+        print(msg, file=sys.stderr if args.format in ("csv", "json") else sys.stdout)
+    return 0
+
+
+def add_parsers(sub: Any) -> None:
+    sp = add(sub, "register", cmd_register, "register a trained, evaluated variant in MLflow")
+    sp.add_argument("variant")
+    sp = add(
+        sub,
+        "promote",
+        cmd_promote,
+        "run the promotion gate: move 'champion' to VERSION if it beats the champion",
+    )
+    sp.add_argument("variant")
+    sp.add_argument("version")
+    sp.add_argument("--force", action="store_true", help="promote without comparing")
+    sp = add(sub, "models", cmd_models, "list registered versions with aliases and lineage")
+    sp.add_argument("--json", action="store_true", help="JSON instead of a table")
+    sp.add_argument("--variants", nargs="+", help="only these variants (default: all)")
+    sp = add(
+        sub,
+        "rollback",
+        cmd_rollback,
+        "move 'champion' back to the version it replaced (from the audit trail tags)",
+    )
+    sp.add_argument("variant", help="e.g. faster_rcnn (model rcnnops-VARIANT)")
+    sp = add(
+        sub,
+        "compare",
+        cmd_compare,
+        "compare variants (latest run and champion): AP, cost, lineage; --plot draws them",
+    )
+    sp.add_argument("--variants", nargs="+", help="variants (default: params variants)")
+    sp.add_argument(
+        "--format",
+        choices=("table", "markdown", "csv", "json"),
+        default="table",
+        help="output format (default: table; csv and json add the MLflow run ids)",
+    )
+    sp.add_argument(
+        "--plot",
+        action="store_true",
+        help="also draw reports/compare/side_by_side.png (predictions on validation images)",
+    )
+    sp.add_argument("--images", type=int, default=3, help="validation images to draw (default: 3)")

@@ -1,0 +1,114 @@
+"""Model files: a trained model's ``model.pt`` (a plain state dict, read with
+``weights_only=True``) and ``model.json`` (everything needed to rebuild and trace
+it: variant, builder params, labels, data/params hashes, MLflow run id, timings).
+
+What ``rcnnops models``, evaluation and the served model load; no training code here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from rcnnops.errors import UserError
+from rcnnops.files import write_atomic
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint or model file cannot be loaded (corrupt, truncated, or not
+    ours). ``summary`` is the file and the cause, without the advice."""
+
+    def __init__(self, message: str, summary: str | None = None) -> None:
+        super().__init__(message)
+        self.summary = summary or message
+
+
+_TORCH_BOILERPLATE = ("Weights only load failed", "Please file an issue", "Check the documentation")
+
+
+def describe_load_error(e: BaseException) -> str:
+    """One line on why ``torch.load`` failed. Torch's own text runs to paragraphs
+    and suggests ``weights_only=False``, which must never be the fix here."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    if isinstance(e, pickle.UnpicklingError):
+        detail = next((ln for ln in lines if not ln.startswith(_TORCH_BOILERPLATE)), "")
+        return "not plain tensors, refused by weights-only loading" + (
+            f": {detail[:200]}" if detail else ""
+        )
+    if isinstance(e, EOFError):
+        return "empty or truncated file"
+    first = lines[0].split(". ")[0] if lines else ""
+    return f"{type(e).__name__}: {first[:200]}" if first else type(e).__name__
+
+
+def save_model(model: nn.Module, out_dir: Path, meta: dict) -> None:
+    """``model.pt`` (state dict) and ``model.json`` (meta), each written atomically."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / "model.pt.tmp"
+    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
+    os.replace(tmp, out_dir / "model.pt")
+    write_atomic(out_dir / "model.json", json.dumps(meta, indent=2))
+
+
+def _rebuild_hint(path: Path, variant: str) -> str:
+    return (
+        f"restore it from the DVC cache with `dvc checkout {path}`, or rebuild it with "
+        f"`dvc repro -f train@{variant}`"
+    )
+
+
+def read_model_meta(model_dir: Path) -> dict:
+    """``model.json`` of a trained model folder (``models/<variant>``)."""
+    path = Path(model_dir) / "model.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path}: no trained model here; train it with `dvc repro train@<variant>`"
+        )
+    try:
+        meta: Any = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        meta = e
+    if not isinstance(meta, dict):
+        why = f" ({meta})" if isinstance(meta, Exception) else ""
+        raise CheckpointError(
+            f"{path} is corrupt{why}: {_rebuild_hint(path, Path(model_dir).name)}"
+        )
+    return meta
+
+
+def load_model(
+    model_dir: Path, device: torch.device | str = "cpu", svd_rank: int | None = None
+) -> tuple[nn.Module, dict]:
+    """Rebuild a trained model from ``model.json`` + ``model.pt`` (weights only), in
+    eval mode on ``device``. ``svd_rank``: replace the box head's FC layers by their
+    truncated SVD of that rank (Fast R-CNN, section 3.1: faster inference, no
+    retraining). A truncated, garbage or mismatched ``model.pt`` raises
+    :class:`CheckpointError` naming it and how to get it back."""
+    from rcnnops.models import build_model
+    from rcnnops.models.roi import compress
+
+    model_dir = Path(model_dir)
+    meta = read_model_meta(model_dir)
+    builder_params = dict(meta["model_params"])
+    # Models trained before svd_rank became a loading setting carry it in their params.
+    legacy_rank = builder_params.pop("svd_rank", None)
+    svd_rank = svd_rank if svd_rank is not None else legacy_rank
+    model = build_model(meta["variant"], meta["num_classes"], builder_params)
+    path = model_dir / "model.pt"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    except Exception as e:
+        raise CheckpointError(
+            f"{path}: cannot load model weights ({describe_load_error(e)}); "
+            + _rebuild_hint(path, meta["variant"])
+        ) from None
+    if svd_rank is not None:
+        compress(model, svd_rank)
+    return model.to(device).eval(), meta

@@ -1,0 +1,58 @@
+"""The proposal sources behind the RoI heads: precomputed (selective search)
+boxes for R-CNN and Fast R-CNN, and the anchors of the RPN that Faster and
+Mask R-CNN learn.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+
+
+def anchor_generator(
+    names: list[str], sizes: list[int] | None, aspect_ratios: list[float]
+) -> AnchorGenerator:
+    """One anchor size per FPN level, or all sizes on a single feature map."""
+    ratios = tuple(aspect_ratios)
+    if len(names) == 1:
+        return AnchorGenerator((tuple(sizes or [16, 32, 64]),), (ratios,))
+    sizes = sizes or [32 * 2**i for i in range(len(names))]
+    if len(sizes) != len(names):
+        raise ValueError(f"anchor_sizes needs one size per feature map ({len(names)}), got {sizes}")
+    return AnchorGenerator(tuple((s,) for s in sizes), (ratios,) * len(names))
+
+
+class PrecomputedProposals(nn.Module):
+    """The precomputed-proposal source (selective search) behind the same call
+    an RPN answers: boxes given in the stored image's frame are rescaled with
+    the image (as Detectron2's precomputed-proposal mode does), clipped, cleaned
+    of degenerate boxes and capped at ``top_n`` per image (train / test).
+
+    ``forward(proposals: list[Tensor[N_i, 4]], original_sizes, image_sizes)``
+    -> ``list[Tensor[M_i, 4]]`` xyxy in the transformed image's frame.
+    """
+
+    def __init__(
+        self, top_n_train: int = 2000, top_n_test: int = 2000, min_size: float = 1.0
+    ) -> None:
+        super().__init__()
+        self.top_n = {"train": top_n_train, "test": top_n_test}
+        self.min_size = min_size
+
+    def forward(self, proposals, original_sizes, image_sizes):
+        from torchvision.ops import boxes as box_ops
+
+        if proposals is None or len(proposals) != len(image_sizes):
+            raise ValueError(
+                "this variant needs precomputed proposals: one Tensor[N_i, 4] "
+                "per image (run the `proposals` stage)"
+            )
+        n = self.top_n["train" if self.training else "test"]
+        out = []
+        for boxes, (oh, ow), (h, w) in zip(proposals, original_sizes, image_sizes, strict=True):
+            boxes = boxes[:n].to(torch.float32)
+            scale = boxes.new_tensor([w / ow, h / oh, w / ow, h / oh])
+            boxes = box_ops.clip_boxes_to_image(boxes * scale, (h, w))
+            out.append(boxes[box_ops.remove_small_boxes(boxes, self.min_size)])
+        return out

@@ -1,0 +1,219 @@
+"""The promotion gate, promote and rollback.
+
+Once the gate has run, a version carries its decision (``promotion.decision``,
+``promotion.reason``, ``promotion.by``, ``promotion.at``,
+``promotion.champion_before``). A rollback adds ``rollback.*`` tags to both
+versions it touches.
+
+Concurrency: promote and rollback hold an exclusive file lock next to a local
+store (``<db>.registry.lock`` beside a SQLite file, ``.rcnnops-registry.lock`` in
+a file store), so racing promotions on one machine run one after the other and
+each is decided against the champion the previous one left. A remote store
+(MLflow server, database) has no shared lock: there each move of ``champion``
+is re-read and verified (the champion is read again just before the move, the
+decision is retaken if it changed, and the alias is read back after), which
+narrows the race to a window of milliseconds; run promotions from one place
+(the flow) for a strict order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from rcnnops import tracking
+from rcnnops.registry.store import (
+    CHAMPION,
+    NO_CHAMPION,
+    RegistryError,
+    actor_name,
+    get_alias,
+    get_version,
+    metric_value,
+    model_name,
+    now,
+    registry_lock,
+    require_model,
+)
+
+
+def _version_of(mv: Any | None) -> str | None:
+    return None if mv is None else str(mv.version)
+
+
+def _move_champion(name: str, expected: Any | None, version: str) -> bool:
+    """Point ``champion`` at ``version`` if it still points at ``expected``; verify.
+
+    False when someone moved it since it was read (the caller decides again)."""
+    if _version_of(get_alias(name, CHAMPION)) != _version_of(expected):
+        return False
+    tracking.client().set_registered_model_alias(name, CHAMPION, version)
+    now = _version_of(get_alias(name, CHAMPION))
+    if now != version:
+        raise RegistryError(
+            f"{name}: another promotion moved champion to v{now} at the same time as this "
+            f"one (v{version}); nothing recorded for v{version}, run the promotion again"
+        )
+    return True
+
+
+@dataclass
+class Decision:
+    name: str
+    version: str
+    promoted: bool
+    reason: str
+    metric: str
+    value: float | None
+    champion_before: str | None
+    champion_value: float | None
+
+
+def decide(
+    candidate: Any, champion: Any | None, metric: str, min_improvement: float, force: bool = False
+) -> tuple[bool, str]:
+    """The promotion gate, as a pure decision over two model versions."""
+    value = metric_value(candidate, metric)
+    if force:
+        return True, "forced by the user"
+    if value is None:
+        return False, f"version {candidate.version} has no {metric}; not evaluated"
+    if champion is None:
+        return True, f"first version with {metric}={value:.4f}: becomes champion"
+    if str(champion.version) == str(candidate.version):
+        return False, f"version {candidate.version} is already champion"
+    if champion.tags.get("val_hash") != candidate.tags.get("val_hash"):
+        return False, (
+            f"validation data differs from champion v{champion.version}'s "
+            "(val_hash); refusing to compare, champion kept (use --force)"
+        )
+    best = metric_value(champion, metric)
+    if best is None:
+        return True, f"champion v{champion.version} has no {metric}"
+    if value > best + min_improvement:
+        return True, f"{metric} {value:.4f} beats champion v{champion.version}'s {best:.4f}"
+    return False, (
+        f"{metric} {value:.4f} does not beat champion v{champion.version}'s "
+        f"{best:.4f} by more than {min_improvement}"
+    )
+
+
+def _decision(candidate: Any, champion: Any | None, metric: str, mi: float, force: bool):
+    promoted, reason = decide(candidate, champion, metric, mi, force)
+    return Decision(
+        candidate.name,
+        str(candidate.version),
+        promoted,
+        reason,
+        metric,
+        metric_value(candidate, metric),
+        _version_of(champion),
+        metric_value(champion, metric) if champion else None,
+    )
+
+
+def _set_tags(name: str, version: str, tags: dict[str, str]) -> None:
+    client = tracking.client()
+    for k, v in tags.items():
+        client.set_model_version_tag(name, str(version), k, v)
+
+
+def promote(
+    variant: str,
+    version: str,
+    metric: str = "bbox_AP",
+    min_improvement: float = 0.0,
+    force: bool = False,
+    actor: str | None = None,
+    experiment: str = "rcnnops",
+) -> Decision:
+    """Run the gate for ``version``; move ``champion`` if it passes. Records the
+    decision, its reason, the metrics compared and who decided as version tags.
+
+    Serialised with :func:`registry_lock`; raises :class:`RegistryError` (nothing
+    changed) for a missing model or version."""
+    tracking.setup(experiment)
+    name = model_name(variant)
+    with registry_lock():
+        candidate = get_version(name, version)
+        for _attempt in range(3):
+            champion = get_alias(name, CHAMPION)
+            decision = _decision(candidate, champion, metric, min_improvement, force)
+            if _version_of(champion) == str(version) and not force:
+                return decision  # already champion: nothing decided, the audit trail is kept
+            if not decision.promoted or _move_champion(name, champion, str(version)):
+                break
+        else:
+            raise RegistryError(f"{name}: champion kept moving while v{version} was decided")
+        _set_tags(
+            name,
+            str(version),
+            {
+                "promotion.decision": "promoted" if decision.promoted else "kept",
+                "promotion.reason": decision.reason,
+                "promotion.by": actor_name(actor),
+                "promotion.at": now(),
+                "promotion.champion_before": decision.champion_before or NO_CHAMPION,
+            },
+        )
+    return decision
+
+
+def decision_dict(d: Decision) -> dict:
+    return asdict(d)
+
+
+@dataclass
+class Rollback:
+    name: str
+    from_version: str
+    to_version: str
+
+
+def rollback(variant: str, actor: str | None = None, experiment: str = "rcnnops") -> Rollback:
+    """Move ``champion`` back to the version it replaced (the current champion's
+    ``promotion.champion_before``). Records ``rollback.*`` tags on both versions;
+    rolling back again goes one more step back. :class:`RegistryError`, with
+    nothing changed, when there is no champion or no previous one."""
+    tracking.setup(experiment)
+    name = model_name(variant)
+    with registry_lock():
+        require_model(name)
+        current = get_alias(name, CHAMPION)
+        if current is None:
+            raise RegistryError(f"model {name} has no champion; nothing to roll back")
+        previous = current.tags.get("promotion.champion_before", NO_CHAMPION)
+        if previous in ("", NO_CHAMPION):
+            raise RegistryError(
+                f"{name}: champion v{current.version} has no previous champion in its audit "
+                "trail (promotion.champion_before); nothing to roll back to"
+            )
+        try:
+            target = get_version(name, previous)
+        except RegistryError:
+            raise RegistryError(
+                f"{name}: the previous champion v{previous} no longer exists; "
+                f"promote a version by hand with `rcnnops promote {variant} N --force`"
+            ) from None
+        if not _move_champion(name, current, str(target.version)):
+            raise RegistryError(f"{name}: champion moved while rolling back; nothing changed")
+        by, when = actor_name(actor), now()
+        _set_tags(
+            name,
+            str(current.version),
+            {
+                "rollback.demoted_at": when,
+                "rollback.demoted_by": by,
+                "rollback.demoted_to": previous,
+            },
+        )
+        _set_tags(
+            name,
+            previous,
+            {
+                "rollback.restored_at": when,
+                "rollback.restored_by": by,
+                "rollback.restored_from": str(current.version),
+            },
+        )
+    return Rollback(name, str(current.version), str(target.version))

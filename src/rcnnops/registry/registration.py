@@ -1,0 +1,93 @@
+"""Registering a trained, evaluated model: an MLflow pyfunc logged in the run that
+trained it, registered as a new version of ``rcnnops-<variant>``, aliased
+``challenger``. Idempotent on the weights' content hash.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+
+from rcnnops import tracking
+from rcnnops.files import sha256_file
+from rcnnops.models.io import read_model_meta
+from rcnnops.registry.store import CHALLENGER, model_name, version_with_hash
+
+
+@dataclass
+class Registered:
+    name: str
+    version: str
+    created: bool  # False when an identical model was already registered
+    decided: bool = False  # the gate has already recorded a decision on this version
+
+
+def _bundle(model_dir: Path, dest: Path, serving: dict) -> Path:
+    """The weights bundle the pyfunc loads: model.pt, model.json, serving.json."""
+    dest.mkdir()
+    for f in ("model.pt", "model.json"):
+        shutil.copy2(model_dir / f, dest / f)
+    (dest / "serving.json").write_text(json.dumps(serving, indent=2))
+    return dest
+
+
+def register(
+    variant: str,
+    model_dir: Path,
+    report_dir: Path,
+    experiment: str,
+    serving: dict | None = None,
+) -> Registered:
+    """Log the trained model as a pyfunc in its training run and register it.
+
+    ``serving``: how the served model runs, as evaluation did (``serving.json``):
+    ``proposals``, the selective-search settings (``SearchSettings.as_dict()``) for
+    the variants that need them, and ``svd_rank``.
+    Idempotent on the model's content hash: registering the same weights again
+    returns the existing version and creates nothing.
+    """
+    from rcnnops import pyfunc
+
+    tracking.setup(experiment)
+    model_dir, report_dir = Path(model_dir), Path(report_dir)
+    meta = read_model_meta(model_dir)
+    metrics_path = report_dir / "metrics.json"
+    if not metrics_path.is_file():
+        raise FileNotFoundError(
+            f"{metrics_path}: no evaluation; run `dvc repro evaluate@{variant}`"
+        )
+    metrics = json.loads(metrics_path.read_text())
+    model_hash = sha256_file(model_dir / "model.pt")
+    name = model_name(variant)
+    serving = serving or {"proposals": None}
+    serving_tag = json.dumps(serving, sort_keys=True)
+    mv = version_with_hash(name, model_hash, serving_tag)
+    if mv is not None:
+        decided = "promotion.decision" in (mv.tags or {})
+        return Registered(name, str(mv.version), created=False, decided=decided)
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = _bundle(model_dir, Path(tmp) / "model_dir", serving)
+        with mlflow.start_run(run_id=meta["run_id"]):
+            info = pyfunc.log(bundle)
+    numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+    tags = {
+        "variant": variant,
+        "model_hash": model_hash,
+        "serving": serving_tag,
+        "data_hash": meta["data_hash"],
+        "val_hash": meta["val_hash"],
+        "params_hash": meta["params_hash"],
+        "git_commit": meta["git_commit"],
+        "run_id": meta["run_id"],
+        "train_seconds": str(meta.get("train_seconds", "")),
+        "parameters": str(meta.get("parameters", "")),
+        **{f"metric.{k}": str(v) for k, v in numeric.items()},
+    }
+    mv = mlflow.register_model(info.model_uri, name, tags=tags)
+    tracking.client().set_registered_model_alias(name, CHALLENGER, mv.version)
+    return Registered(name, str(mv.version), created=True)

@@ -1,0 +1,86 @@
+"""The solver: its settings (``FitConfig``), SGD with momentum, the
+per-iteration LR schedule (linear warm-up, step decay) and the AMP loss scaler."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class FitConfig:
+    """Solver settings for :func:`fit` (numbers only; see params ``train``)."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_iters: int = 100
+    lr_steps: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+    amp: bool = True
+    clip_grad_norm: float | None = 10.0
+    seed: int = 0
+    workers: int = 0
+    log_every: int = 10
+    eval_every: int = 1
+    sync_bn: bool = False  # SyncBatchNorm across processes (CUDA only)
+
+
+def lr_factor(
+    warmup_iters: int, iters_per_epoch: int, lr_steps: list[int], gamma: float
+) -> Callable[[int], float]:
+    """Per-iteration LR multiplier: linear warm-up from 0.001, then step decay
+    by ``gamma`` at each epoch in ``lr_steps``."""
+
+    def f(it: int) -> float:
+        warm = 1.0
+        if it < warmup_iters:
+            alpha = it / warmup_iters
+            warm = 0.001 * (1 - alpha) + alpha
+        epoch = it // max(iters_per_epoch, 1)
+        return warm * gamma ** sum(epoch >= s for s in lr_steps)
+
+    return f
+
+
+@dataclass
+class Solver:
+    """SGD with momentum, the per-iteration LR schedule and the AMP loss scaler."""
+
+    params: list[nn.Parameter]
+    opt: torch.optim.SGD
+    sched: torch.optim.lr_scheduler.LambdaLR
+    scaler: torch.amp.GradScaler
+    amp: bool
+
+    @classmethod
+    def build(cls, model: nn.Module, cfg: FitConfig, iters: int, device: torch.device) -> Solver:
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lr_factor(cfg.warmup_iters, iters, cfg.lr_steps, cfg.gamma)
+        )
+        amp = cfg.amp and device.type == "cuda"
+        return cls(params, opt, sched, torch.amp.GradScaler("cuda", enabled=amp), amp)
+
+    @property
+    def lr(self) -> float:
+        return self.opt.param_groups[0]["lr"]
+
+    def step(self, loss: torch.Tensor, clip_grad_norm: float | None) -> None:
+        """Backward, optional gradient clipping (on unscaled gradients), update."""
+        self.opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if clip_grad_norm:
+            self.scaler.unscale_(self.opt)
+            nn.utils.clip_grad_norm_(self.params, clip_grad_norm)
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        self.sched.step()
