@@ -23,7 +23,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # One run per project (params.yaml, DVC outputs, registry); taken before the
     # params edit, and before importing Prefect so a second run refuses at once.
     with project_lock(Path.cwd()):
-        changes = assignments(args.data, args.epochs, args.set)
+        changes = preset(args.preset) | assignments(args.data, args.epochs, args.set)
         if changes:
             from rcnnops.params_edit import set_params
 
@@ -41,6 +41,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         outcome = "champion" if d["promoted"] else "kept previous champion"
         print(f"{d['name']} v{d['version']}: {outcome} ({d['reason']})")
     return 0
+
+
+def preset(name: str | None) -> dict[str, Any]:
+    if not name:
+        return {}
+    from rcnnops.presets import assignments as preset_assignments
+
+    return preset_assignments(name)
 
 
 def _up_to_date(args: argparse.Namespace) -> str | None:
@@ -82,6 +90,12 @@ def add_parsers(sub: Any) -> None:
         metavar="DIR",
         help="use the COCO dataset in DIR (DIR/annotations/instances_<split>.json + "
         "DIR/<split>/ images): rewrites params.yaml's data section",
+    )
+    r.add_argument(
+        "--preset",
+        metavar="NAME",
+        help="write a named set of params into params.yaml first (`rcnnops presets` lists "
+        "them; --data, --epochs and --set apply after it)",
     )
     r.add_argument(
         "--epochs", type=int, metavar="N", help="train every variant for N epochs (train.*.epochs)"

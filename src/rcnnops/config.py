@@ -96,6 +96,9 @@ class ProposalsParams(Section):
     max_boxes: int = positive(2000)
     min_size: int = 8
     dedup_iou: float = 0.95
+    # Longer image sides above this are searched downscaled (boxes scaled back):
+    # real photos cost what the papers report. null: full resolution.
+    max_side: int | None = Field(500, gt=0)
     workers: int = positive(2)
 
 
@@ -113,6 +116,11 @@ class VariantTrainParams(Section):
     amp: bool = True
     hflip: float = Field(0.5, ge=0.0, le=1.0)
     clip_grad_norm: float | None = 10.0
+    # Which epoch's weights become the model: the last, or the best validated one by
+    # the promotion gate's metric (register.metric / variant_metric).
+    keep: Literal["last", "best"] = "last"
+    # Stop after this many validations in a row without a better gate metric.
+    early_stop: int | None = Field(None, gt=0)
     model: dict[str, Any] = Field(default_factory=dict)
 
 

@@ -50,6 +50,19 @@ class Progress:
     history: list[dict] = field(default_factory=list)
     steps_log: list[dict] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    best: dict[str, Any] = field(default_factory=dict)  # epoch, value, model, stale
+
+    def improve(self, record: dict, model: nn.Module, key: str) -> None:
+        """Remember the weights of the best validated epoch by ``key`` (higher is
+        better) and count the validations since it."""
+        value = record.get(key)
+        if value is None:
+            return
+        if "value" not in self.best or value > self.best["value"]:
+            weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            self.best = {"epoch": record["epoch"], "value": value, "model": weights, "stale": 0}
+        else:
+            self.best["stale"] += 1
 
 
 def _sampler(dataset: Dataset, cfg: FitConfig, world: World) -> DistributedSampler:
@@ -120,6 +133,7 @@ def _restore(
         state["history"],
         state.get("steps_log", []),
         state.get("extra", extra),
+        state.get("best", {}),
     )
 
 
@@ -213,6 +227,8 @@ def _end_epoch(
     due = epoch % cfg.eval_every == 0 or epoch == cfg.epochs
     if run.world.main and validate is not None and due:
         record.update(validate(model, epoch))
+        if cfg.select:
+            p.improve(record, model, cfg.select)
     if run.log is not None:
         run.log({k: v for k, v in record.items() if k != "epoch"}, epoch)
     p.history.append(record)
@@ -242,6 +258,7 @@ def _checkpoint(run: _Run, p: Progress, model: nn.Module, fingerprint: str) -> N
             "steps_log": p.steps_log,
             "fingerprint": fingerprint,
             "extra": p.extra,
+            "best": p.best,
         }
         run.checkpoints.save(state, p.epoch)
     distributed.barrier(run.world)
@@ -283,7 +300,7 @@ def fit(
     state = _resume_state(checkpoints, fingerprint, world)
     p = _restore(state, model, solver, cfg, world, dict(extra_state or {}))
     run = _Run(_wrap(model, device, world), solver, cfg, device, world, checkpoints, log)
-    while p.epoch < cfg.epochs:
+    while p.epoch < cfg.epochs and not _stop_early(run, p):
         run.net.train()
         sampler.set_epoch(p.epoch)
         bar_args = {
@@ -298,9 +315,24 @@ def fit(
         p.epoch += 1
         _checkpoint(run, p, model, fingerprint)
     return {
-        "epochs": cfg.epochs,
+        "epochs": p.epoch,
         "steps": p.step,
         "history": p.history,
         "steps_log": p.steps_log,
         "extra": p.extra,
+        "best": p.best,
     }
+
+
+def _stop_early(run: _Run, p: Progress) -> bool:
+    """``patience`` validations in a row without a better ``select`` metric (rank 0
+    decides; every rank stops together)."""
+    patience = run.cfg.patience
+    stop = bool(patience and p.best and p.best["stale"] >= patience)
+    stop = distributed.broadcast(stop, run.world)
+    if stop and run.world.main:
+        print(
+            f"early stop after epoch {p.epoch}: {run.cfg.select} has not improved on epoch "
+            f"{p.best['epoch']}'s {p.best['value']:.4f} for {patience} validations"
+        )
+    return stop

@@ -16,6 +16,20 @@ from rcnnops.config import Params, ParamsError, parse_params
 from rcnnops.files import write_atomic
 
 
+def _node(value: Any) -> Any:
+    """``value`` as ruamel nodes: lists in flow style (``[6, 8]``, as params.yaml
+    writes them; a block list after a key's end-of-line comment is not valid YAML)."""
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    if isinstance(value, list):
+        seq = CommentedSeq([_node(v) for v in value])
+        seq.fa.set_flow_style()
+        return seq
+    if isinstance(value, dict):
+        return CommentedMap((k, _node(v)) for k, v in value.items())
+    return value
+
+
 def _assign(node: Any, keys: list[str], value: Any, where: str) -> int:
     """Set ``keys`` (``*`` matches every key of a mapping) under ``node``; count the hits."""
     if not isinstance(node, dict):
@@ -25,7 +39,7 @@ def _assign(node: Any, keys: list[str], value: Any, where: str) -> int:
     hits = 0
     for k in targets:
         if not rest:
-            node[k] = value
+            node[k] = _node(value)  # a fresh node each time: no YAML aliases
             hits += 1
         else:
             if k not in node:

@@ -29,6 +29,11 @@ class FitConfig:
     log_every: int = 10
     eval_every: int = 1
     sync_bn: bool = False  # SyncBatchNorm across processes (CUDA only)
+    # The validation metric that picks the epoch to keep (e.g. "val/bbox_AP"); None
+    # keeps the last epoch. ``patience``: stop after that many validations in a row
+    # without improving it.
+    select: str | None = None
+    patience: int | None = None
 
 
 def lr_factor(

@@ -29,7 +29,7 @@ from rcnnops.engine import fit
 from rcnnops.metrics import coco_evaluate, predict
 from rcnnops.models import MASK_VARIANTS, USES_PROPOSALS, build_model
 from rcnnops.models.io import save_model
-from rcnnops.models.weights import count_parameters
+from rcnnops.models.weights import LoadReport, count_parameters, load_pretrained, write_report
 from rcnnops.plots import plot_loss, write_loss_csv
 from rcnnops.solver import FitConfig
 
@@ -95,8 +95,11 @@ def load_data(params: Params, variant: str) -> Data:
     return Data(train, val, val_coco, labels, manifest, store_params, plain)
 
 
-def fit_config(vp: VariantTrainParams, common: Any, world: World) -> FitConfig:
-    """The solver settings of ``vp``; lr scaled for data-parallel processes."""
+def fit_config(
+    vp: VariantTrainParams, common: Any, world: World, select: str | None = None
+) -> FitConfig:
+    """The solver settings of ``vp``; lr scaled for data-parallel processes;
+    ``select``: the validation metric that picks the kept epoch (``keep: best``)."""
     return FitConfig(
         epochs=vp.epochs,
         batch_size=vp.batch_size,
@@ -113,6 +116,8 @@ def fit_config(vp: VariantTrainParams, common: Any, world: World) -> FitConfig:
         log_every=common.log_every,
         eval_every=common.eval_every,
         sync_bn=common.sync_bn,
+        select=select if (vp.keep == "best" or vp.early_stop) else None,
+        patience=vp.early_stop,
     )
 
 
@@ -146,6 +151,32 @@ def _identity(params: Params, variant: str, data: Data, world: World, device) ->
     return params_hash, f"{params_hash}:{data.manifest['data_hash']}:{code_hash()}"
 
 
+def _log_weights(report: LoadReport, out_dir: Path) -> None:
+    """Which tensors the pretrained weights filled, re-initialised or left unused."""
+    tracking.log_params(
+        {
+            "pretrained.file": Path(report.file).name,
+            "pretrained.loaded": len(report.loaded),
+            "pretrained.reinitialised": len(report.reinitialised),
+            "pretrained.unused": len(report.unused),
+        }
+    )
+    tracking.log_artifact(write_report(report, out_dir / "weights.json"), "training")
+
+
+def _keep_best(job: _Job, summary: dict, log) -> None:
+    """With ``keep: best``, the best validated epoch's weights become the model;
+    MLflow records which epoch (``best_epoch``) and its metric."""
+    best = summary.get("best") or {}
+    if not best:
+        return
+    log({"best_epoch": best["epoch"], f"best/{job.cfg.select}": best["value"]})
+    if job.params.variant(job.variant).keep != "best":
+        return
+    job.model.load_state_dict(best["model"])
+    print(f"keeping epoch {best['epoch']} ({job.cfg.select}={best['value']:.4f})")
+
+
 def _second_stage(model: nn.Module, data: Data, validate, log, epochs: int) -> None:
     """A variant's step after fine-tuning, if it has one (R-CNN's per-class SVMs with
     ``classifier: svm``), then validation again, logged as ``val_<name>/*``."""
@@ -165,10 +196,15 @@ def _run(params: Params, variant: str, world: World, device: torch.device, progr
     data = load_data(params, variant)
     torch.manual_seed(common.seed)  # model initialisation
     model = build_model(variant, data.labels.num_classes + 1, vp.model)
+    weights = None
+    if vp.model.get("pretrained"):  # before any training: a missing file stops here
+        weights = load_pretrained(model, vp.model["pretrained"])
+        if world.main:
+            print(weights.summary())
     params_hash, fingerprint = _identity(params, variant, data, world, device)
     out_dir = Path(common.out) / variant
     checkpoints = Checkpoints(out_dir / "checkpoints", rerun=f"dvc repro train@{variant}")
-    cfg = fit_config(vp, common, world)
+    cfg = fit_config(vp, common, world, f"val/{params.register.metric_for(variant)}")
     if not world.main:  # the other ranks train; rank 0 logs, validates and writes files
         fit(model, data.train, cfg, checkpoints, fingerprint, device, progress=False, world=world)
         return {}
@@ -188,7 +224,7 @@ def _run(params: Params, variant: str, world: World, device: torch.device, progr
         "device": str(device),
         "mlflow.runName": variant,
     }
-    job = _Job(params, variant, data, model, cfg, checkpoints, fingerprint, device, world)
+    job = _Job(params, variant, data, model, cfg, checkpoints, fingerprint, device, world, weights)
     summary, seconds, run_id = _tracked_fit(job, tags, out_dir, progress)
     meta = {
         "variant": variant,
@@ -206,6 +242,7 @@ def _run(params: Params, variant: str, world: World, device: torch.device, progr
         "train_seconds": round(seconds, 2),
         "parameters": count_parameters(model),
         "epochs": summary["epochs"],
+        "kept_epoch": (summary.get("best") or {}).get("epoch") if vp.keep == "best" else None,
         "steps": summary["steps"],
         "final": summary["history"][-1] if summary["history"] else {},
     }
@@ -226,6 +263,7 @@ class _Job:
     fingerprint: str
     device: torch.device
     world: World
+    weights: LoadReport | None = None  # what the pretrained weights filled
 
 
 def _tracked_fit(job: _Job, tags: dict, out_dir: Path, progress: bool) -> tuple[dict, float, str]:
@@ -252,11 +290,14 @@ def _tracked_fit(job: _Job, tags: dict, out_dir: Path, progress: bool) -> tuple[
                 "lr_scaled": job.cfg.lr,
             }
         )
+        if job.weights is not None:
+            _log_weights(job.weights, out_dir)
         extra = {"run_id": active.info.run_id}
         summary = fit(
             job.model, data.train, job.cfg, job.checkpoints, job.fingerprint, job.device,
             validate, log, extra, progress, job.world,
         )  # fmt: skip
+        _keep_best(job, summary, log)
         _second_stage(job.model, data, validate, log, job.cfg.epochs)
         seconds = time.perf_counter() - t0
         log({"train_seconds": seconds})

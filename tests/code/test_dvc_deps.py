@@ -39,7 +39,9 @@ def _imported(node: ast.AST) -> set[str]:
         elif isinstance(n, ast.ImportFrom) and n.module and n.module.split(".")[0] == PACKAGE:
             found.add(n.module)
             # `from rcnnops.data import prepare` imports a submodule
-            found |= {f"{n.module}.{a.name}" for a in n.names if _module_file(f"{n.module}.{a.name}")}
+            found |= {
+                f"{n.module}.{a.name}" for a in n.names if _module_file(f"{n.module}.{a.name}")
+            }
     return found
 
 

@@ -165,15 +165,19 @@ def test_unknown_model_param_is_named():
 
 def test_pretrained_weights_from_local_file(tmp_path):
     torch.manual_seed(1)
-    src = build_model("faster_rcnn", 3, SMALL)
+    src = build_model("faster_rcnn", 5, SMALL)  # another class count
     path = tmp_path / "weights.pt"
-    state = src.state_dict()
-    state.pop("roi_heads.box_predictor.cls_score.weight")  # e.g. another class count
-    torch.save(state, path)
+    torch.save(src.state_dict(), path)
     torch.manual_seed(2)
     model = build_model("faster_rcnn", 3, SMALL | {"pretrained": str(path)})
+    report = load_pretrained(model, path)
     key = "backbone.stages.0.0.weight"
     assert torch.equal(model.state_dict()[key], src.state_dict()[key])
+    assert sorted(report.reinitialised) == [
+        f"roi_heads.box_predictor.{layer}.{p}"
+        for layer in ("bbox_pred", "cls_score")
+        for p in ("bias", "weight")
+    ]
     # pretrained -> norm auto freezes BatchNorm
     assert not [m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
 

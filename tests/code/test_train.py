@@ -150,3 +150,49 @@ def test_corrupt_image_at_training_time_names_the_file(tiny_prepared):
     path.write_bytes(path.read_bytes()[:50])
     with pytest.raises(DataError, match=str(path)):
         ds[0]
+
+
+def test_best_epoch_is_kept_and_patience_stops_early(tiny_prepared, tmp_path, capsys):
+    """The validation metric peaks at epoch 2 and does not improve twice: training
+    stops after epoch 4 and the kept weights are epoch 2's, bit for bit (a run of
+    exactly 2 epochs), also after resuming from the epoch-3 checkpoint."""
+    ds, labels = _data(tiny_prepared)
+    scores = [0.1, 0.3, 0.2, 0.25, 0.9, 0.9]
+
+    def validate(model, epoch):
+        return {"val/bbox_AP": scores[epoch - 1]}
+
+    six = dict(CFG.__dict__, epochs=6, lr_steps=[], select="val/bbox_AP", patience=2)
+    cfg = FitConfig(**six)
+    out = fit(_model(labels), ds, cfg, Checkpoints(tmp_path / "a"), "fp", torch.device("cpu"),
+              validate, progress=False)  # fmt: skip
+    assert out["epochs"] == 4 and out["best"]["epoch"] == 2 and out["best"]["value"] == 0.3
+    assert "early stop after epoch 4: val/bbox_AP has not improved on epoch 2's 0.3000" in (
+        capsys.readouterr().out
+    )
+    two = _model(labels)
+    fit(two, ds, FitConfig(**dict(six, epochs=2)), Checkpoints(tmp_path / "b"), "fp",
+        torch.device("cpu"), validate, progress=False)  # fmt: skip
+    for k, v in two.state_dict().items():
+        assert torch.equal(out["best"]["model"][k], v), k
+    # Resumed from epoch 3's checkpoint: the best so far comes back with it.
+    ckpts = Checkpoints(tmp_path / "c", keep=10)
+    fit(_model(labels), ds, FitConfig(**dict(six, epochs=3)), ckpts, "fp", torch.device("cpu"),
+        validate, progress=False)  # fmt: skip
+    again = fit(_model(labels), ds, cfg, ckpts, "fp", torch.device("cpu"), validate,
+                progress=False)  # fmt: skip
+    assert again["epochs"] == 4 and again["best"]["epoch"] == 2
+    for k, v in two.state_dict().items():
+        assert torch.equal(again["best"]["model"][k], v), k
+
+
+def test_multi_scale_training_sizes(tiny_prepared):
+    """``min_size`` as a list: each training image at one of the sizes (torchvision's
+    multi-scale), evaluation at the last."""
+    model = build_model("faster_rcnn", 3, MODEL | {"min_size": [48, 64], "max_size": 64})
+    image = torch.rand(3, 40, 40)
+    model.train()
+    seen = {tuple(model.transform([image])[0].image_sizes[0]) for _ in range(40)}
+    assert seen == {(48, 48), (64, 64)}
+    model.eval()
+    assert model.transform([image])[0].image_sizes == [(64, 64)]

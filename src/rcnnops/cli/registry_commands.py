@@ -84,7 +84,18 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_presets(args: argparse.Namespace) -> int:
+    from rcnnops.presets import PRESETS
+
+    width = max(map(len, PRESETS))
+    for name, (about, _) in PRESETS.items():
+        print(f"{name.ljust(width)}  {about}")
+    print("\nuse one: rcnnops run --preset NAME (writes its params into params.yaml)")
+    return 0
+
+
 def add_parsers(sub: Any) -> None:
+    add(sub, "presets", cmd_presets, "list the named param sets `run --preset` writes")
     sp = add(sub, "register", cmd_register, "register a trained, evaluated variant in MLflow")
     sp.add_argument("variant")
     sp = add(

@@ -17,7 +17,6 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from rcnnops.models import backbones, roi
 from rcnnops.models.proposals import PrecomputedProposals
-from rcnnops.models.weights import load_pretrained
 
 
 class FastRCNN(nn.Module):
@@ -106,6 +105,4 @@ def build(
         PrecomputedProposals(proposals_train, proposals_test),
         heads,
     )
-    if pretrained is not None:
-        load_pretrained(model, pretrained)
     return model

@@ -14,7 +14,6 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
 
 from rcnnops.models import backbones, roi
 from rcnnops.models.proposals import anchor_generator
-from rcnnops.models.weights import load_pretrained
 
 
 class FasterRCNN(tv.FasterRCNN):
@@ -42,7 +41,7 @@ def components(
     pretrained: str | None = None,
     min_size: int = 800,
     max_size: int = 1333,
-    anchor_sizes: list[int] | None = None,
+    anchor_sizes: list[int] | list[list[int]] | None = None,
     aspect_ratios: list[float] = (0.5, 1.0, 2.0),
     representation_size: int = 256,
     box_head: str = "mlp",
@@ -52,19 +51,21 @@ def components(
     rpn_post_nms_top_n_train: int = 500,
     rpn_pre_nms_top_n_test: int = 500,
     rpn_post_nms_top_n_test: int = 300,
+    rpn_score_thresh: float = 0.0,
     box_batch_size_per_image: int = 256,
     box_score_thresh: float = 0.01,
+    box_nms_thresh: float = 0.5,
     box_detections_per_img: int = 100,
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """The backbone and torchvision ``FasterRCNN`` keyword arguments of a
-    Faster R-CNN for ``num_classes`` classes *including* background (K + 1).
-
-    ``min_size``/``max_size`` set the image rescaling (torchvision's transform);
-    ``pretrained`` is an optional local weights file, loaded by :func:`build`
-    (see ``weights.load_pretrained``). Mask R-CNN extends these.
+    """The backbone and torchvision ``FasterRCNN`` keyword arguments of a Faster
+    R-CNN for ``num_classes`` classes *including* background (K + 1); the other
+    arguments are torchvision's (``min_size``/``max_size``: the image rescaling).
+    ``pretrained`` (loaded by the train stage, see :mod:`rcnnops.models.weights`)
+    freezes BatchNorm under ``norm: auto``. Mask R-CNN extends these.
     """
     body = backbones.build_backbone(backbone, norm, pretrained is not None, stride)
     names = backbones.feature_names(body)
+    head_norm = backbones.norm_layer(norm, pretrained is not None)
     kwargs = {
         "num_classes": None,
         "min_size": min_size,
@@ -76,17 +77,13 @@ def components(
         "rpn_post_nms_top_n_train": rpn_post_nms_top_n_train,
         "rpn_pre_nms_top_n_test": rpn_pre_nms_top_n_test,
         "rpn_post_nms_top_n_test": rpn_post_nms_top_n_test,
+        "rpn_score_thresh": rpn_score_thresh,
         "box_roi_pool": roi.roi_pooler(names, 7, roi_op, sampling_ratio),
-        "box_head": roi.box_head(
-            box_head,
-            body.out_channels,
-            7,
-            representation_size,
-            backbones.norm_layer(norm, pretrained is not None),
-        ),
+        "box_head": roi.box_head(box_head, body.out_channels, 7, representation_size, head_norm),
         "box_predictor": FastRCNNPredictor(representation_size, num_classes),
         "box_batch_size_per_image": box_batch_size_per_image,
         "box_score_thresh": box_score_thresh,
+        "box_nms_thresh": box_nms_thresh,
         "box_detections_per_img": box_detections_per_img,
     }
     return body, kwargs
@@ -96,8 +93,6 @@ def build(num_classes: int, pretrained: str | None = None, **params: Any) -> Fas
     """A Faster R-CNN; ``params`` are :func:`components`' keyword arguments."""
     body, kwargs = components(num_classes, pretrained=pretrained, **params)
     model = FasterRCNN(body, **kwargs)
-    if pretrained is not None:
-        load_pretrained(model, pretrained)
     return model
 
 

@@ -14,7 +14,6 @@ from typing import Any
 from torchvision.models.detection import mask_rcnn as tv
 
 from rcnnops.models import backbones, faster_rcnn, roi
-from rcnnops.models.weights import load_pretrained
 
 
 class MaskRCNN(tv.MaskRCNN):
@@ -45,6 +44,7 @@ def build(
     mask_head_channels: int = 256,
     mask_head_layers: int = 4,
     mask_roi_op: str = "align",
+    mask_head_norm: str = "auto",
     roi_op: str = "align",
     **params: Any,
 ) -> MaskRCNN:
@@ -56,12 +56,16 @@ def build(
     2x deconvolution and a per-class 1x1 predictor. ``mask_roi_op: pool``
     swaps the mask head's RoIAlign for quantised RoIPool (single-map backbones
     only): the paper's ablation (RoIAlign: +3.4 mask AP), for benchmarks.
+    ``mask_head_norm``: ``auto`` normalises the head's convs as the backbone is;
+    ``none`` leaves them plain, as torchvision's ``maskrcnn_resnet50_fpn``.
     """
     body, kwargs = faster_rcnn.components(
         num_classes, pretrained=pretrained, roi_op=roi_op, **params
     )
     names = backbones.feature_names(body)
-    norm = backbones.norm_layer(params.get("norm", "auto"), pretrained is not None)
+    norm = None
+    if mask_head_norm != "none":
+        norm = backbones.norm_layer(params.get("norm", "auto"), pretrained is not None)
     channels = [mask_head_channels] * mask_head_layers
     model = MaskRCNN(
         body,
@@ -70,8 +74,6 @@ def build(
         mask_predictor=tv.MaskRCNNPredictor(channels[-1], channels[-1], num_classes),
         **kwargs,
     )
-    if pretrained is not None:
-        load_pretrained(model, pretrained)
     return model
 
 

@@ -11,16 +11,23 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 
 
 def anchor_generator(
-    names: list[str], sizes: list[int] | None, aspect_ratios: list[float]
+    names: list[str], sizes: list[int] | list[list[int]] | None, aspect_ratios: list[float]
 ) -> AnchorGenerator:
-    """One anchor size per FPN level, or all sizes on a single feature map."""
+    """The RPN's anchors: on a single feature map all ``sizes`` there; on an FPN one
+    size per level (default 32, 64, ... as torchvision), or a list of sizes per
+    level (torchvision's MobileNetV3-FPN: ``[[32, 64, 128, 256, 512]] * 3``)."""
     ratios = tuple(aspect_ratios)
     if len(names) == 1:
-        return AnchorGenerator((tuple(sizes or [16, 32, 64]),), (ratios,))
+        flat = sizes[0] if sizes and isinstance(sizes[0], list) else sizes
+        return AnchorGenerator((tuple(flat or [16, 32, 64]),), (ratios,))
     sizes = sizes or [32 * 2**i for i in range(len(names))]
     if len(sizes) != len(names):
-        raise ValueError(f"anchor_sizes needs one size per feature map ({len(names)}), got {sizes}")
-    return AnchorGenerator(tuple((s,) for s in sizes), (ratios,) * len(names))
+        raise ValueError(
+            f"anchor_sizes needs one size (or list of sizes) per feature map "
+            f"({len(names)}: {names}), got {sizes}"
+        )
+    per_level = tuple(tuple(s) if isinstance(s, list) else (s,) for s in sizes)
+    return AnchorGenerator(per_level, (ratios,) * len(names))
 
 
 class PrecomputedProposals(nn.Module):

@@ -22,7 +22,6 @@ from rcnnops.models import backbones, roi
 from rcnnops.models.fast_rcnn import FastRCNN
 from rcnnops.models.proposals import PrecomputedProposals
 from rcnnops.models.svm import SVMPredictor, mine_svm, ridge
-from rcnnops.models.weights import load_pretrained
 
 
 def expand_boxes(boxes: torch.Tensor, warp_size: int, context: int) -> torch.Tensor:
@@ -298,6 +297,4 @@ def build(
         heads,
     )
     model.classifier = classifier
-    if pretrained is not None:
-        load_pretrained(model, pretrained)
     return model

@@ -121,8 +121,10 @@ def roi_pooler(
 
     RoIAlign picks the FPN level per box by its size; RoIPool needs a single map.
     On a single map (the small backbone) RoIAlign is :class:`RoIAlign`, torchvision's
-    op computed faster on CPUs.
+    op computed faster on CPUs. An FPN's extra ``pool`` level feeds the RPN only
+    (as in torchvision's detectors): RoIs are pooled from the other levels.
     """
+    names = [n for n in names if n != "pool"]
     if op == "align" and len(names) == 1 and sampling_ratio >= 1:
         return RoIAlign(names[0], output_size, sampling_ratio)
     if op == "align":

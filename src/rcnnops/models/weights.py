@@ -1,42 +1,246 @@
-"""Weights from outside the training run: a local pretrained file, and the size."""
+"""Weights from outside the training run: a local file, or torchvision's weights by name.
+
+``model.pretrained`` is a path, or ``torchvision:<Enum>.<NAME>`` (e.g.
+``torchvision:FasterRCNN_ResNet50_FPN_Weights.COCO_V1``,
+``torchvision:ResNet50_Weights.IMAGENET1K_V2``), resolved with torchvision's
+weights API to a file in torch.hub's cache (``$TORCH_HOME/hub/checkpoints``),
+downloaded there (hash-checked) only when it is missing and a network exists.
+
+A file is either a whole detector's state dict (torchvision's layout, the same
+names as rcnnops' variants) or a classification network's (ImageNet ResNet or
+MobileNetV3), which goes into ``backbone.body`` (``features.N`` -> ``N`` for
+MobileNet). :func:`load_pretrained` reports exactly which tensors were loaded,
+which were re-initialised and why (a class predictor for another number of
+classes; detection layers a classification file does not have), and which of the
+file's tensors are not used and why (a classifier's head). Anything else that
+does not fit is an error naming the tensors, never a silent skip.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from rcnnops.errors import UserError
 
-def load_pretrained(model: nn.Module, path: str | Path) -> dict[str, int]:
-    """Load weights from a local file into ``model`` (or its backbone body).
+PREFIX = "torchvision:"
+DETECTOR_MODULES = ("backbone", "rpn", "roi_heads")
+# Re-initialised when their shape differs (the number of classes): the class predictors.
+PREDICTORS = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")
+CLASSIFIER_HEADS = ("fc.", "classifier.")
 
-    Accepts a full detector state dict (e.g. a COCO-trained torchvision model:
-    tensors whose shapes differ, like the class predictor, are skipped) or a
-    classification backbone's (e.g. ImageNet ResNet weights, loaded into
-    ``backbone.body``). Loads with ``weights_only=True``: a pickle with code in
-    it is refused. Returns counts of loaded and skipped tensors.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: pretrained weights file not found")
+
+class WeightsError(UserError, ValueError):
+    """Weights that cannot be found, read or loaded into the model (named)."""
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_pretrained` did, tensor by tensor."""
+
+    source: str
+    file: str
+    loaded: list[str] = field(default_factory=list)
+    reinitialised: dict[str, str] = field(default_factory=dict)  # model tensor -> why
+    unused: dict[str, str] = field(default_factory=dict)  # file tensor -> why
+
+    def summary(self) -> str:
+        """A few lines for the log: counts, then each reason with its tensors grouped."""
+        lines = [
+            f"pretrained {self.source} ({self.file}): {len(self.loaded)} tensors loaded, "
+            f"{len(self.reinitialised)} re-initialised, {len(self.unused)} of the file unused"
+        ]
+        for title, entries in (("re-initialised", self.reinitialised), ("unused", self.unused)):
+            for why, keys in _group(entries).items():
+                lines.append(f"  {title}: {why}: {_names(keys)}")
+        return "\n".join(lines)
+
+    def to_json(self) -> dict:
+        return {
+            "source": self.source,
+            "file": self.file,
+            "loaded": self.loaded,
+            "reinitialised": self.reinitialised,
+            "unused": self.unused,
+        }
+
+
+def _group(entries: dict[str, str]) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for key, why in entries.items():
+        out.setdefault(why, []).append(key)
+    return out
+
+
+def _names(keys: list[str], most: int = 4) -> str:
+    shown = ", ".join(keys[:most])
+    return shown + (f" and {len(keys) - most} more" if len(keys) > most else "")
+
+
+def hub_dir() -> Path:
+    """torch.hub's checkpoint cache (``$TORCH_HOME/hub/checkpoints``)."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def resolve(spec: str) -> Path:
+    """The local file for ``spec``: a path as given, or a torchvision weights name
+    fetched into torch.hub's cache. :class:`WeightsError` says which file to place
+    where when it is missing and cannot be downloaded."""
+    if not spec.startswith(PREFIX):
+        path = Path(spec)
+        if not path.is_file():
+            raise WeightsError(f"{path}: pretrained weights file not found")
+        return path
+    from torchvision.models import get_weight
+
+    name = spec.removeprefix(PREFIX)
+    try:
+        weights = get_weight(name)
+    except (ValueError, KeyError, AttributeError) as e:
+        raise WeightsError(
+            f"model.pretrained {spec!r}: not a torchvision weights name ({e}); e.g. "
+            f"{PREFIX}FasterRCNN_ResNet50_FPN_Weights.COCO_V1 or "
+            f"{PREFIX}ResNet50_Weights.IMAGENET1K_V2"
+        ) from None
+    path = hub_dir() / os.path.basename(weights.url)
+    if path.is_file():
+        return path
+    try:
+        torch.hub.load_state_dict_from_url(weights.url, progress=True, check_hash=True)
+    except Exception as e:  # offline: URLError, socket errors, ...
+        raise WeightsError(
+            f"model.pretrained {spec!r}: {path.name} is not in torch.hub's cache and cannot "
+            f"be downloaded ({type(e).__name__}: {e}); place the file at {path} "
+            f"(from {weights.url}, on a machine with a network) and run again"
+        ) from None
+    return path
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state dict from ``path`` (weights only: a pickle with code in it is refused)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for bad files
-        raise ValueError(f"{path}: not a loadable weights file (weights_only=True): {e}") from e
+        raise WeightsError(f"{path}: not a loadable weights file (weights_only=True): {e}") from e
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise WeightsError(f"{path}: not a state dict (a mapping of names to tensors)")
+    return state
+
+
+def load_pretrained(model: nn.Module, spec: str | Path) -> LoadReport:
+    """Load ``spec`` (see the module docstring) into ``model``; the report says what
+    happened to every tensor. :class:`WeightsError` when the file does not fit."""
+    path = resolve(str(spec))
+    state = read_state_dict(path)
+    report = LoadReport(str(spec), str(path))
     own = model.state_dict()
-    prefix = "" if any(k in own for k in state) else "backbone.body."
-    matched = {
-        prefix + k: v
-        for k, v in state.items()
-        if prefix + k in own and own[prefix + k].shape == v.shape
+    if any(k.split(".")[0] in DETECTOR_MODULES for k in state):
+        mapped = _detector(state, own, report)
+    else:
+        mapped = _classifier(state, own, report)
+    _check_missing(own, mapped, report)
+    model.load_state_dict(mapped, strict=False)
+    report.loaded = sorted(mapped)
+    return report
+
+
+def _detector(state: dict, own: dict, report: LoadReport) -> dict:
+    """A detector's tensors under the same names; predictors for another number of
+    classes are re-initialised; tensors of parts this variant lacks are unused."""
+    mapped, wrong = {}, []
+    have = {k.split(".")[0] for k in own}
+    for key, value in state.items():
+        if key in own and own[key].shape == value.shape:
+            mapped[key] = value
+        elif key in own and key.startswith(PREDICTORS):
+            report.reinitialised[key] = (
+                f"class predictor for {own[key].shape[0]} outputs (the file has {value.shape[0]})"
+            )
+        elif key in own:
+            wrong.append(f"{key} {list(value.shape)} (model: {list(own[key].shape)})")
+        elif key.endswith("num_batches_tracked"):
+            report.unused[key] = "BatchNorm step counter (frozen BatchNorm keeps none)"
+        elif key.split(".")[0] not in have:
+            report.unused[key] = f"this variant has no {key.split('.')[0]}"
+        else:
+            wrong.append(f"{key} (not in this model)")
+    if wrong:
+        raise WeightsError(
+            f"{report.file}: {len(wrong)} tensor(s) do not fit this model's layers: "
+            f"{_names(wrong)}; the file is another architecture (see the presets: "
+            "`rcnnops presets`)"
+        )
+    return mapped
+
+
+def _body_key(key: str) -> str:
+    """A classification network's tensor name -> the detection backbone body's."""
+    if key.startswith("features."):  # MobileNetV3: the body is `features`
+        return "backbone.body." + key.removeprefix("features.")
+    return "backbone.body." + key
+
+
+def _classifier(state: dict, own: dict, report: LoadReport) -> dict:
+    """ImageNet classification weights into ``backbone.body``; their head is unused."""
+    mapped, wrong = {}, []
+    for key, value in state.items():
+        target = _body_key(key)
+        if key.startswith(CLASSIFIER_HEADS):
+            report.unused[key] = "the classification network's head (not part of a detector)"
+        elif target in own and own[target].shape == value.shape:
+            mapped[target] = value
+        elif key.endswith("num_batches_tracked") and target not in own:
+            report.unused[key] = "BatchNorm step counter (frozen BatchNorm keeps none)"
+        else:
+            wrong.append(key)
+    if wrong or not mapped:
+        body = sorted({k.split(".")[2] for k in own if k.startswith("backbone.body.")})
+        raise WeightsError(
+            f"{report.file}: {len(wrong)} of its {len(state)} tensors do not fit this model's "
+            f"backbone body (layers {_names(body)}): {_names(wrong)}; classification weights "
+            "fit the backbones resnet18_fpn, resnet50_fpn and mobilenet_v3_fpn"
+        )
+    return mapped
+
+
+def _check_missing(own: dict, mapped: dict, report: LoadReport) -> None:
+    """Model tensors the file did not fill: re-initialised when a whole part is new
+    (a head the file's model has not, every detection layer for a classification
+    file), an error when part of a layer the file has is missing."""
+    from_file = {".".join(k.split(".")[:2]) for k in mapped} | {
+        ".".join(k.split(".")[:2]) for k in report.reinitialised
     }
-    if not matched:
-        raise ValueError(f"{path}: no tensor matches this model's layers; wrong file?")
-    model.load_state_dict(matched, strict=False)
-    return {"loaded": len(matched), "skipped": len(state) - len(matched)}
+    classification = all(k.startswith("backbone.body.") for k in mapped)
+    missing = []
+    for key in own:
+        if key in mapped or key in report.reinitialised or key.endswith("num_batches_tracked"):
+            continue
+        part = ".".join(key.split(".")[:2])
+        if classification and not key.startswith("backbone.body."):
+            report.reinitialised[key] = "detection layer (classification weights have none)"
+        elif part not in from_file:
+            report.reinitialised[key] = f"{part}: not in the file; initialised by the builder"
+        else:
+            missing.append(key)
+    if missing:
+        raise WeightsError(
+            f"{report.file}: {len(missing)} tensor(s) of this model are missing from the "
+            f"file: {_names(missing)}; the file is another architecture"
+        )
+
+
+def write_report(report: LoadReport, path: Path) -> Path:
+    """The report as JSON (logged with the training run)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report.to_json(), indent=2))
+    return path
 
 
 def count_parameters(model: nn.Module) -> int:

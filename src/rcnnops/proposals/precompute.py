@@ -42,6 +42,7 @@ class SearchSettings:
     max_boxes: int = 2000
     min_size: int = 8
     dedup_iou: float = 0.95
+    max_side: int | None = None
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -52,8 +53,9 @@ def _one(args: tuple[str, SearchSettings]) -> tuple[np.ndarray, np.ndarray]:
     import cv2
 
     cv2.setNumThreads(1)  # the pool gives the parallelism
+    image = load_image_array(Path(path))
     return selective_search(
-        load_image_array(Path(path)), s.mode, s.max_boxes, s.min_size, s.dedup_iou
+        image, s.mode, s.max_boxes, s.min_size, s.dedup_iou, max_side=s.max_side
     )
 
 
@@ -84,7 +86,7 @@ def compute_split(
         with search_pool(workers) as own:
             return compute_split(coco, image_root, settings, workers, desc, own)
     else:
-        mapped = pool.map(_one, jobs, chunksize=4)
+        mapped = pool.map(_one, jobs)  # one image per task: the bar moves per image
         results = list(tqdm(mapped, total=len(jobs), desc=desc, unit="img", leave=False))
     return [im["id"] for im in images], [r[0] for r in results], [r[1] for r in results]
 
@@ -234,7 +236,7 @@ def precompute(prepared: Path, out: Path, settings: SearchSettings, workers: int
 
 def settings_from(params) -> SearchSettings:
     p = params.proposals
-    return SearchSettings(p.mode, p.max_boxes, p.min_size, p.dedup_iou)
+    return SearchSettings(p.mode, p.max_boxes, p.min_size, p.dedup_iou, p.max_side)
 
 
 def open_store(params, split: str) -> ProposalStore:

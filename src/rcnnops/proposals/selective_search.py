@@ -22,6 +22,7 @@ def selective_search(
     min_size: int = 8,
     dedup_iou: float = 0.95,
     seed: int = 0,
+    max_side: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Proposals for one ``uint8 [H, W, 3]`` RGB image.
 
@@ -29,11 +30,20 @@ def selective_search(
     (one strategy, for tests). Boxes narrower or shorter than ``min_size``
     pixels are dropped; near-duplicates (IoU >= ``dedup_iou`` with a
     higher-ranked box) are removed; at most ``max_boxes`` are kept.
+    ``max_side``: an image whose longer side exceeds it is searched downscaled to
+    it (cost grows faster than the pixel count) and the boxes are scaled back:
+    they are always in pixels of the image as given.
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"expected a uint8 [H, W, 3] image, got {image.dtype} {image.shape}")
     if mode not in MODES:
         raise ValueError(f"unknown selective search mode {mode!r}; choose one of {MODES}")
+    h, w = image.shape[:2]
+    scale = 1.0
+    if max_side is not None and max(h, w) > max_side:
+        scale = max_side / max(h, w)
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
     ss = cv2.ximgproc.segmentation.createSelectiveSearchSegmentation()
     ss.setBaseImage(cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
     {
@@ -42,9 +52,11 @@ def selective_search(
         "single": ss.switchToSingleStrategy,
     }[mode]()
     rects = np.asarray(ss.process(), dtype=np.int64).reshape(-1, 4)  # (x, y, w, h)
-    keep = (rects[:, 2] >= min_size) & (rects[:, 3] >= min_size)
+    keep = (rects[:, 2] >= min_size * scale) & (rects[:, 3] >= min_size * scale)
     rects = rank(rects[keep], seed).astype(np.float32)
     boxes = np.concatenate([rects[:, :2], rects[:, :2] + rects[:, 2:]], axis=1)
+    if scale != 1.0:
+        boxes = np.minimum(boxes / np.float32(scale), np.array([w, h, w, h], np.float32))
     boxes = dedup(boxes, dedup_iou)[:max_boxes]
     scores = 1.0 - np.arange(len(boxes), dtype=np.float32) / max(len(boxes), 1)
     return boxes.astype(np.float32), scores.astype(np.float32)

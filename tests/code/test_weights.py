@@ -1,0 +1,138 @@
+"""Weights by torchvision name or local file: every tensor accounted for.
+
+No download ever: the files are made here from torchvision's constructors
+(``weights=None``) and placed in a temporary ``$TORCH_HOME`` under the real
+weights files' names, as a user (or a first online run) would have them.
+"""
+
+from __future__ import annotations
+
+import os
+import urllib.request
+
+import pytest
+import torch
+from torchvision import models as tvm
+from torchvision.models import get_weight
+
+from rcnnops.models import build_model
+from rcnnops.models.weights import WeightsError, hub_dir, load_pretrained
+from rcnnops.presets import FASTERRCNN_RESNET50_FPN, TORCHVISION_DETECTORS
+
+
+@pytest.fixture
+def torch_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    hub_dir().mkdir(parents=True)
+    return hub_dir()
+
+
+def place(name: str, state: dict) -> str:
+    """Save ``state`` where torchvision's weights ``name`` is cached; its spec."""
+    url = get_weight(name).url
+    torch.save(state, hub_dir() / os.path.basename(url))
+    return f"torchvision:{name}"
+
+
+CLASSIFIERS = [
+    ("resnet18_fpn", tvm.resnet18, "ResNet18_Weights.IMAGENET1K_V1", "fc."),
+    ("resnet50_fpn", tvm.resnet50, "ResNet50_Weights.IMAGENET1K_V2", "fc."),
+    ("mobilenet_v3_fpn", tvm.mobilenet_v3_large, "MobileNet_V3_Large_Weights.IMAGENET1K_V1",
+     "classifier."),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("backbone", "ctor", "name", "head"), CLASSIFIERS, ids=lambda v: str(v))
+def test_imagenet_weights_fill_the_whole_body(torch_home, backbone, ctor, name, head):
+    torch.manual_seed(0)
+    state = ctor(weights=None).state_dict()
+    spec = place(name, state)
+    model = build_model("faster_rcnn", 3, {"backbone": backbone, "pretrained": spec})
+    report = load_pretrained(model, spec)
+    body = {k for k in model.state_dict() if k.startswith("backbone.body.")}
+    assert set(report.loaded) == body  # not one body tensor missing
+    unused = {k for k in state if k.startswith(head) or k.endswith("num_batches_tracked")}
+    assert set(report.unused) == unused  # not one other tensor of the file unexplained
+    assert all(k.startswith(head) for k, why in report.unused.items() if "head" in why)
+    assert not any(k.startswith("backbone.body.") for k in report.reinitialised)
+    own = model.state_dict()
+    key = next(k for k in state if k.endswith("weight") and not k.startswith(head))
+    mapped = "backbone.body." + key.removeprefix("features.")
+    assert torch.equal(own[mapped], state[key])
+
+
+def test_coco_detector_weights_reinitialise_only_the_class_predictor(torch_home):
+    torch.manual_seed(0)
+    state = tvm.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict()
+    spec = place("FasterRCNN_ResNet50_FPN_Weights.COCO_V1", state)
+    model = build_model("faster_rcnn", 3, FASTERRCNN_RESNET50_FPN | {"pretrained": spec})
+    report = load_pretrained(model, spec)
+    assert sorted(report.reinitialised) == [
+        "roi_heads.box_predictor.bbox_pred.bias",
+        "roi_heads.box_predictor.bbox_pred.weight",
+        "roi_heads.box_predictor.cls_score.bias",
+        "roi_heads.box_predictor.cls_score.weight",
+    ]
+    assert (
+        "3 outputs (the file has 91)"
+        in report.reinitialised["roi_heads.box_predictor.cls_score.weight"]
+    )
+    assert all(k.endswith("num_batches_tracked") for k in report.unused)
+    assert len(report.loaded) + len(report.reinitialised) == len(
+        [k for k in model.state_dict() if not k.endswith("num_batches_tracked")]
+    )
+    assert "4 re-initialised" in report.summary()
+
+
+def test_faster_rcnn_weights_start_a_mask_rcnn_with_a_new_mask_branch(torch_home):
+    torch.manual_seed(0)
+    state = tvm.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict()
+    spec = place("FasterRCNN_ResNet50_FPN_Weights.COCO_V1", state)
+    _, arch, _ = TORCHVISION_DETECTORS["maskrcnn_resnet50_fpn"]
+    model = build_model("mask_rcnn", 91, arch | {"pretrained": spec})
+    report = load_pretrained(model, spec)
+    new = {k.split(".")[1] for k in report.reinitialised}
+    assert new == {"mask_head", "mask_predictor"}
+    assert all("not in the file" in why for why in report.reinitialised.values())
+
+
+def test_another_architecture_is_an_error_naming_the_tensors(torch_home):
+    small = build_model("faster_rcnn", 3, {"backbone": "small", "representation_size": 32})
+    spec = place("FasterRCNN_ResNet50_FPN_Weights.COCO_V1", small.state_dict())
+    model = build_model("faster_rcnn", 3, FASTERRCNN_RESNET50_FPN | {"pretrained": spec})
+    with pytest.raises(
+        WeightsError,
+        match=r"59 tensor\(s\) do not fit this model.s layers: "
+        r"backbone\.stages\.0\.0\.weight \(not in this model\)",
+    ):
+        load_pretrained(model, spec)
+
+
+def test_classification_weights_do_not_fit_the_small_backbone(torch_home):
+    spec = place("ResNet18_Weights.IMAGENET1K_V1", tvm.resnet18(weights=None).state_dict())
+    model = build_model("faster_rcnn", 3, {"backbone": "small", "pretrained": spec})
+    with pytest.raises(WeightsError, match="fit the backbones resnet18_fpn, resnet50_fpn"):
+        load_pretrained(model, spec)
+
+
+def test_offline_without_the_file_names_the_file_and_where(torch_home, monkeypatch):
+    # A proxy that refuses connections: what an offline machine answers, at once.
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    urllib.request.install_opener(urllib.request.build_opener())  # re-read the proxy env
+    model = build_model("faster_rcnn", 3, FASTERRCNN_RESNET50_FPN)
+    spec = "torchvision:FasterRCNN_ResNet50_FPN_Weights.COCO_V1"
+    with pytest.raises(WeightsError) as err:
+        load_pretrained(model, spec)
+    text = str(err.value)
+    assert "fasterrcnn_resnet50_fpn_coco-258fb6c6.pth" in text
+    assert f"place the file at {torch_home / 'fasterrcnn_resnet50_fpn_coco-258fb6c6.pth'}" in text
+    assert not any(torch_home.iterdir())  # nothing half-downloaded left behind
+
+
+def test_unknown_weights_name_and_missing_file(torch_home, tmp_path):
+    model = build_model("faster_rcnn", 3, {"backbone": "small"})
+    with pytest.raises(WeightsError, match="not a torchvision weights name"):
+        load_pretrained(model, "torchvision:NoSuch_Weights.V9")
+    with pytest.raises(WeightsError, match="pretrained weights file not found"):
+        load_pretrained(model, tmp_path / "nope.pth")
