@@ -189,6 +189,14 @@ def test_flow_end_to_end_then_noop_then_param_change(harness, tiny_project, monk
     (tiny_project / "params.yaml").write_text(yaml.safe_dump(params))
     assert dvcproj.status(tiny_project) == {}
 
+    # svd_rank is a loading setting: evaluation reruns, training does not.
+    params["evaluate"]["svd_rank"] = 8
+    (tiny_project / "params.yaml").write_text(yaml.safe_dump(params))
+    assert set(dvcproj.status(tiny_project)) == {f"evaluate@{v}" for v in VARIANTS}
+    del params["evaluate"]["svd_rank"]
+    (tiny_project / "params.yaml").write_text(yaml.safe_dump(params))
+    assert dvcproj.status(tiny_project) == {}
+
     # A selective-search param: proposals, then only the proposal-based variants.
     params["proposals"]["min_size"] = 10
     (tiny_project / "params.yaml").write_text(yaml.safe_dump(params))

@@ -194,3 +194,32 @@ def test_pretrained_pickle_payload_is_refused(tmp_path):
     model = build_model("faster_rcnn", 3, SMALL)
     with pytest.raises(ValueError, match="weights_only=True"):
         load_pretrained(model, path)
+
+
+def test_svd_rank_is_applied_when_a_model_is_loaded(tmp_path, capsys):
+    """``evaluate.svd_rank`` compresses the loaded model's box-head FC layers (the
+    trained files are untouched: no retraining); R-CNN, without FC layers in its
+    per-crop head, is loaded whole with a note."""
+    from rcnnops.data.dataset import LabelMap
+    from rcnnops.models.io import load_model, save_model
+
+    labels = LabelMap((1, 2), ("a", "b")).to_json()
+    params = SMALL | {"box_head": "mlp", "representation_size": 32}
+    model = build_model("faster_rcnn", 3, params)
+    save_model(model, tmp_path / "f", {"variant": "faster_rcnn", "num_classes": 3,
+                                        "model_params": params, "labels": labels})  # fmt: skip
+    before = (tmp_path / "f" / "model.pt").read_bytes()
+    loaded, _ = load_model(tmp_path / "f", svd_rank=4)
+    for fc in (loaded.roi_heads.box_head.fc6, loaded.roi_heads.box_head.fc7):
+        first, second = fc
+        assert torch.linalg.matrix_rank(second.weight @ first.weight) <= 4
+    assert (tmp_path / "f" / "model.pt").read_bytes() == before
+    whole, _ = load_model(tmp_path / "f")
+    assert isinstance(whole.roi_heads.box_head.fc6, torch.nn.Linear)
+
+    rcnn_params = {"warp_size": 16, "context": 1, "width": 8, "representation_size": 16}
+    rcnn = build_model("rcnn", 3, rcnn_params)
+    save_model(rcnn, tmp_path / "r", {"variant": "rcnn", "num_classes": 3,
+                                       "model_params": rcnn_params, "labels": labels})  # fmt: skip
+    load_model(tmp_path / "r", svd_rank=4)
+    assert "rcnn runs uncompressed" in capsys.readouterr().err

@@ -102,3 +102,21 @@ def test_recall_report_exact():
     r = recall_report([(gt, props)], top_k=(1, 2), ious=(0.5, 0.7))
     assert r["recall@0.5/1"] == 0.5 and r["recall@0.5/2"] == 1.0
     assert r["recall@0.7/2"] == 0.5 and r["mabo/2"] == pytest.approx(0.8)
+
+
+def test_max_side_searches_downscaled_and_returns_full_size_boxes():
+    """A photo larger than ``max_side`` is searched at that size; its boxes come
+    back in the photo's own pixels (inside it, about where the objects are), and
+    a ``max_side`` the photo fits in changes nothing."""
+    rng = np.random.default_rng(0)
+    image = (rng.random((300, 480, 3)) * 40).astype(np.uint8)
+    image[60:180, 100:260] = (220, 40, 40)  # one large object
+    full, _ = selective_search(image)
+    same, _ = selective_search(image, max_side=480)
+    assert np.array_equal(full, same)
+    small, _ = selective_search(image, max_side=120)
+    assert len(small) > 0
+    assert small[:, [0, 2]].max() <= 480 and small[:, [1, 3]].max() <= 300
+    assert small[:, 2:].max() > 120  # scaled back beyond the searched size
+    gt = torch.tensor([[100.0, 60.0, 260.0, 180.0]])
+    assert best_overlaps(gt, torch.from_numpy(small), [2000])[0, 0] >= 0.7

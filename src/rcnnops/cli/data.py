@@ -97,15 +97,10 @@ def _masks_parser(fmt: Any) -> None:
         "--masks", required=True, metavar="DIR", help="folder of mask PNGs (or of class subfolders)"
     )
     m.add_argument("out", metavar="OUT", help="output folder (gets annotations/)")
-    m.add_argument(
-        "--class-name", metavar="NAME", help="every instance is this class (no class subfolders)"
-    )
-    m.add_argument(
-        "--ignore-value",
-        type=int,
-        metavar="N",
-        help="mask value that is not an instance, e.g. 255 for void (default: none)",
-    )
+    one_class = "every instance is this class (no class subfolders)"
+    m.add_argument("--class-name", metavar="NAME", help=one_class)
+    void = "mask value that is not an instance, e.g. 255 for void (default: none)"
+    m.add_argument("--ignore-value", type=int, metavar="N", help=void)
     m.add_argument(
         "--allow-missing-masks",
         action="store_true",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -110,5 +111,8 @@ def load_model(
             + _rebuild_hint(path, meta["variant"])
         ) from None
     if svd_rank is not None:
-        compress(model, svd_rank)
+        try:
+            compress(model, svd_rank)
+        except ValueError as e:  # R-CNN: no FC layer in its per-crop box head
+            print(f"svd_rank {svd_rank}: {e}; {meta['variant']} runs uncompressed", file=sys.stderr)
     return model.to(device).eval(), meta
