@@ -98,7 +98,7 @@ class ProposalsParams(Section):
     dedup_iou: float = 0.95
     # Longer image sides above this are searched downscaled (boxes scaled back):
     # real photos cost what the papers report. null: full resolution.
-    max_side: int | None = Field(500, gt=0)
+    max_side: int | None = Field(640, gt=0)
     workers: int = positive(2)
 
 

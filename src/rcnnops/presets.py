@@ -164,7 +164,7 @@ _CPU_SCRATCH = (
         }
     }
     | _solver("fast_rcnn", epochs=6, batch_size=2, lr=0.01, lr_steps=[4, 5], **_SCRATCH)
-    | {"proposals.max_side": 500}
+    | {"proposals.max_side": 640}
 )
 
 PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -183,7 +183,7 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         | _solver("mask_rcnn", **_TUTORIAL)
         | _model("fast_rcnn", _FAST_RCNN_600 | {"box_batch_size_per_image": 64}, _IMAGENET_R50)
         | _solver("fast_rcnn", **_TUTORIAL)
-        | {"proposals.max_side": 500},
+        | {"proposals.max_side": 640},
     ),
     "torchvision-reference": (
         "torchvision's COCO reference: its detectors layer for layer, 26 epochs, lr 0.02 "
