@@ -32,7 +32,14 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from rcnnops import cli
-from rcnnops.config import DataParams, ParamsError, PrepareParams, SplitSource, parse_params
+from rcnnops.config import (
+    DataParams,
+    ParamsError,
+    PrepareParams,
+    ProposalsParams,
+    SplitSource,
+    parse_params,
+)
 from rcnnops.data.dataset import DetectionDataset
 from rcnnops.data.io import DataError, load_image_array, read_json
 from rcnnops.data.masks import encode
@@ -600,7 +607,9 @@ def test_truncated_jpeg_stops_prepare_not_training(tiny_raw, tmp_path):
 
 # --- damaged prepared and proposal files ----------------------------------------------------
 
-SEARCH = SearchSettings(mode="fast", max_boxes=200, min_size=6)  # as TINY_PARAMS
+SEARCH = SearchSettings(  # as TINY_PARAMS
+    mode="fast", max_boxes=200, min_size=6, max_side=ProposalsParams().max_side
+)
 PREPARE_HINT = "rebuild it with `dvc repro prepare` (or `rcnnops prepare`)"
 PROPOSALS_HINT = "rebuild them with `dvc repro proposals` (or `rcnnops proposals`)"
 
