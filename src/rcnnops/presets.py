@@ -90,6 +90,7 @@ _TUTORIAL = {
     "warmup_iters": 100,
     "lr_steps": [3, 6, 9],
     "gamma": 0.1,
+    "keep": "best",  # small datasets: register the best validated epoch
 }
 # torchvision's COCO reference (references/detection, README): 26 epochs, lr 0.02
 # for 16 images per step (8 GPUs x 2: lr 0.0025 per 2-image process, scaled by
@@ -104,6 +105,7 @@ _REFERENCE = {
     "warmup_iters": 1000,
     "lr_steps": [16, 22],
     "gamma": 0.1,
+    "keep": "last",
 }
 _FAST_RCNN_600 = {  # the Fast R-CNN paper's scale, an ImageNet backbone
     "backbone": "resnet50_fpn",
@@ -137,7 +139,14 @@ _SMALL_RPN = _SMALL | {
     "rpn_pre_nms_top_n_test": 300,
     "rpn_post_nms_top_n_test": 100,
 }
-_SCRATCH = {"momentum": 0.9, "weight_decay": 0.0001, "warmup_iters": 100, "gamma": 0.1}
+_SCRATCH = {
+    "momentum": 0.9,
+    "weight_decay": 0.0001,
+    "warmup_iters": 100,
+    "gamma": 0.1,
+    "keep": "last",
+    "early_stop": None,
+}
 _CPU_SCRATCH = (
     {"train.faster_rcnn.model": _SMALL_RPN}
     | _solver("faster_rcnn", epochs=9, batch_size=4, lr=0.02, lr_steps=[6, 8], **_SCRATCH)
