@@ -23,12 +23,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     # One run per project (params.yaml, DVC outputs, registry); taken before the
     # params edit, and before importing Prefect so a second run refuses at once.
     with project_lock(Path.cwd()):
-        changes = preset(args.preset) | assignments(args.data, args.epochs, args.set)
+        named, given = preset(args.preset), assignments(args.data, args.epochs, args.set)
+        changes = named | given
         if changes:
             from rcnnops.params_edit import set_params
 
             set_params(args.params, changes)
-            print(f"{args.params}: set " + ", ".join(f"{k}={v}" for k, v in changes.items()))
+            shown = [f"preset {args.preset} ({len(named)} keys)"] * bool(named)
+            print(
+                f"{args.params}: set " + ", ".join(shown + [f"{k}={v}" for k, v in given.items()])
+            )
         if not args.force and (summary := _up_to_date(args)):
             print(summary)
             return 0
