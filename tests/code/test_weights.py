@@ -119,7 +119,7 @@ def test_offline_without_the_file_names_the_file_and_where(torch_home, monkeypat
     # A proxy that refuses connections: what an offline machine answers, at once.
     monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
     monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
-    urllib.request.install_opener(urllib.request.build_opener())  # re-read the proxy env
+    monkeypatch.setattr(urllib.request, "_opener", None)  # re-read the proxy env; restored
     model = build_model("faster_rcnn", 3, FASTERRCNN_RESNET50_FPN)
     spec = "torchvision:FasterRCNN_ResNet50_FPN_Weights.COCO_V1"
     with pytest.raises(WeightsError) as err:
