@@ -62,10 +62,10 @@ def build_parser(extra: tuple[AddCommands, ...] = ()) -> argparse.ArgumentParser
         help="params file, relative to the project (default: params.yaml)",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_parsers in extra:  # `run` and `schedule` first: what most users want
+        add_parsers(sub)
     for module in (stages, registry_commands, serving, data):
         module.add_parsers(sub)
-    for add_parsers in extra:
-        add_parsers(sub)
     return parser
 
 
