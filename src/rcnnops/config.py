@@ -113,7 +113,10 @@ class VariantTrainParams(Section):
     warmup_iters: int = Field(100, ge=0)
     lr_steps: list[int] = Field(default_factory=lambda: [8, 11])
     gamma: float = 0.1
-    amp: bool = True
+    # Mixed precision (see rcnnops.precision): auto (fp16 on CUDA, bf16 on CPUs with
+    # AMX / AVX512-BF16, else fp32), cuda (fp16 on CUDA, fp32 on CPU), bf16, fp16, fp32.
+    # true / false: the older spelling of cuda / fp32.
+    amp: bool | Literal["auto", "cuda", "bf16", "fp16", "fp32"] = "cuda"
     hflip: float = Field(0.5, ge=0.0, le=1.0)
     clip_grad_norm: float | None = 10.0
     # Which epoch's weights become the model: the last, or the best validated one by

@@ -113,8 +113,36 @@ def _resume_state(checkpoints: Checkpoints, fingerprint: str, world: World) -> d
     return distributed.broadcast(state, world)
 
 
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's generator states: the CPU's, and the CUDA device's when
+    training on one (dropout, samplers and random init draw from both there)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(checkpoint: dict, rank: int, device: torch.device) -> None:
+    """Restore ``rank``'s generators from a checkpoint (its CUDA one when the
+    checkpoint has it and this training is on CUDA: a CPU resume of a GPU
+    checkpoint continues, but is not bit-exact, and says so)."""
+    cpu = checkpoint.get("rng_ranks") or [checkpoint["rng"]]
+    torch.set_rng_state(cpu[rank] if rank < len(cpu) else checkpoint["rng"])
+    cuda = checkpoint.get("cuda_rng_ranks")
+    if cuda and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda[rank] if rank < len(cuda) else cuda[0], device)
+    elif cuda and rank == 0:
+        print("the checkpoint was made on CUDA: resuming on the CPU is not bit-exact")
+
+
 def _restore(
-    state: dict | None, model: nn.Module, solver: Solver, cfg: FitConfig, world: World, extra: dict
+    state: dict | None,
+    model: nn.Module,
+    solver: Solver,
+    cfg: FitConfig,
+    world: World,
+    extra: dict,
+    device: torch.device,
 ) -> Progress:
     """Load a checkpoint's weights, solver, RNG and progress; or seed a fresh start
     the same way whatever was there before."""
@@ -125,8 +153,7 @@ def _restore(
     solver.opt.load_state_dict(state["optimizer"])
     solver.sched.load_state_dict(state["scheduler"])
     solver.scaler.load_state_dict(state["scaler"])
-    rngs = state.get("rng_ranks") or [state["rng"]]
-    torch.set_rng_state(rngs[world.rank] if world.rank < len(rngs) else state["rng"])
+    set_rng_state(state, world.rank, device)
     return Progress(
         state["epoch"],
         state["step"],
@@ -176,14 +203,15 @@ class _Run:
 
 
 def _train_step(run: _Run, p: Progress, images: list, targets: list) -> tuple[float, dict]:
-    """One batch: forward under autocast, loss check, backward and update.
+    """One batch: forward under the precision's autocast (none in fp32), loss
+    check, backward and update.
 
     Returns the total loss and each term, as means over the ranks: one host sync
     for all terms, and every rank sees the same numbers (and stops together on a
     non-finite one)."""
     images, targets = _to(run.device, images, targets)
     proposals = split_proposals(targets)
-    with torch.autocast(device_type=run.device.type, enabled=run.solver.amp):
+    with run.solver.precision.autocast():
         losses = run.net(images, targets, proposals) if proposals else run.net(images, targets)
     loss = sum(losses.values())
     terms = torch.stack([t.detach().float() for t in (loss, *losses.values())])
@@ -241,17 +269,21 @@ def _end_epoch(
 
 
 def _checkpoint(run: _Run, p: Progress, model: nn.Module, fingerprint: str) -> None:
-    """Rank 0 saves weights, solver, every rank's RNG and the progress; no rank
+    """Rank 0 saves weights, solver, every rank's RNGs (CPU, and CUDA on a GPU) and
+    the progress; no rank
     runs ahead of the checkpoint it would resume from."""
-    rngs = distributed.gather(torch.get_rng_state(), run.world)
+    rngs = distributed.gather(rng_state(run.device), run.world)
     if run.world.main:
+        cpu_rngs = [r["cpu"] for r in rngs]
         state = {
             "model": model.state_dict(),
             "optimizer": run.solver.opt.state_dict(),
             "scheduler": run.solver.sched.state_dict(),
             "scaler": run.solver.scaler.state_dict(),
-            "rng": rngs[0],
-            **({"rng_ranks": rngs} if run.world.distributed else {}),
+            "rng": cpu_rngs[0],
+            **({"rng_ranks": cpu_rngs} if run.world.distributed else {}),
+            **({"cuda_rng_ranks": [r["cuda"] for r in rngs]} if "cuda" in rngs[0] else {}),
+            "precision": run.solver.precision.name,
             "epoch": p.epoch,
             "step": p.step,
             "history": p.history,
@@ -298,7 +330,7 @@ def fit(
     iters = math.ceil(len(sampler) / cfg.batch_size)
     solver = Solver.build(model, cfg, iters, device)
     state = _resume_state(checkpoints, fingerprint, world)
-    p = _restore(state, model, solver, cfg, world, dict(extra_state or {}))
+    p = _restore(state, model, solver, cfg, world, dict(extra_state or {}), device)
     run = _Run(_wrap(model, device, world), solver, cfg, device, world, checkpoints, log)
     while p.epoch < cfg.epochs and not _stop_early(run, p):
         run.net.train()

@@ -59,9 +59,15 @@ def message(raw: dict, errors: list[dict], src: str, root: type[BaseModel]) -> s
         allowed = sorted(model.model_fields) if model is not None else allowed
         return f"{src}: {parent}: unknown key(s) {unknown}; allowed: {allowed}"
     field, value = _where(raw, loc)
+    # A union (``bool | Literal[...]``) fails once per member: name the choices.
+    same = [e for e in errors if _where(raw, tuple(e["loc"]))[0] == field]
+    literal = next((e for e in same if e["type"] == "literal_error"), None)
+    if literal is not None:
+        err, kind = literal, "literal_error"
     ctx = err.get("ctx") or {}
     if kind == "literal_error":
-        why = f"expected one of {ctx.get('expected')}"
+        also = "true/false or " if any(e["type"] == "bool_type" for e in same) else ""
+        why = f"expected {also}one of {ctx.get('expected')}"
     elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
         op = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<"}.get(kind, "<=")
         why = f"must be {op} {next(iter(ctx.values()))}"

@@ -1,5 +1,6 @@
 """The solver: its settings (``FitConfig``), SGD with momentum, the
-per-iteration LR schedule (linear warm-up, step decay) and the AMP loss scaler."""
+per-iteration LR schedule (linear warm-up, step decay), the training's precision
+(:mod:`rcnnops.precision`) and its loss scaler (fp16 only)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from rcnnops.precision import Precision, resolve_amp
 
 
 @dataclass
@@ -22,7 +25,7 @@ class FitConfig:
     warmup_iters: int = 100
     lr_steps: list[int] = field(default_factory=list)
     gamma: float = 0.1
-    amp: bool = True
+    amp: str | bool = "cuda"  # see rcnnops.precision: auto, bf16, fp16, fp32, cuda
     clip_grad_norm: float | None = 10.0
     seed: int = 0
     workers: int = 0
@@ -55,13 +58,14 @@ def lr_factor(
 
 @dataclass
 class Solver:
-    """SGD with momentum, the per-iteration LR schedule and the AMP loss scaler."""
+    """SGD with momentum on fp32 weights, the per-iteration LR schedule, the
+    autocast precision and the loss scaler (enabled for fp16 only)."""
 
     params: list[nn.Parameter]
     opt: torch.optim.SGD
     sched: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
-    amp: bool
+    precision: Precision
 
     @classmethod
     def build(cls, model: nn.Module, cfg: FitConfig, iters: int, device: torch.device) -> Solver:
@@ -72,8 +76,9 @@ class Solver:
         sched = torch.optim.lr_scheduler.LambdaLR(
             opt, lr_factor(cfg.warmup_iters, iters, cfg.lr_steps, cfg.gamma)
         )
-        amp = cfg.amp and device.type == "cuda"
-        return cls(params, opt, sched, torch.amp.GradScaler("cuda", enabled=amp), amp)
+        precision = resolve_amp(cfg.amp, device)
+        scaler = torch.amp.GradScaler(device.type, enabled=precision.scales_loss)
+        return cls(params, opt, sched, scaler, precision)
 
     @property
     def lr(self) -> float:

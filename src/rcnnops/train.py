@@ -23,7 +23,7 @@ from rcnnops.data.dataset import DetectionDataset, LabelMap
 from rcnnops.data.io import DataError
 from rcnnops.data.prepare import load_manifest, load_split
 from rcnnops.data.transforms import RandomHorizontalFlip
-from rcnnops.device import resolve_device
+from rcnnops.device import device_tags, resolve_device
 from rcnnops.distributed import World
 from rcnnops.engine import fit
 from rcnnops.metrics import coco_evaluate, predict
@@ -31,6 +31,7 @@ from rcnnops.models import MASK_VARIANTS, USES_PROPOSALS, build_model
 from rcnnops.models.io import save_model
 from rcnnops.models.weights import LoadReport, count_parameters, load_pretrained, write_report
 from rcnnops.plots import plot_loss, write_loss_csv
+from rcnnops.precision import resolve_amp
 from rcnnops.solver import FitConfig
 
 
@@ -138,9 +139,12 @@ def validator(params: Params, data: Data, masks: bool, device: torch.device):
     return validate
 
 
-def _identity(params: Params, variant: str, data: Data, world: World, device) -> tuple[str, str]:
-    """(params hash, checkpoint fingerprint) of this training."""
-    extra = dict(data.proposals)
+def _identity(
+    params: Params, variant: str, data: Data, world: World, device, precision: str
+) -> tuple[str, str]:
+    """(params hash, checkpoint fingerprint) of this training. The resolved
+    precision is part of it (``amp: auto`` means bf16 on one CPU, fp32 on another)."""
+    extra = dict(data.proposals) | {"precision": precision}
     if world.distributed:  # it changes the numbers, so it is part of what was trained
         extra |= {
             "world_size": world.size,
@@ -201,7 +205,8 @@ def _run(params: Params, variant: str, world: World, device: torch.device, progr
         weights = load_pretrained(model, vp.model["pretrained"])
         if world.main:
             print(weights.summary())
-    params_hash, fingerprint = _identity(params, variant, data, world, device)
+    precision = resolve_amp(vp.amp, device).name
+    params_hash, fingerprint = _identity(params, variant, data, world, device, precision)
     out_dir = Path(common.out) / variant
     checkpoints = Checkpoints(out_dir / "checkpoints", rerun=f"dvc repro train@{variant}")
     cfg = fit_config(vp, common, world, f"val/{params.register.metric_for(variant)}")
@@ -221,9 +226,8 @@ def _run(params: Params, variant: str, world: World, device: torch.device, progr
         "data_hash": data.manifest["data_hash"],
         "params_hash": params_hash,
         "git_commit": tracking.git_commit(),
-        "device": str(device),
         "mlflow.runName": variant,
-    }
+    } | device_tags(device, precision)
     job = _Job(params, variant, data, model, cfg, checkpoints, fingerprint, device, world, weights)
     summary, seconds, run_id = _tracked_fit(job, tags, out_dir, progress)
     meta = {
@@ -238,6 +242,7 @@ def _run(params: Params, variant: str, world: World, device: torch.device, progr
         "git_commit": tags["git_commit"],
         "run_id": run_id,
         "device": str(device),
+        "precision": precision,
         "world_size": world.size,
         "train_seconds": round(seconds, 2),
         "parameters": count_parameters(model),
@@ -283,6 +288,7 @@ def _tracked_fit(job: _Job, tags: dict, out_dir: Path, progress: bool) -> tuple[
                 "variant": job.variant,
                 "seed": common.seed,
                 "device": str(job.device),
+                "precision": resolve_amp(job.cfg.amp, job.device).name,
                 "num_classes": data.labels.num_classes,
                 "train_images": len(data.train),
                 "val_images": len(data.val),

@@ -13,6 +13,7 @@ from torch import nn
 
 from rcnnops.config import USES_PROPOSALS
 from rcnnops.models import fast_rcnn, faster_rcnn, mask_rcnn, rcnn
+from rcnnops.models.fp32 import keep_heads_fp32
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "rcnn": rcnn.build,
@@ -31,6 +32,7 @@ def build_model(variant: str, num_classes: int, model_params: dict[str, Any]) ->
     """Build ``variant`` for ``num_classes`` (K + 1, background included).
 
     Unknown variants or parameter names raise ``ValueError`` listing what exists.
+    The heads' outputs stay fp32 under autocast (see :mod:`rcnnops.models.fp32`).
     """
     if variant not in MODELS:
         raise ValueError(
@@ -48,4 +50,4 @@ def build_model(variant: str, num_classes: int, model_params: dict[str, Any]) ->
         raise ValueError(
             f"train.{variant}.model: unknown key(s) {unknown}; allowed: {sorted(allowed)}"
         )
-    return builder(num_classes, **model_params)
+    return keep_heads_fp32(builder(num_classes, **model_params))

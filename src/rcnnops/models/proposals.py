@@ -10,6 +10,19 @@ from torch import nn
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 
 
+class Fp32Anchors(AnchorGenerator):
+    """torchvision's ``AnchorGenerator`` with anchors always in fp32.
+
+    torchvision makes anchors in the feature maps' dtype, so under bf16 autocast
+    an anchor at x = 100 px would start 0.5 px off, and the RPN's box targets with
+    it. Only the maps' shapes and device are read, so they are passed as fp32
+    views of one zero (no copy)."""
+
+    def forward(self, image_list, feature_maps: list[torch.Tensor]) -> list[torch.Tensor]:
+        shapes = [torch.zeros((), device=f.device).expand(f.shape) for f in feature_maps]
+        return super().forward(image_list, shapes)
+
+
 def anchor_generator(
     names: list[str], sizes: list[int] | list[list[int]] | None, aspect_ratios: list[float]
 ) -> AnchorGenerator:
@@ -19,7 +32,7 @@ def anchor_generator(
     ratios = tuple(aspect_ratios)
     if len(names) == 1:
         flat = sizes[0] if sizes and isinstance(sizes[0], list) else sizes
-        return AnchorGenerator((tuple(flat or [16, 32, 64]),), (ratios,))
+        return Fp32Anchors((tuple(flat or [16, 32, 64]),), (ratios,))
     sizes = sizes or [32 * 2**i for i in range(len(names))]
     if len(sizes) != len(names):
         raise ValueError(
@@ -27,7 +40,7 @@ def anchor_generator(
             f"({len(names)}: {names}), got {sizes}"
         )
     per_level = tuple(tuple(s) if isinstance(s, list) else (s,) for s in sizes)
-    return AnchorGenerator(per_level, (ratios,) * len(names))
+    return Fp32Anchors(per_level, (ratios,) * len(names))
 
 
 class PrecomputedProposals(nn.Module):

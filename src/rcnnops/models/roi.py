@@ -35,7 +35,11 @@ class RoIPool(MultiScaleRoIAlign):
     def forward(self, features, boxes, image_sizes):
         x = features[self.featmap_name]
         scale = _single_map_scale(x, image_sizes)
-        return roi_pool(x, [b.to(x.dtype) for b in boxes], self.output_size, scale)
+        # fp32 under autocast: box coordinates must not be rounded to 16 bits (and
+        # torchvision's CPU kernel has no bf16); the box head casts back down.
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            return roi_pool(x.to(dtype), [b.to(dtype) for b in boxes], self.output_size, scale)
 
 
 def _single_map_scale(x: torch.Tensor, image_sizes: list[tuple[int, int]]) -> float:
@@ -62,7 +66,25 @@ def roi_align_sampled(
     backward pass is a vectorised ``grid_sample`` backward instead of a
     single-threaded scatter: about 2x faster forward + backward on a CPU.
     ``boxes``: one ``[R_i, 4]`` xyxy tensor per image; returns ``[sum R_i, C, *output_size]``.
+
+    Computed in fp32 whatever the features' dtype and any autocast around it (as
+    torchvision's op is under autocast): in bf16 a sampling coordinate near 100 px
+    would be rounded to the nearest 0.5 px, in fp16 near 1000 px to 0.5 px too.
     """
+    dtype = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 when given it
+    with torch.autocast(x.device.type, enabled=False):
+        return _roi_align_fp32(
+            x.to(dtype), [b.to(dtype) for b in boxes], output_size, spatial_scale, sampling_ratio
+        )
+
+
+def _roi_align_fp32(
+    x: torch.Tensor,
+    boxes: list[torch.Tensor],
+    output_size: tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int,
+) -> torch.Tensor:
     n, c, h, w = x.shape
     ph, pw = output_size
     sr = sampling_ratio
