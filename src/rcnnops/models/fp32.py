@@ -32,7 +32,8 @@ def as_fp32(value: Any) -> Any:
     """``value`` with every low-precision floating tensor in it cast to float32
     (tensors, and lists / tuples / dicts of them)."""
     if isinstance(value, torch.Tensor):
-        return value.float() if value.is_floating_point() and value.dtype != torch.float64 else value
+        low = value.is_floating_point() and value.dtype != torch.float64
+        return value.float() if low else value
     if isinstance(value, (list, tuple)):
         return type(value)(as_fp32(v) for v in value)
     if isinstance(value, dict):
