@@ -17,6 +17,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.futures import wait
 
+from pipelines import gpus
 from pipelines import slots as stage_slots
 from pipelines import state as run_state
 from rcnnops import project as dvcproj
@@ -89,7 +90,8 @@ def train_and_evaluate(
     stale: tuple[str, ...] = (),
 ) -> bool:
     """``train@<variant>`` then ``evaluate@<variant>`` if stale, holding the
-    concurrency slots (see :mod:`pipelines.slots`); True when training ran."""
+    concurrency slots (see :mod:`pipelines.slots`) and, on GPUs, a lease on the
+    GPUs it runs on (:mod:`pipelines.gpus`); True when training ran."""
     if pipeline_fresh:
         get_run_logger().info("train@%s, evaluate@%s: up to date (DVC cache)", variant, variant)
         return False
@@ -102,6 +104,11 @@ def train_and_evaluate(
             held.enter_context(
                 concurrency(stage_slots.GPU_LIMIT, occupy=slots.gpus_per_stage, strict=True)
             )
+            leased = held.enter_context(
+                gpus.lease(slots.gpus_per_stage, f"train@{variant}", slots.gpu_ids)
+            )
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(leased)
+            get_run_logger().info("train@%s, evaluate@%s on GPU %s", variant, variant, leased)
         train, evaluate = f"train@{variant}", f"evaluate@{variant}"
         ran = dvcproj.repro(root, train, extra_env=env, known_stale=train in stale)
         evaluated = dvcproj.repro(root, evaluate, extra_env=env, known_stale=evaluate in stale)

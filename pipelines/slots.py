@@ -9,6 +9,9 @@ evaluation stage the flow runs:
   GPU is never given two trainings whatever ``parallel`` says. A DDP training
   (``train.nproc`` processes) takes that many GPU slots.
 
+The limits count; which GPUs a stage gets is a lease (:mod:`pipelines.gpus`),
+taken once its slots are held and passed as ``CUDA_VISIBLE_DEVICES``.
+
 The limits live on the Prefect API (the ephemeral one by default, or a server
 shared by several flow runs and workers, which then share the GPUs fairly).
 """
@@ -16,37 +19,28 @@ shared by several flow runs and workers, which then share the GPUs fairly).
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+from pipelines import gpus as gpu_leases
 
 STAGES_LIMIT = "rcnnops-stages"
 GPU_LIMIT = "gpu"
 
 
-def visible_gpus() -> int:
-    """GPUs this process may use, without importing torch (``nvidia-smi -L``,
-    narrowed by ``CUDA_VISIBLE_DEVICES``)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
-    if shutil.which("nvidia-smi") is None:
-        return 0
-    try:
-        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.TimeoutExpired):
-        return 0
-    return sum(line.startswith("GPU ") for line in out.stdout.splitlines())
-
-
 @dataclass(frozen=True)
 class Slots:
-    """What one stage occupies: limit names, GPU slots, CPU threads per stage."""
+    """What one stage occupies: limit names, GPU slots, CPU threads per stage;
+    ``gpu_ids``: the GPUs the flow sees (a stage leases ``gpus_per_stage`` of them)."""
 
     parallel: int
-    gpus: int
+    gpu_ids: tuple[str, ...]
     on_gpu: bool
     gpus_per_stage: int = 1
+
+    @property
+    def gpus(self) -> int:
+        return len(self.gpu_ids)
 
     @property
     def names(self) -> list[str]:
@@ -61,13 +55,16 @@ class Slots:
         return {"OMP_NUM_THREADS": str(per_stage)}
 
 
-def plan(parallel: int | str, device: str, nproc: int = 1, gpus: int | None = None) -> Slots:
-    """The slots for ``pipeline.parallel`` and ``train.device`` on this machine."""
-    gpus = visible_gpus() if gpus is None else gpus
-    on_gpu = gpus > 0 and device != "cpu"
+def plan(
+    parallel: int | str, device: str, nproc: int = 1, gpu_ids: Sequence[str] | None = None
+) -> Slots:
+    """The slots for ``pipeline.parallel`` and ``train.device`` on this machine
+    (``gpu_ids``: default the visible GPUs, :func:`pipelines.gpus.visible_gpu_ids`)."""
+    ids = tuple(gpu_leases.visible_gpu_ids() if gpu_ids is None else gpu_ids)
+    on_gpu = len(ids) > 0 and device != "cpu"
     if parallel == "auto":
-        parallel = max(1, gpus // max(nproc, 1)) if on_gpu else 1
-    return Slots(int(parallel), gpus, on_gpu, max(nproc, 1))
+        parallel = max(1, len(ids) // max(nproc, 1)) if on_gpu else 1
+    return Slots(int(parallel), ids, on_gpu, max(nproc, 1))
 
 
 def ensure_limits(slots: Slots) -> None:

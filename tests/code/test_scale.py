@@ -22,26 +22,6 @@ from rcnnops.serve import free_port
 from tests.conftest import TINY_PARAMS
 
 
-def test_slots_default_to_one_stage_on_a_cpu_and_one_per_gpu():
-    cpu = slots.plan("auto", "auto", gpus=0)
-    assert (cpu.parallel, cpu.on_gpu, cpu.names) == (1, False, [slots.STAGES_LIMIT])
-    assert cpu.threads(cpus=2) == {}  # one stage at a time: torch takes every core
-    gpu = slots.plan("auto", "auto", gpus=4)
-    assert (gpu.parallel, gpu.on_gpu, gpu.names) == (4, True, [slots.STAGES_LIMIT, "gpu"])
-    ddp = slots.plan("auto", "cuda", nproc=2, gpus=4)
-    assert (ddp.parallel, ddp.gpus_per_stage) == (2, 2)  # two 2-GPU trainings at once
-    forced_cpu = slots.plan(3, "cpu", gpus=4)
-    assert (forced_cpu.parallel, forced_cpu.on_gpu) == (3, False)
-    assert forced_cpu.threads(cpus=6) == {"OMP_NUM_THREADS": "2"}  # cores shared out
-
-
-def test_visible_gpus_follows_cuda_visible_devices(monkeypatch):
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,2")
-    assert slots.visible_gpus() == 2
-    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
-    assert slots.visible_gpus() == 0
-
-
 def test_parallel_must_be_positive_or_auto(tmp_path):
     from rcnnops.config import ParamsError, parse_params
 

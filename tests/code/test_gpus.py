@@ -1,0 +1,210 @@
+"""Device assignment on a simulated multi-GPU machine: the flow's stages hold
+Prefect GPU slots and a lease on which GPUs, and run with exactly those in
+``CUDA_VISIBLE_DEVICES``. No CUDA is launched: each stage's environment is
+recorded instead of running ``dvc repro``. The lease tests run in ``make test``;
+the flow tests (a Prefect test server, ~45 s) in the scale suite (``-m scale``,
+part of ``make test-ci``)."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from prefect import flow
+from prefect.futures import wait
+from prefect.testing.utilities import prefect_test_harness
+
+from pipelines import gpus, slots
+from rcnnops import project as dvcproj
+
+FOUR = ["0", "1", "2", "3"]
+
+
+@pytest.fixture(autouse=True)
+def leases(tmp_path, monkeypatch):
+    """A lease folder of this test's own (the machine's is left alone)."""
+    monkeypatch.setenv(gpus.LEASES_ENV, str(tmp_path / "leases"))
+    return tmp_path / "leases"
+
+
+def test_visible_gpu_ids_follow_cuda_visible_devices(monkeypatch):
+    assert gpus.visible_gpu_ids({"CUDA_VISIBLE_DEVICES": "2,3"}) == ["2", "3"]
+    assert gpus.visible_gpu_ids({"CUDA_VISIBLE_DEVICES": "GPU-ab12, GPU-cd34"}) == [
+        "GPU-ab12",
+        "GPU-cd34",
+    ]
+    assert gpus.visible_gpu_ids({"CUDA_VISIBLE_DEVICES": "0,-1,1"}) == ["0"]  # as CUDA reads it
+    assert gpus.visible_gpu_ids({"CUDA_VISIBLE_DEVICES": ""}) == []
+    monkeypatch.setenv("PATH", "/nonexistent")  # no nvidia-smi: no GPU
+    assert gpus.visible_gpu_ids({}) == []
+
+
+def test_slots_default_to_one_stage_on_a_cpu_and_one_per_gpu():
+    cpu = slots.plan("auto", "auto", gpu_ids=[])
+    assert (cpu.parallel, cpu.on_gpu, cpu.names) == (1, False, [slots.STAGES_LIMIT])
+    gpu = slots.plan("auto", "auto", gpu_ids=FOUR)
+    assert (gpu.parallel, gpu.gpus, gpu.on_gpu) == (4, 4, True)
+    assert gpu.names == [slots.STAGES_LIMIT, slots.GPU_LIMIT]
+    ddp = slots.plan("auto", "cuda", nproc=2, gpu_ids=FOUR)
+    assert (ddp.parallel, ddp.gpus_per_stage) == (2, 2)
+    forced_cpu = slots.plan(3, "cpu", gpu_ids=FOUR)
+    assert (forced_cpu.parallel, forced_cpu.on_gpu) == (3, False)
+    assert forced_cpu.threads(cpus=6) == {"OMP_NUM_THREADS": "2"}
+
+
+def test_leases_are_exclusive_and_all_or_nothing(leases):
+    with gpus.lease(1, "a", FOUR) as a, gpus.lease(2, "b", FOUR) as b:
+        assert a == ["0"] and b == ["1", "2"]
+        busy = r"c: no 2 free GPU\(s\).*GPU 0: pid \d+ \(a\)"
+        with pytest.raises(gpus.LeaseTimeout, match=busy), gpus.lease(2, "c", FOUR, 0.3, 0.05):
+            pass
+        with gpus.lease(1, "d", FOUR) as d:  # the failed attempt held nothing
+            assert d == ["3"]
+    with gpus.lease(4, "e", FOUR) as e:  # everything was released
+        assert e == FOUR
+    with (
+        pytest.raises(gpus.LeaseTimeout, match="needs 5 GPU.*4 are visible"),
+        gpus.lease(5, "f", FOUR),
+    ):
+        pass
+
+
+def test_a_killed_holder_frees_its_gpu(leases):
+    """SIGKILL gives no chance to clean up: the kernel drops the flock."""
+    code = (
+        "import sys, time; from pipelines import gpus\n"
+        "with gpus.lease(1, 'victim', ['0', '1']) as ids:\n"
+        "    print(ids[0], flush=True); time.sleep(60)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert proc.stdout.readline().strip() == "0"
+        assert gpus.holders(["0", "1"])["0"]["stage"] == "victim"
+        with gpus.lease(1, "next", ["0", "1"]) as ids:
+            assert ids == ["1"]  # GPU 0 is the victim's
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        with gpus.lease(2, "after", ["0", "1"], timeout=5) as ids:
+            assert ids == ["0", "1"]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# --- the flow's stages on a simulated 4-GPU machine ------------------------------
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+class Recorder:
+    """Stands in for ``dvc repro``: records each stage's GPUs and time span."""
+
+    def __init__(self, seconds: float, fail: dict[str, float] | None = None) -> None:
+        self.seconds, self.fail = seconds, fail or {}
+        self.runs: list[dict] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, project, stage, force=False, extra_env=None, known_stale=False):
+        start = time.monotonic()
+        variant = stage.split("@")[1]
+        if stage.startswith("train@") and variant in self.fail:
+            time.sleep(self.fail[variant])
+            self._record(stage, extra_env, start)
+            raise subprocess.CalledProcessError(-signal.SIGKILL, ["dvc", "repro", stage])
+        if stage.startswith("train@"):
+            time.sleep(self.seconds)
+        self._record(stage, extra_env, start)
+        return True
+
+    def _record(self, stage, env, start):
+        gpus_seen = (env or {}).get("CUDA_VISIBLE_DEVICES", "")
+        with self.lock:
+            self.runs.append(
+                {"stage": stage, "gpus": gpus_seen.split(","), "start": start,
+                 "end": time.monotonic()}
+            )  # fmt: skip
+
+    def trains(self) -> list[dict]:
+        return [r for r in self.runs if r["stage"].startswith("train@")]
+
+
+def _run_stages(tmp_path, variants, plan):
+    from pipelines.retrain import train_and_evaluate
+
+    @flow(name="gpu-assignment")
+    def stages():
+        slots.ensure_limits(plan)
+        futures = [train_and_evaluate.submit(str(tmp_path), v, plan) for v in variants]
+        wait(futures)
+        return [f.state for f in futures]
+
+    return stages()
+
+
+def _overlap(a: dict, b: dict) -> bool:
+    return max(a["start"], b["start"]) < min(a["end"], b["end"])
+
+
+VARIANTS = ["rcnn", "fast_rcnn", "faster_rcnn", "mask_rcnn"]
+
+
+@pytest.mark.scale
+def test_four_gpus_four_variants_one_distinct_gpu_each(harness, tmp_path, monkeypatch):
+    """``parallel: auto`` with 4 GPUs: four stages at once, each on its own GPU,
+    evaluation on the GPU its training had."""
+    rec = Recorder(seconds=3.0)
+    monkeypatch.setattr(dvcproj, "repro", rec)
+    plan = slots.plan("auto", "auto", gpu_ids=FOUR)
+    states = _run_stages(tmp_path, VARIANTS, plan)
+    assert all(s.is_completed() for s in states)
+    trains = rec.trains()
+    assert sorted(r["stage"] for r in trains) == sorted(f"train@{v}" for v in VARIANTS)
+    assert all(len(r["gpus"]) == 1 for r in trains)
+    assert all(_overlap(a, b) for a in trains for b in trains)  # all four at once
+    assert sorted(r["gpus"][0] for r in trains) == FOUR  # so: distinct, one each
+    by_stage = {r["stage"]: r["gpus"] for r in rec.runs}
+    for v in VARIANTS:
+        assert by_stage[f"evaluate@{v}"] == by_stage[f"train@{v}"]
+
+
+@pytest.mark.scale
+def test_ddp_stages_get_disjoint_pairs(harness, tmp_path, monkeypatch):
+    """``nproc: 2`` on 4 GPUs: two stages at a time, each with 2 GPUs, never shared."""
+    rec = Recorder(seconds=1.0)
+    monkeypatch.setattr(dvcproj, "repro", rec)
+    plan = slots.plan("auto", "auto", nproc=2, gpu_ids=FOUR)
+    assert (plan.parallel, plan.gpus_per_stage) == (2, 2)
+    states = _run_stages(tmp_path, VARIANTS, plan)
+    assert all(s.is_completed() for s in states)
+    trains = rec.trains()
+    assert len(trains) == 4 and all(len(r["gpus"]) == 2 for r in trains)
+    for a in trains:
+        for b in trains:
+            if a is not b and _overlap(a, b):
+                assert not set(a["gpus"]) & set(b["gpus"]), (a, b)
+    assert any(_overlap(a, b) for a in trains for b in trains if a is not b)
+
+
+@pytest.mark.scale
+def test_a_killed_stage_frees_its_gpu_for_the_next(harness, tmp_path, monkeypatch):
+    """2 GPUs, 3 variants: the first stage's training is killed after 0.5 s; the
+    third stage starts on that GPU while the second still holds the other."""
+    rec = Recorder(seconds=3.0, fail={"rcnn": 0.5})
+    monkeypatch.setattr(dvcproj, "repro", rec)
+    plan = slots.plan("auto", "auto", gpu_ids=["0", "1"])
+    states = _run_stages(tmp_path, ["rcnn", "fast_rcnn", "faster_rcnn"], plan)
+    assert [s.is_completed() for s in states] == [False, True, True]
+    runs = {r["stage"]: r for r in rec.trains()}
+    killed, second, third = (runs[f"train@{v}"] for v in ("rcnn", "fast_rcnn", "faster_rcnn"))
+    assert third["gpus"] == killed["gpus"] != second["gpus"]
+    assert third["start"] < second["end"]  # it did not wait for the other GPU
