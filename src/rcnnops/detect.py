@@ -169,24 +169,27 @@ class Detector:
     variant: str
     names: tuple[str, ...]
     proposals: dict | None = None
+    device: Any = "cpu"  # a torch.device
 
     @classmethod
-    def from_dir(cls, model_dir: Path) -> Detector:
+    def from_dir(cls, model_dir: Path, device: str = "auto") -> Detector:
         """Load ``model.pt`` + ``model.json`` (+ ``serving.json``: proposal settings,
-        ``svd_rank``) from a bundle."""
+        ``svd_rank``) from a bundle onto ``device`` (``auto``: CUDA when present)."""
         from rcnnops.data.dataset import LabelMap
+        from rcnnops.device import resolve_device
         from rcnnops.models import USES_PROPOSALS
         from rcnnops.models.io import load_model
 
         model_dir = Path(model_dir)
         serving_path = model_dir / SERVING_FILE
         serving = json.loads(serving_path.read_text()) if serving_path.is_file() else {}
-        model, meta = load_model(model_dir, "cpu", svd_rank=serving.get("svd_rank"))
+        where = resolve_device(device)
+        model, meta = load_model(model_dir, where, svd_rank=serving.get("svd_rank"))
         settings = serving.get("proposals")
         if meta["variant"] in USES_PROPOSALS and settings is None:
             settings = {}  # the selective search defaults
         names = LabelMap.from_json(meta["labels"]).names
-        return cls(model, meta["variant"], names, settings)
+        return cls(model, meta["variant"], names, settings, where)
 
     def _proposals(self, images: list[np.ndarray]) -> list | None:
         if self.proposals is None:
@@ -201,8 +204,13 @@ class Detector:
         """Detections for ``uint8 [H, W, 3]`` images (see the module docstring)."""
         import torch
 
-        tensors = [torch.from_numpy(im).permute(2, 0, 1).float().div(255.0) for im in images]
+        tensors = [
+            torch.from_numpy(im).to(self.device).permute(2, 0, 1).float().div(255.0)
+            for im in images
+        ]  # uint8 to the device (a quarter of the bytes), then to float there
         proposals = self._proposals(images)
+        if proposals is not None:
+            proposals = [p.to(self.device) for p in proposals]
         with torch.no_grad():
             if proposals is None:
                 outputs = self.model(tensors)

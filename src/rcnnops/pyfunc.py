@@ -15,7 +15,9 @@ Param ``score_threshold`` (default 0.5). Output: one dict per image, see
 ``model_config`` ``max_image_side`` (default 4096) refuses larger images; override it
 with ``mlflow.pyfunc.load_model(uri, model_config={"max_image_side": N})`` or, for
 the server, ``MLFLOW_PYFUNC_INFERENCE_CONFIG='{"max_image_side": N}'``
-(``rcnnops serve --max-image-side N`` sets it).
+(``rcnnops serve --max-image-side N`` sets it). ``model_config`` ``device``
+(default ``auto``: CUDA when present, else CPU; or ``cpu``, ``cuda:N``) is where
+the model runs, chosen when it loads (``rcnnops serve/predict --device``).
 """
 
 from __future__ import annotations
@@ -38,8 +40,9 @@ class DetectorPyfunc(mlflow.pyfunc.PythonModel):
     """See the module docstring."""
 
     def load_context(self, context: Any) -> None:
-        self.detector = Detector.from_dir(Path(context.artifacts["model_dir"]))
         config = context.model_config or {}
+        device = str(config.get("device", "auto"))
+        self.detector = Detector.from_dir(Path(context.artifacts["model_dir"]), device)
         self.max_side = int(config.get("max_image_side", DEFAULT_MAX_SIDE))
 
     def predict(self, context, model_input, params=None):  # no hints: MLflow reads them as schema

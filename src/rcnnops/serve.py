@@ -88,14 +88,19 @@ def server_command(model_uri: str, host: str, port: int, workers: int = 1) -> li
     ]
 
 
-def server_env(tracking_uri: str, max_image_side: int | None = None) -> dict[str, str]:
+def server_env(
+    tracking_uri: str, max_image_side: int | None = None, device: str | None = None
+) -> dict[str, str]:
     """The child's environment: this interpreter's bin first on PATH (mlflow starts
-    ``uvicorn`` by name), the project's tracking store, the image-size override."""
+    ``uvicorn`` by name), the project's tracking store, the model config overrides
+    (image-size limit, device)."""
     env = dict(os.environ)
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env["MLFLOW_TRACKING_URI"] = tracking_uri
-    if max_image_side is not None:
-        env["MLFLOW_PYFUNC_INFERENCE_CONFIG"] = json.dumps({"max_image_side": max_image_side})
+    config = {"max_image_side": max_image_side, "device": device}
+    config = {k: v for k, v in config.items() if v is not None}
+    if config:
+        env["MLFLOW_PYFUNC_INFERENCE_CONFIG"] = json.dumps(config)
     return env
 
 
@@ -105,13 +110,14 @@ def start_server(
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
     max_image_side: int | None = None,
+    device: str | None = None,
     **popen: object,
 ) -> subprocess.Popen:
     """Start the scoring server in its own process group (stop it with :func:`stop_server`)."""
     check_port_free(host, port)
     return subprocess.Popen(
         server_command(model_uri, host, port),
-        env=server_env(tracking_uri, max_image_side),
+        env=server_env(tracking_uri, max_image_side, device),
         start_new_session=True,
         **popen,
     )
@@ -160,6 +166,7 @@ def serve(
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
     max_image_side: int | None = None,
+    device: str | None = None,
 ) -> int:
     """Run the server in the foreground until it exits or Ctrl-C; returns its exit code."""
     if not is_loopback(host):
@@ -168,7 +175,7 @@ def serve(
             "scoring server has no authentication",
             file=sys.stderr,
         )
-    proc = start_server(model_uri, tracking_uri, host, port, max_image_side)
+    proc = start_server(model_uri, tracking_uri, host, port, max_image_side, device)
     print(f"serving {model_uri} on http://{host}:{port}/invocations (Ctrl-C stops)", flush=True)
     # The server has a process group of its own: stop it on Ctrl-C and on
     # SIGTERM / SIGHUP too (a service manager, a closed terminal), never orphan it.

@@ -158,3 +158,26 @@ def test_masks_are_returned_as_coco_rle():
     assert decode(det["masks"][1], 8, 6).sum() == 0
     assert detect.to_detections(output, ("circle", "square"), 0.95)["masks"] == []
     json.dumps(det)  # JSON-ready as the server returns it
+
+
+def test_serve_and_predict_take_a_device(project, tmp_path, capsys):
+    """``--device``: the model loads where asked (``auto`` is the CPU here); a GPU
+    asked for on a machine without one is a one-line error, before any loading."""
+    image = _val_image(project)
+    with inside(project):
+        assert main(["predict", "faster_rcnn", str(image), "--json", "--device", "cpu"]) == 0
+        on_cpu = json.loads(capsys.readouterr().out)
+        assert main(["predict", "faster_rcnn", str(image), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out) == on_cpu
+        model = registry.load_pyfunc("faster_rcnn", model_config={"device": "cpu"})
+        assert str(model.unwrap_python_model().detector.device) == "cpu"
+        if not torch.cuda.is_available():
+            for cmd in (["predict", "faster_rcnn", str(image)], ["serve", "faster_rcnn"]):
+                assert main([*cmd, "--device", "cuda"]) == 2
+                assert "no CUDA device is available" in capsys.readouterr().err
+    env = serve.server_env("sqlite:///x.db", max_image_side=640, device="cuda:1")
+    assert json.loads(env["MLFLOW_PYFUNC_INFERENCE_CONFIG"]) == {
+        "max_image_side": 640,
+        "device": "cuda:1",
+    }
+    assert "MLFLOW_PYFUNC_INFERENCE_CONFIG" not in serve.server_env("sqlite:///x.db")

@@ -13,7 +13,9 @@ from rcnnops.cli.common import add, params
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from rcnnops import registry, serve, tracking
+    from rcnnops.device import resolve_device
 
+    resolve_device(args.device)  # a GPU asked for on a machine without one: say so now
     experiment = params(args).register.experiment
     mv = registry.resolve(args.variant, args.alias, experiment)
     print(f"{registry.model_name(args.variant)}@{args.alias} is version {mv.version}")
@@ -23,6 +25,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         args.host,
         args.port,
         args.max_image_side,
+        args.device,
     )
 
 
@@ -30,9 +33,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
     import pandas as pd
 
     from rcnnops import registry, serve
+    from rcnnops.device import resolve_device
 
+    resolve_device(args.device)
     images = serve.read_images(args.images)
-    config = {"max_image_side": args.max_image_side} if args.max_image_side else None
+    config = {"device": args.device}
+    if args.max_image_side:
+        config["max_image_side"] = args.max_image_side
     experiment = params(args).register.experiment
     model = registry.load_pyfunc(args.variant, args.alias, experiment, config)
     frame = pd.DataFrame({"image": [b64 for _, b64 in images]})
@@ -48,6 +55,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             written = serve.draw(path, det, Path(args.draw))
             print(f"drew {written}", file=sys.stderr if args.json else sys.stdout)
     return 0
+
+
+DEVICE_HELP = "where the model runs: auto (CUDA when present, else CPU), cpu, cuda or cuda:N"
 
 
 SERVE_EPILOG = """\
@@ -86,6 +96,7 @@ def add_parsers(sub: Any) -> None:
         metavar="PX",
         help="refuse images longer than PX pixels on a side with HTTP 400 (default: 4096)",
     )
+    sp.add_argument("--device", default="auto", help=DEVICE_HELP + " (default: auto)")
     sp = add(sub, "predict", cmd_predict, "run a registered model on image files; print or draw")
     sp.add_argument("variant", help="e.g. faster_rcnn (model rcnnops-VARIANT)")
     sp.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
@@ -99,3 +110,4 @@ def add_parsers(sub: Any) -> None:
     sp.add_argument("--draw", metavar="OUTDIR", help="also write OUTDIR/<image>.png with drawings")
     sp.add_argument("--json", action="store_true", help="JSON instead of text")
     sp.add_argument("--max-image-side", type=int, metavar="PX", help="image size limit")
+    sp.add_argument("--device", default="auto", help=DEVICE_HELP + " (default: auto)")
