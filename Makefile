@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install run test test-data test-reliability test-scale test-ci test-all bench bench-quick lint format clean
+.PHONY: help install run test test-data test-reliability test-scale test-ci test-all gpu-check bench bench-quick lint format clean
 
 help:
 	@echo "make run        install (first time) and run the whole pipeline on the default dataset"
@@ -14,6 +14,7 @@ help:
 	@echo "make test-reliability  fault-injection suite (kills, a vanishing tracking server, ...)"
 	@echo "make test-scale scale-out suite (parallel variants, mlflow server, shared DVC remote)"
 	@echo "make test-ci    what CI (.ci/run) runs after a fresh install: make test, then make test-scale"
+	@echo "make gpu-check  on a GPU machine: AMP training of every variant, DDP, device leases, serving (< 5 min)"
 	@echo "make bench      benchmarks (the papers' comparisons; writes benchmarks/results.md, .json)"
 	@echo "make bench-quick  the same, short (CPU, < 15 min); or: make bench ARGS=--quick"
 	@echo "make lint       ruff lint + format check"
@@ -45,6 +46,9 @@ test-ci: test test-scale
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -m "data or reliability or scale or not (data or reliability or scale)"
+
+gpu-check: $(STAMP)
+	$(BIN)/python -m pipelines.gpu_check $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks $(ARGS)

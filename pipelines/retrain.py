@@ -255,7 +255,8 @@ def _retrain(root: Path, variants: list[str] | None, push_to_remote: bool) -> li
         repro(str(root), "proposals", fresh, known)
     slots = stage_slots.plan(params.pipeline.parallel, params.train.device, params.train.nproc)
     if not fresh:
-        stage_slots.ensure_limits(slots)
+        if reclaimed := stage_slots.ensure_limits(slots):
+            print(f"reclaimed {reclaimed} concurrency slot(s) that a killed run left held")
         tracking_store(str(root), params.register.experiment)
     trained = {v: train_and_evaluate.submit(str(root), v, slots, fresh, known) for v in variants}
     wait(list(trained.values()))

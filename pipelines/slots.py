@@ -18,9 +18,11 @@ shared by several flow runs and workers, which then share the GPUs fairly).
 
 from __future__ import annotations
 
+import fcntl
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from pipelines import gpus as gpu_leases
 
@@ -67,11 +69,65 @@ def plan(
     return Slots(int(parallel), ids, on_gpu, max(nproc, 1))
 
 
-def ensure_limits(slots: Slots) -> None:
-    """Create or resize the global concurrency limits on the Prefect API."""
+def ensure_limits(slots: Slots) -> int:
+    """Create or resize the global concurrency limits on the Prefect API; on the
+    ephemeral local API, first reclaim the slots killed runs left held (see
+    :func:`reclaim_leaked_slots`). Returns how many were reclaimed."""
     from prefect import get_client
+    from prefect.settings import PREFECT_API_URL, PREFECT_HOME
 
     with get_client(sync_client=True) as client:
         client.upsert_global_concurrency_limit_by_name(STAGES_LIMIT, slots.parallel)
         if slots.on_gpu:
             client.upsert_global_concurrency_limit_by_name(GPU_LIMIT, slots.gpus)
+        if PREFECT_API_URL.value():  # a Prefect server: its repossessor expires leases
+            return 0
+        return reclaim_leaked_slots(client, Path(PREFECT_HOME.value()) / FLOWS_LOCK)
+
+
+FLOWS_LOCK = "rcnnops-flows.lock"
+_flows_fd: int | None = None  # this process's shared hold on the flows lock
+
+
+def reclaim_leaked_slots(client, lock: Path) -> int:
+    """Give back the slots of runs that were killed while holding them.
+
+    Prefect keeps a slot's lease in the server's memory, and the ephemeral API is
+    a temporary server per process that runs no lease-expiry service: a run
+    killed (SIGKILL, OOM, power) while training leaves its slot counted in the
+    database for good, and every later run would wait for it forever. So each
+    flow process holds a shared ``flock`` on ``lock`` (beside Prefect's database)
+    for its life; a process that can take it exclusively is the only rcnnops
+    flow on this API, so every slot still counted is a dead run's and is reset.
+    With other flows running, nothing is touched (their slots are real). Returns
+    the number of slots reclaimed."""
+    global _flows_fd
+    if _flows_fd is None:
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        _flows_fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(_flows_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        alone = True
+    except BlockingIOError:
+        alone = False
+    reclaimed = 0
+    try:
+        if alone:
+            for name in (STAGES_LIMIT, GPU_LIMIT):
+                reclaimed += _reset(client, name)
+    finally:
+        fcntl.flock(_flows_fd, fcntl.LOCK_SH)  # held until this process exits
+    return reclaimed
+
+
+def _reset(client, name: str) -> int:
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        held = client.read_global_concurrency_limit_by_name(name).active_slots
+    except ObjectNotFound:
+        return 0
+    if held:
+        client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=0))
+    return held

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -228,12 +229,16 @@ def _train_step(run: _Run, p: Progress, images: list, targets: list) -> tuple[fl
 
 
 def _train_epoch(run: _Run, p: Progress, loader: DataLoader, bar_args: dict) -> dict[str, float]:
-    """Every batch of one epoch; logs every ``log_every`` steps; returns the loss sums."""
+    """Every batch of one epoch; logs every ``log_every`` steps; returns the loss
+    sums, and ``images_per_s``: this process's training throughput (data loading
+    and steps; validation and checkpoints excluded)."""
     sums: dict[str, float] = {}
     bar = tqdm(loader, **bar_args)
+    seen, t0 = 0, time.perf_counter()
     for images, targets in bar:
         loss_value, values = _train_step(run, p, images, targets)
         p.step += 1
+        seen += len(images)
         for k, v in values.items():
             sums[k] = sums.get(k, 0.0) + v
         bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{run.solver.lr:.4f}")
@@ -243,6 +248,9 @@ def _train_epoch(run: _Run, p: Progress, loader: DataLoader, bar_args: dict) -> 
             p.steps_log.append({"step": p.step, **logged})
             if run.log is not None:
                 run.log(logged, p.step)
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    sums["images_per_s"] = seen / max(time.perf_counter() - t0, 1e-9)
     return sums
 
 
@@ -251,7 +259,9 @@ def _end_epoch(
 ) -> None:
     """Epoch means, validation (rank 0, every ``eval_every`` epochs and the last), logging."""
     epoch, cfg = p.epoch + 1, run.cfg
+    speed = sums.pop("images_per_s")
     record = {"epoch": epoch, **{f"train_epoch/{k}": v / max(1, iters) for k, v in sums.items()}}
+    record["train_epoch/images_per_s"] = speed * run.world.size  # all processes together
     due = epoch % cfg.eval_every == 0 or epoch == cfg.epochs
     if run.world.main and validate is not None and due:
         record.update(validate(model, epoch))

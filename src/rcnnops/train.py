@@ -155,6 +155,17 @@ def _identity(
     return params_hash, f"{params_hash}:{data.manifest['data_hash']}:{code_hash()}"
 
 
+def peak_memory(device: torch.device) -> dict[str, float]:
+    """This process's peak memory so far, in MiB: resident set size, and the CUDA
+    allocator's peak on a GPU."""
+    import resource
+
+    peak = {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if device.type == "cuda":
+        peak["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return peak
+
+
 def _log_weights(report: LoadReport, out_dir: Path) -> None:
     """Which tensors the pretrained weights filled, re-initialised or left unused."""
     tracking.log_params(
@@ -306,7 +317,7 @@ def _tracked_fit(job: _Job, tags: dict, out_dir: Path, progress: bool) -> tuple[
         _keep_best(job, summary, log)
         _second_stage(job.model, data, validate, log, job.cfg.epochs)
         seconds = time.perf_counter() - t0
-        log({"train_seconds": seconds})
+        log({"train_seconds": seconds} | peak_memory(job.device))
         write_loss_csv(summary["steps_log"], out_dir / "loss.csv")
         plot_loss(summary["steps_log"], out_dir / "loss.png", job.variant)
         tracking.log_artifact(out_dir / "loss.png", "training")

@@ -231,3 +231,39 @@ def test_bad_data_fails_the_flow_before_training(harness, tiny_project, monkeypa
         retrain(project=str(tiny_project))
     assert not (tiny_project / "data/prepared").exists()
     assert not (tiny_project / "models").exists()
+
+
+def test_slots_a_killed_run_left_held_are_reclaimed(harness, tmp_path, monkeypatch):
+    """On the ephemeral API nothing expires a dead run's slot lease: the next flow
+    process gives it back, but only when no other rcnnops flow process is alive
+    (their slots are real)."""
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+
+    from pipelines import slots
+
+    monkeypatch.setattr(slots, "_flows_fd", None)
+    lock = tmp_path / slots.FLOWS_LOCK
+    other_flow = (
+        "import fcntl, os, sys, time\n"
+        "fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)\n"
+        "fcntl.flock(fd, fcntl.LOCK_SH); print('running', flush=True); time.sleep(60)\n"
+    )
+    with get_client(sync_client=True) as client:
+
+        def held() -> int:
+            return client.read_global_concurrency_limit_by_name(slots.STAGES_LIMIT).active_slots
+
+        client.upsert_global_concurrency_limit_by_name(slots.STAGES_LIMIT, 1)
+        dead_run = GlobalConcurrencyLimitUpdate(active_slots=1)
+        client.update_global_concurrency_limit(slots.STAGES_LIMIT, dead_run)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", other_flow, str(lock)], stdout=subprocess.PIPE, text=True
+        )
+        try:
+            assert proc.stdout.readline().strip() == "running"
+            assert slots.reclaim_leaked_slots(client, lock) == 0 and held() == 1
+        finally:
+            proc.kill()
+            proc.wait()
+        assert slots.reclaim_leaked_slots(client, lock) == 1 and held() == 0
+        os.close(slots._flows_fd)

@@ -23,6 +23,12 @@ from rcnnops import project as dvcproj
 FOUR = ["0", "1", "2", "3"]
 
 
+def torch_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 @pytest.fixture(autouse=True)
 def leases(tmp_path, monkeypatch):
     """A lease folder of this test's own (the machine's is left alone)."""
@@ -208,3 +214,43 @@ def test_a_killed_stage_frees_its_gpu_for_the_next(harness, tmp_path, monkeypatc
     killed, second, third = (runs[f"train@{v}"] for v in ("rcnn", "fast_rcnn", "faster_rcnn"))
     assert third["gpus"] == killed["gpus"] != second["gpus"]
     assert third["start"] < second["end"]  # it did not wait for the other GPU
+
+
+# --- make gpu-check ----------------------------------------------------------------
+
+
+def _gpu_check(args, tmp_path, timeout):
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(sys.path),
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),  # its own ephemeral API database
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    }
+    env.pop("PREFECT_API_URL", None)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, "-m", "pipelines.gpu_check", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+
+
+@pytest.mark.skipif(torch_cuda(), reason="a GPU is visible: gpu-check would run")
+def test_gpu_check_without_a_gpu_says_so_and_succeeds(tmp_path, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    proc = _gpu_check([], tmp_path, 120)
+    assert proc.returncode == 0, proc.stderr
+    assert "gpu-check: no GPU visible" in proc.stdout and "nothing to check" in proc.stdout
+
+
+@pytest.mark.scale
+def test_gpu_check_rehearsed_on_the_cpu(tmp_path):
+    """The GPU check's steps (flow + tags, serving, the table) on the CPU, tiny."""
+    proc = _gpu_check(["--rehearse-on-cpu", "--keep", str(tmp_path / "p")], tmp_path, 900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "gpu-check: all checks passed" in proc.stdout
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| variant | device | precision | img/s train | ms/img inference")
+    variants = [row.split("|")[1].strip() for row in table[1:]]
+    assert variants == ["rcnn", "fast_rcnn", "faster_rcnn", "mask_rcnn", "faster_rcnn served"]
+    for row in table[1:5]:
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        assert cells[1].startswith("cpu") and cells[2] == "fp32"
+        assert float(cells[3]) > 0 and float(cells[4]) > 0 and float(cells[5]) > 0
