@@ -38,6 +38,7 @@ COMPARISONS = (
     "pipeline",
     "tracking",
     "data_loading",
+    "hardware",
 )
 PACKAGES = (
     "torch",
