@@ -21,6 +21,24 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from rcnnops.errors import UserError
 
 VARIANTS = ("rcnn", "fast_rcnn", "faster_rcnn", "mask_rcnn")
+# COCOeval's twelve summary numbers, as metrics.json and MLflow name them
+# (``bbox_AP``, ``segm_AP50``, ...); all higher-is-better, so any can gate promotion.
+STAT_NAMES = (
+    "AP",
+    "AP50",
+    "AP75",
+    "APs",
+    "APm",
+    "APl",
+    "AR1",
+    "AR10",
+    "AR100",
+    "ARs",
+    "ARm",
+    "ARl",
+)
+# Variants that predict instance masks (evaluated with COCOeval "segm" as well).
+MASK_VARIANTS: frozenset[str] = frozenset({"mask_rcnn"})
 # Variants that consume precomputed (selective search) proposals.
 USES_PROPOSALS: frozenset[str] = frozenset({"rcnn", "fast_rcnn"})
 
@@ -35,7 +53,9 @@ class ParamsError(UserError, ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    # No NaN or infinity anywhere: no setting means either, and a NaN compares
+    # false with everything (a NaN min_improvement would never promote).
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class SplitSource(Section):
@@ -108,17 +128,17 @@ class VariantTrainParams(Section):
     epochs: int = positive(12)
     batch_size: int = positive(4)
     lr: float = positive(0.02)
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
     warmup_iters: int = Field(100, ge=0)
     lr_steps: list[int] = Field(default_factory=lambda: [8, 11])
-    gamma: float = 0.1
+    gamma: float = positive(0.1)
     # Mixed precision (see rcnnops.precision): auto (fp16 on CUDA, bf16 on CPUs with
     # AMX / AVX512-BF16, else fp32), cuda (fp16 on CUDA, fp32 on CPU), bf16, fp16, fp32.
     # true / false: the older spelling of cuda / fp32.
     amp: bool | Literal["auto", "cuda", "bf16", "fp16", "fp32"] = "cuda"
     hflip: float = Field(0.5, ge=0.0, le=1.0)
-    clip_grad_norm: float | None = 10.0
+    clip_grad_norm: float | None = Field(10.0, gt=0.0)
     # Which epoch's weights become the model: the last, or the best validated one by
     # the promotion gate's metric (register.metric / variant_metric).
     keep: Literal["last", "best"] = "last"
@@ -140,9 +160,9 @@ class TrainParams(Section):
     out: str = "models"
     device: str = "auto"
     seed: int = 0
-    workers: int = 0
-    log_every: int = 10
-    eval_every: int = 1
+    workers: int = Field(0, ge=0)
+    log_every: int = positive(10)
+    eval_every: int = positive(1)
     nproc: int = positive(1)
     sync_bn: bool = False
     variants: dict[str, VariantTrainParams] = Field(default_factory=dict)
@@ -170,7 +190,7 @@ class RegisterParams(Section):
 
     metric: str = "bbox_AP"
     variant_metric: dict[str, str] = Field(default_factory=lambda: {"mask_rcnn": "segm_AP"})
-    min_improvement: float = 0.0
+    min_improvement: float = Field(0.0, ge=0.0)
     experiment: str = "rcnnops"
 
     def metric_for(self, variant: str) -> str:
@@ -245,6 +265,58 @@ def _check(p: Params, src: str) -> None:
     if p.train.device not in ("auto", "cpu") and not p.train.device.startswith("cuda"):
         raise ParamsError(
             f"{src}: train.device: 'auto', 'cpu' or 'cuda[:N]', got {p.train.device!r}"
+        )
+    _check_gate_metrics(p, src)
+    for section in ("generate", "prepare", "proposals", "train", "evaluate"):
+        _check_output(getattr(p, section).out, f"{src}: {section}.out")
+    for name, vp in p.train.variants.items():
+        for key in ("min_size", "max_size"):
+            value = vp.model.get(key)
+            sizes = value if isinstance(value, list) else [value]
+            if value is not None and not all(isinstance(v, int) and v > 0 for v in sizes):
+                raise ParamsError(
+                    f"{src}: train.{name}.model.{key}: must be a positive integer "
+                    f"(or a list of them), got {value!r}"
+                )
+
+
+def gate_metrics(variant: str) -> list[str]:
+    """The metrics ``evaluate`` reports for ``variant`` (any can gate promotion)."""
+    types = ("bbox", "segm") if variant in MASK_VARIANTS else ("bbox",)
+    return [f"{t}_{n}" for t in types for n in STAT_NAMES]
+
+
+def _check_gate_metrics(p: Params, src: str) -> None:
+    """``register.metric`` / ``variant_metric`` must be metrics ``evaluate`` reports
+    for the variants they gate (a typo would never promote anything)."""
+    r = p.register
+    for variant in r.variant_metric:
+        if variant not in VARIANTS:
+            raise ParamsError(
+                f"{src}: register.variant_metric: unknown variant {variant!r}; "
+                f"known: {list(VARIANTS)}"
+            )
+    for variant in p.variants:
+        metric = r.metric_for(variant)
+        if metric not in gate_metrics(variant):
+            where = (
+                f"register.variant_metric.{variant}"
+                if variant in r.variant_metric
+                else "register.metric"
+            )
+            raise ParamsError(
+                f"{src}: {where}: {metric!r} is not a metric evaluate reports for {variant}; "
+                f"choose one of {gate_metrics(variant)}"
+            )
+
+
+def _check_output(out: str, where: str) -> None:
+    """Stage outputs are folders inside the project: relative, below it, not it."""
+    path = Path(out)
+    parts = path.parts
+    if path.is_absolute() or not parts or ".." in parts or path == Path("."):
+        raise ParamsError(
+            f"{where}: an output folder inside the project (relative, no '..'), got {out!r}"
         )
 
 

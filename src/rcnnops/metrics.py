@@ -19,23 +19,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from rcnnops.config import STAT_NAMES
 from rcnnops.data.dataset import LabelMap
-
-STAT_NAMES = (
-    "AP",
-    "AP50",
-    "AP75",
-    "APs",
-    "APm",
-    "APl",
-    "AR1",
-    "AR10",
-    "AR100",
-    "ARs",
-    "ARm",
-    "ARl",
-)
-
 
 # ``evaluate.backend``: pycocotools, the reference, or faster-coco-eval (C++
 # evaluate/accumulate). Same matching and curves; pycocotools alone adds 2**-52 to

@@ -14,6 +14,7 @@ _WORDS = {
     "int_type": "expected an integer",
     "float_type": "expected a number",
     "bool_type": "expected true/false",
+    "finite_number": "expected a finite number",
     "string_type": "expected a string",
     "list_type": "expected a list",
     "dict_type": "expected a mapping",

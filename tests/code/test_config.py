@@ -28,6 +28,32 @@ def test_repo_params_parse():
         ({"train": {"device": "tpu"}}, "train.device"),
         ({"prepare": {"val_fraction": 1.5}}, "prepare.val_fraction"),
         ({"evaluate": {"backend": "detectron2"}}, "evaluate.backend: expected one of"),
+        # values that used to pass validation and then fail late or lie (issue 21)
+        ({"register": {"min_improvement": -0.01}}, "register.min_improvement: must be >= 0"),
+        ({"register": {"min_improvement": float("nan")}}, "register.min_improvement"),
+        ({"register": {"metric": "bbox_ap"}}, "register.metric: 'bbox_ap' is not a metric"),
+        ({"register": {"metric": "infer_ms_per_image"}}, "register.metric: 'infer_ms_per_image'"),
+        (
+            {"register": {"variant_metric": {"faster_rcnn": "segm_AP"}}},
+            "register.variant_metric.faster_rcnn: 'segm_AP' is not a metric evaluate reports",
+        ),
+        ({"register": {"variant_metric": {"yolo": "bbox_AP"}}}, "unknown variant 'yolo'"),
+        ({"train": {"eval_every": 0}}, "train.eval_every: must be > 0"),
+        ({"train": {"log_every": 0}}, "train.log_every: must be > 0"),
+        ({"evaluate": {"batch_size": 0}}, "evaluate.batch_size: must be > 0"),
+        ({"train": {"faster_rcnn": {"lr": float("nan")}}}, "train.faster_rcnn.lr"),
+        ({"train": {"faster_rcnn": {"lr": float("inf")}}}, "train.faster_rcnn.lr"),
+        ({"train": {"faster_rcnn": {"momentum": -0.9}}}, "train.faster_rcnn.momentum"),
+        ({"train": {"faster_rcnn": {"gamma": -0.1}}}, "train.faster_rcnn.gamma: must be > 0"),
+        ({"train": {"faster_rcnn": {"clip_grad_norm": -1.0}}}, "train.faster_rcnn.clip_grad_norm"),
+        ({"train": {"faster_rcnn": {"weight_decay": -1e-4}}}, "train.faster_rcnn.weight_decay"),
+        (
+            {"train": {"faster_rcnn": {"model": {"min_size": 0}}}},
+            "train.faster_rcnn.model.min_size: must be a positive integer",
+        ),
+        ({"train": {"out": "/"}}, "train.out: an output folder inside the project"),
+        ({"evaluate": {"out": "../elsewhere"}}, "evaluate.out: an output folder inside"),
+        ({"prepare": {"out": "."}}, "prepare.out: an output folder inside"),
     ],
 )
 def test_bad_params_name_the_field(patch, field):
@@ -35,8 +61,12 @@ def test_bad_params_name_the_field(patch, field):
     for section, values in patch.items():
         if isinstance(values, dict):
             for k, v in values.items():
-                if isinstance(v, dict):
-                    raw[section][k].update(v)
+                if isinstance(v, dict) and isinstance(raw[section].get(k), dict):
+                    for kk, vv in v.items():  # one level deeper: train.V.model.key
+                        if isinstance(vv, dict):
+                            raw[section][k][kk].update(vv)
+                        else:
+                            raw[section][k][kk] = vv
                 else:
                     raw[section][k] = v
         else:

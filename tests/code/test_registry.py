@@ -57,6 +57,16 @@ def test_gate_decision_table(store):
     d = _promote(v4, force=True)
     assert d.promoted and d.reason == "forced by the user" and _champion() == v4
 
+    # --force on the current champion is a no-op that says so, and leaves the audit
+    # trail as it was: rollback still goes back to v2, not to v4 itself.
+    d = _promote(v4, force=True)
+    assert (
+        not d.promoted and d.reason == f"version {v4} is already champion (--force changes nothing)"
+    )
+    assert registry.get_version(NAME, v4).tags["promotion.champion_before"] == v2
+    back = registry.rollback("faster_rcnn", experiment="gate-test")
+    assert (back.from_version, back.to_version) == (v4, v2) and _champion() == v2
+
 
 def test_min_improvement(store):
     v1, v2 = store(0.50), store(0.505)

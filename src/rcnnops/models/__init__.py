@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from rcnnops.config import USES_PROPOSALS
+from rcnnops.config import MASK_VARIANTS, USES_PROPOSALS
 from rcnnops.models import fast_rcnn, faster_rcnn, mask_rcnn, rcnn
 from rcnnops.models.fp32 import keep_heads_fp32
 
@@ -21,8 +21,6 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "faster_rcnn": faster_rcnn.build,
     "mask_rcnn": mask_rcnn.build,
 }
-# Variants that predict instance masks (evaluated with COCOeval "segm" as well).
-MASK_VARIANTS: frozenset[str] = frozenset({"mask_rcnn"})
 
 
 __all__ = ["MASK_VARIANTS", "MODELS", "USES_PROPOSALS", "build_model"]

@@ -74,14 +74,18 @@ def decide(
 ) -> tuple[bool, str]:
     """The promotion gate, as a pure decision over two model versions."""
     value = metric_value(candidate, metric)
+    if champion is not None and str(champion.version) == str(candidate.version):
+        # Nothing to decide, forced or not: recording it would make the version its
+        # own champion_before, and rollback would "roll back" to itself forever.
+        return False, f"version {candidate.version} is already champion" + (
+            " (--force changes nothing)" if force else ""
+        )
     if force:
         return True, "forced by the user"
     if value is None:
         return False, f"version {candidate.version} has no {metric}; not evaluated"
     if champion is None:
         return True, f"first version with {metric}={value:.4f}: becomes champion"
-    if str(champion.version) == str(candidate.version):
-        return False, f"version {candidate.version} is already champion"
     if champion.tags.get("val_hash") != candidate.tags.get("val_hash"):
         return False, (
             f"validation data differs from champion v{champion.version}'s "
@@ -139,7 +143,7 @@ def promote(
         for _attempt in range(3):
             champion = get_alias(name, CHAMPION)
             decision = _decision(candidate, champion, metric, min_improvement, force)
-            if _version_of(champion) == str(version) and not force:
+            if _version_of(champion) == str(version):
                 return decision  # already champion: nothing decided, the audit trail is kept
             if not decision.promoted or _move_champion(name, champion, str(version)):
                 break
