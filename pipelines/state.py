@@ -87,8 +87,8 @@ def _registry_intact(uri: str, models: dict[str, str]) -> bool:
             mv = client.get_model_version(name, version)
         except MlflowException:
             return False
-        if "promotion.decision" not in (mv.tags or {}):
-            return False
+        if (mv.tags or {}).get("promotion.decision") not in ("promoted", "kept"):
+            return False  # undecided, or a promotion interrupted before champion moved
     return True
 
 

@@ -102,3 +102,82 @@ def test_repromoting_the_champion_keeps_its_audit_trail(store):
 def test_missing_version_is_a_clear_error(store):
     with pytest.raises(ValueError, match="has no version 42"):
         _promote("42")
+
+
+def _history(version):
+    import json
+
+    tags = registry.get_version(NAME, version).tags
+    return [json.loads(tags[f"promotion.{i}"]) for i in range(1, int(tags["promotion.count"]) + 1)]
+
+
+def test_every_decision_is_kept_in_the_versions_history(store):
+    v1, v2 = store(0.50), store(0.40)
+    _promote(v1)
+    assert not _promote(v2).promoted  # worse: kept
+    assert _promote(v2, force=True).promoted  # then forced
+    assert [(h["decision"], h["champion_before"]) for h in _history(v2)] == [
+        ("kept", v1),
+        ("promoted", v1),
+    ]
+    assert _history(v2)[0]["reason"].startswith("bbox_AP 0.4000 does not beat")
+    tags = registry.get_version(NAME, v2).tags
+    assert (
+        tags["promotion.decision"] == "promoted"
+        and tags["promotion.reason"] == "forced by the user"
+    )
+
+
+def test_a_failed_tag_write_moves_nothing_and_a_retry_completes(store, monkeypatch):
+    """The decision is written before champion moves: a store failure while
+    recording leaves the old champion in place (and its audit trail intact)."""
+    from rcnnops.registry import gate
+
+    v1, v2 = store(0.50), store(0.60)
+    _promote(v1)
+    real = gate._set_tags
+
+    def flaky(name, version, tags):
+        if "promotion.decision" in tags:
+            raise ConnectionError("tracking server hiccup")
+        real(name, version, tags)
+
+    monkeypatch.setattr(gate, "_set_tags", flaky)
+    with pytest.raises(ConnectionError):
+        _promote(v2)
+    assert _champion() == v1
+    monkeypatch.setattr(gate, "_set_tags", real)
+    d = _promote(v2)  # the retry decides (the half-written record is replaced)
+    assert d.promoted and _champion() == v2
+    assert [h["decision"] for h in _history(v2)] == ["promoted"]
+    assert registry.get_version(NAME, v2).tags["promotion.champion_before"] == v1
+    back = registry.rollback("faster_rcnn", experiment="gate-test")
+    assert (back.from_version, back.to_version) == (v2, v1)
+
+
+def test_an_interrupted_alias_move_is_completed_not_redecided(store, monkeypatch):
+    """Decision recorded, then the alias move fails: the version is `promoting`
+    (not decided, so the flow promotes it again), and the retry only moves the
+    alias, adding no second decision."""
+    from rcnnops.registry import gate
+    from rcnnops.registry.store import is_decided
+
+    v1, v2 = store(0.50), store(0.60)
+    _promote(v1)
+    real = gate._move_champion
+
+    def fail(*args):
+        raise ConnectionError("tracking server hiccup")
+
+    monkeypatch.setattr(gate, "_move_champion", fail)
+    with pytest.raises(ConnectionError):
+        _promote(v2)
+    tags = registry.get_version(NAME, v2).tags
+    assert _champion() == v1 and tags["promotion.decision"] == "promoting"
+    assert not is_decided(tags)
+    monkeypatch.setattr(gate, "_move_champion", real)
+    d = _promote(v2)
+    assert d.promoted and "completing an interrupted promotion" in d.reason
+    assert _champion() == v2
+    assert [h["decision"] for h in _history(v2)] == ["promoted"]
+    assert is_decided(registry.get_version(NAME, v2).tags)

@@ -1,9 +1,11 @@
 """The promotion gate, promote and rollback.
 
-Once the gate has run, a version carries its decision (``promotion.decision``,
+Once the gate has run, a version carries its latest decision (``promotion.decision``,
 ``promotion.reason``, ``promotion.by``, ``promotion.at``,
-``promotion.champion_before``). A rollback adds ``rollback.*`` tags to both
-versions it touches.
+``promotion.champion_before``) and every decision ever taken on it
+(``promotion.1``, ``promotion.2``, ... as JSON; ``promotion.count``). A decision
+is written before ``champion`` moves (``promoting`` until it has). A rollback
+adds ``rollback.*`` tags to both versions it touches.
 
 Concurrency: promote and rollback hold an exclusive file lock next to a local
 store (``<db>.registry.lock`` beside a SQLite file, ``.rcnnops-registry.lock`` in
@@ -18,6 +20,7 @@ narrows the race to a window of milliseconds; run promotions from one place
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -35,6 +38,8 @@ from rcnnops.registry.store import (
     registry_lock,
     require_model,
 )
+
+PENDING = "promoting"  # decided to promote, champion not moved yet
 
 
 def _version_of(mv: Any | None) -> str | None:
@@ -122,6 +127,65 @@ def _set_tags(name: str, version: str, tags: dict[str, str]) -> None:
         client.set_model_version_tag(name, str(version), k, v)
 
 
+def _record(name: str, version: str, d: Decision, actor: str | None) -> None:
+    """Write a decision before anything moves: appended to the version's history
+    (``promotion.<n>``, one JSON record per decision, never overwritten, and
+    ``promotion.count``), then the latest decision as flat tags. A promotion is
+    recorded as ``promoting`` until ``champion`` has moved (see :func:`promote`)."""
+    tags = get_version(name, version).tags or {}
+    n = int(tags.get("promotion.count", "0"))
+    last = json.loads(tags.get(f"promotion.{n}", "{}"))
+    if last.get("decision") != PENDING:  # a pending record never took effect: replaced
+        n += 1
+    entry = {
+        "decision": PENDING if d.promoted else "kept",
+        "reason": d.reason,
+        "by": actor_name(actor),
+        "at": now(),
+        "champion_before": d.champion_before or NO_CHAMPION,
+        "metric": d.metric,
+        "value": d.value,
+    }
+    _set_tags(name, version, {f"promotion.{n}": json.dumps(entry), "promotion.count": str(n)})
+    _set_tags(
+        name,
+        version,
+        {
+            "promotion.decision": entry["decision"],
+            "promotion.reason": d.reason,
+            "promotion.by": entry["by"],
+            "promotion.at": entry["at"],
+            "promotion.champion_before": entry["champion_before"],
+        },
+    )
+
+
+def _finish(name: str, version: str) -> None:
+    """``champion`` has moved: the pending record becomes ``promoted``."""
+    tags = get_version(name, version).tags or {}
+    n = tags.get("promotion.count")
+    if n and f"promotion.{n}" in tags:
+        entry = json.loads(tags[f"promotion.{n}"]) | {"decision": "promoted"}
+        _set_tags(name, version, {f"promotion.{n}": json.dumps(entry)})
+    _set_tags(name, version, {"promotion.decision": "promoted"})
+
+
+def _pending(candidate: Any, champion: Any | None, metric: str) -> Decision | None:
+    """The decision an interrupted promotion of ``candidate`` recorded, if it was
+    taken against the champion that is still in place (so it only has to move)."""
+    tags = candidate.tags or {}
+    if tags.get("promotion.decision") != PENDING:
+        return None
+    if tags.get("promotion.champion_before") != (_version_of(champion) or NO_CHAMPION):
+        return None  # the champion changed since: decide again
+    return Decision(
+        candidate.name, str(candidate.version), True,
+        tags.get("promotion.reason", "") + " (completing an interrupted promotion)",
+        metric, metric_value(candidate, metric), _version_of(champion),
+        metric_value(champion, metric) if champion else None,
+    )  # fmt: skip
+
+
 def promote(
     variant: str,
     version: str,
@@ -131,36 +195,35 @@ def promote(
     actor: str | None = None,
     experiment: str = "rcnnops",
 ) -> Decision:
-    """Run the gate for ``version``; move ``champion`` if it passes. Records the
-    decision, its reason, the metrics compared and who decided as version tags.
+    """Run the gate for ``version``; move ``champion`` if it passes.
 
-    Serialised with :func:`registry_lock`; raises :class:`RegistryError` (nothing
-    changed) for a missing model or version."""
+    The decision is written first (reason, metrics compared, who decided, the
+    champion before; appended to the version's history) and the alias moved
+    last, so a failure in between leaves a ``promoting`` record that the next
+    call completes instead of deciding again; a failure before leaves the
+    champion as it was. Serialised with :func:`registry_lock`; raises
+    :class:`RegistryError` (nothing changed) for a missing model or version."""
     tracking.setup(experiment)
     name = model_name(variant)
     with registry_lock():
-        candidate = get_version(name, version)
         for _attempt in range(3):
+            candidate = get_version(name, version)
             champion = get_alias(name, CHAMPION)
-            decision = _decision(candidate, champion, metric, min_improvement, force)
             if _version_of(champion) == str(version):
-                return decision  # already champion: nothing decided, the audit trail is kept
-            if not decision.promoted or _move_champion(name, champion, str(version)):
-                break
-        else:
-            raise RegistryError(f"{name}: champion kept moving while v{version} was decided")
-        _set_tags(
-            name,
-            str(version),
-            {
-                "promotion.decision": "promoted" if decision.promoted else "kept",
-                "promotion.reason": decision.reason,
-                "promotion.by": actor_name(actor),
-                "promotion.at": now(),
-                "promotion.champion_before": decision.champion_before or NO_CHAMPION,
-            },
-        )
-    return decision
+                if (candidate.tags or {}).get("promotion.decision") == PENDING:
+                    _finish(name, str(version))  # the alias moved, the record did not
+                # already champion: nothing decided, the audit trail is kept
+                return _decision(candidate, champion, metric, min_improvement, force)
+            decision = _pending(candidate, champion, metric)
+            if decision is None:
+                decision = _decision(candidate, champion, metric, min_improvement, force)
+                _record(name, str(version), decision, actor)
+            if not decision.promoted:
+                return decision
+            if _move_champion(name, champion, str(version)):
+                _finish(name, str(version))
+                return decision
+        raise RegistryError(f"{name}: champion kept moving while v{version} was decided")
 
 
 def decision_dict(d: Decision) -> dict:

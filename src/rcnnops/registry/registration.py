@@ -16,7 +16,7 @@ import mlflow
 from rcnnops import tracking
 from rcnnops.files import sha256_file
 from rcnnops.models.io import read_model_meta
-from rcnnops.registry.store import CHALLENGER, model_name, version_with_hash
+from rcnnops.registry.store import CHALLENGER, is_decided, model_name, version_with_hash
 
 
 @dataclass
@@ -68,7 +68,7 @@ def register(
     serving_tag = json.dumps(serving, sort_keys=True)
     mv = version_with_hash(name, model_hash, serving_tag)
     if mv is not None:
-        decided = "promotion.decision" in (mv.tags or {})
+        decided = is_decided(mv.tags)
         return Registered(name, str(mv.version), created=False, decided=decided)
     with tempfile.TemporaryDirectory() as tmp:
         bundle = _bundle(model_dir, Path(tmp) / "model_dir", serving)

@@ -180,6 +180,12 @@ def registry_lock() -> Iterator[Path | None]:
 # --- listing -----------------------------------------------------------------------
 
 
+def is_decided(tags: dict | None) -> bool:
+    """The gate has finished deciding on this version (``promoting``: it decided
+    to promote, and champion has not moved yet; a rerun completes it)."""
+    return (tags or {}).get("promotion.decision") in ("promoted", "kept")
+
+
 def decision_text(tags: dict) -> str:
     text = tags.get("promotion.decision", "")
     if "rollback.demoted_at" in tags:
