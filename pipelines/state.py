@@ -39,13 +39,16 @@ def _sha(path: Path) -> str | None:
 def fingerprint(root: Path, variants: list[str], remote: str | None, push: bool) -> dict:
     """Everything a run's outcome depends on besides the files DVC checks."""
     from rcnnops import tracking
+    from rcnnops.redact import redact
 
+    # Stored in .rcnnops/last_run.json: URLs without their credentials (a changed
+    # password is not a changed remote).
     return {
         "params": _sha(root / "params.yaml"),
         "dvc_lock": _sha(root / "dvc.lock"),
         "variants": sorted(variants),
-        "tracking_uri": tracking.tracking_uri(root),
-        "remote": remote if push else None,
+        "tracking_uri": redact(tracking.tracking_uri(root)),
+        "remote": redact(remote) if (push and remote) else None,
     }
 
 
@@ -95,7 +98,7 @@ def _registry_intact(uri: str, models: dict[str, str]) -> bool:
 def check(root: Path, variants: list[str], remote: str | None, push: bool) -> str | None:
     """A one-line explanation when a run would change nothing; None when the
     flow has work to do (or it cannot tell)."""
-    from rcnnops import project
+    from rcnnops import project, tracking
 
     root = Path(root).resolve()
     try:
@@ -117,7 +120,7 @@ def check(root: Path, variants: list[str], remote: str | None, push: bool) -> st
     try:
         now = fingerprint(root, variants, remote, push)
         same = all(last.get(k) == v for k, v in now.items())
-        same = same and _registry_intact(now["tracking_uri"], last["models"])
+        same = same and _registry_intact(tracking.tracking_uri(root), last["models"])
         out = status.communicate(timeout=300)[0] if same else ""
     finally:
         if status.poll() is None:

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from rcnnops.errors import UserError
+from rcnnops.redact import redact
 
 DEFAULT_REMOTE_NAME = "local"
 DEFAULT_REMOTE_DIR = ".dvcremote"  # inside the project, git-ignored
@@ -78,8 +79,10 @@ def dvc(
         errors = [ln for ln in out.splitlines() if "error" in ln.lower()]
         detail = "\n".join(errors[-5:] or out.strip().splitlines()[-15:])
         raise StageError(
-            f"`dvc {' '.join(args)}` failed in {project} "
-            f"(exit {proc.returncode})" + (f":\n{detail}" if detail else "")
+            redact(
+                f"`dvc {' '.join(args)}` failed in {project} "
+                f"(exit {proc.returncode})" + (f":\n{detail}" if detail else "")
+            )
         )
     return proc
 
@@ -143,7 +146,7 @@ def ensure_dvc(project: Path, remote: str | None = DEFAULT_REMOTE_DIR) -> list[s
     if current != want:
         name = DEFAULT_REMOTE_NAME if want == str(project / DEFAULT_REMOTE_DIR) else TEAM_REMOTE
         dvc(project, "remote", "add", "--local", "-d", "-f", name, want)
-        done.append(f"default DVC remote '{name}' -> {want}")
+        done.append(f"default DVC remote '{name}' -> {redact(want)}")
     if "://" not in want:
         Path(want).mkdir(parents=True, exist_ok=True)
     return done

@@ -8,7 +8,6 @@ The tracking store is ``MLFLOW_TRACKING_URI`` when set, else a SQLite file
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -19,15 +18,13 @@ import mlflow
 from mlflow.tracking import MlflowClient
 
 from rcnnops.errors import UserError
+from rcnnops.redact import REDACTED, SECRET_NAME, redact
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 
 # Values of these never reach MLflow params or tags (tokens, keys, passwords).
-_SECRET = re.compile(
-    r"(secret|token|password|passwd|api[_-]?key|access[_-]?key|private[_-]?key|credential)", re.I
-)
-REDACTED = "<redacted>"
+_SECRET = SECRET_NAME
 
 
 def tracking_uri(project: Path | None = None) -> str:
@@ -61,7 +58,7 @@ def check_reachable(uri: str | None = None, timeout: float = 5.0) -> None:
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise TrackingUnavailable(
-            f"the MLflow tracking server {uri} does not answer ({reason}); models/ and "
+            f"the MLflow tracking server {redact(uri)} does not answer ({reason}); models/ and "
             "reports/ are kept: rerun (`rcnnops run`) once it is back, and the run "
             "registers without retraining"
         ) from None
@@ -129,16 +126,19 @@ def git_commit(project: Path | None = None) -> str:
 
 
 def scrub(values: dict[str, Any]) -> dict[str, Any]:
-    """Drop entries whose key looks like a secret, and redact values that contain
-    the value of a secret-looking environment variable (a token in a URL, say);
-    MLflow keeps params and tags forever. Values under 6 characters are not
-    searched for (they would redact ordinary words)."""
-    secrets = [v for k, v in os.environ.items() if _SECRET.search(k) and len(v) >= 6]
+    """Drop entries whose key looks like a secret; values that hold one (the value
+    of a secret-looking environment variable, credentials in a URL) become
+    :data:`REDACTED`: MLflow keeps params and tags forever. See :mod:`rcnnops.redact`."""
     return {
-        k: REDACTED if any(s in str(v) for s in secrets) else v
+        k: REDACTED if isinstance(v, str) and redact(v) != v else _env_checked(v)
         for k, v in values.items()
         if not _SECRET.search(k)
     }
+
+
+def _env_checked(value: Any) -> Any:
+    """Non-string values holding an environment secret (as text) are redacted too."""
+    return REDACTED if not isinstance(value, str) and redact(str(value)) != str(value) else value
 
 
 @contextmanager
