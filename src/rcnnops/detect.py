@@ -178,13 +178,14 @@ class Detector:
         from rcnnops.data.dataset import LabelMap
         from rcnnops.device import resolve_device
         from rcnnops.models import USES_PROPOSALS
-        from rcnnops.models.io import load_model
+        from rcnnops.models.io import load_model, require_meta
 
         model_dir = Path(model_dir)
         serving_path = model_dir / SERVING_FILE
         serving = json.loads(serving_path.read_text()) if serving_path.is_file() else {}
         where = resolve_device(device)
         model, meta = load_model(model_dir, where, svd_rank=serving.get("svd_rank"))
+        require_meta(meta, model_dir / "model.json", ("labels",))  # the class names served
         settings = serving.get("proposals")
         if meta["variant"] in USES_PROPOSALS and settings is None:
             settings = {}  # the selective search defaults

@@ -196,9 +196,12 @@ def _interrupt(signum: int, frame: object) -> None:
 
 
 def read_images(paths: Sequence[str | Path]) -> list[tuple[Path, str]]:
-    """``(path, base64 of the file)`` for each image; a clear error for a missing file."""
+    """``(path, base64 of the file)`` for each image; a clear error for a missing
+    file or a folder."""
     out = []
     for p in map(Path, paths):
+        if p.is_dir():
+            raise FileNotFoundError(f"{p}: is a folder; name the image files (e.g. {p}/*.jpg)")
         if not p.is_file():
             raise FileNotFoundError(f"{p}: image file not found")
         out.append((p, base64.b64encode(p.read_bytes()).decode()))

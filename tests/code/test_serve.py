@@ -181,3 +181,42 @@ def test_serve_and_predict_take_a_device(project, tmp_path, capsys):
         "device": "cuda:1",
     }
     assert "MLFLOW_PYFUNC_INFERENCE_CONFIG" not in serve.server_env("sqlite:///x.db")
+
+
+def test_predict_explains_bad_inputs_in_one_line(project, tmp_path, capsys):
+    """A folder, a text file named .png and a threshold out of range: one line
+    each, exit 2, no traceback."""
+    fake = tmp_path / "notes.png"
+    fake.write_text("not an image")
+    cases = [
+        (["predict", "faster_rcnn", str(tmp_path)], "is a folder; name the image files"),
+        (["predict", "faster_rcnn", str(fake)], f"row 0 is {fake}"),
+    ]
+    with inside(project):
+        for argv, message in cases:
+            assert main(argv) == 2
+            err = capsys.readouterr().err
+            assert message in err and "Traceback" not in err, err
+        with pytest.raises(SystemExit) as exit_:
+            main(["predict", "faster_rcnn", str(fake), "--score-threshold", "2"])
+        assert exit_.value.code == 2
+        assert "must be in [0, 1], got 2.0" in capsys.readouterr().err
+
+
+def test_incomplete_model_json_names_what_is_missing(project, tmp_path):
+    import shutil
+
+    from rcnnops.models.io import CheckpointError, load_model
+
+    bundle = tmp_path / "model_dir"
+    shutil.copytree(project / "models" / "faster_rcnn", bundle)
+    meta = json.loads((bundle / "model.json").read_text())
+    num_classes = meta.pop("num_classes")
+    (bundle / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"incomplete \(no num_classes\).*rcnnops promote"):
+        load_model(bundle)
+    del meta["labels"]
+    meta["num_classes"] = num_classes
+    (bundle / "model.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"incomplete \(no labels\)"):
+        detect.Detector.from_dir(bundle, "cpu")

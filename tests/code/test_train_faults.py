@@ -46,7 +46,14 @@ from tests.code.training_runs import (
 
 CPU = torch.device("cpu")
 TRAIN = ["train", "--variant", VARIANT, "--no-progress"]
-TIMING = {"train_seconds", "val/infer_ms_per_image"}  # wall-clock: differ between runs
+# Wall-clock and memory readings: differ between runs.
+TIMING = {
+    "train_seconds",
+    "val/infer_ms_per_image",
+    "train_epoch/images_per_s",
+    "peak_rss_mb",
+    "peak_gpu_memory_mb",
+}
 
 
 def assert_continues(ref_hist: dict, hist: dict) -> None:

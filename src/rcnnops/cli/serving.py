@@ -31,8 +31,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     import pandas as pd
+    from mlflow.exceptions import MlflowException
 
     from rcnnops import registry, serve
+    from rcnnops.detect import InputError
     from rcnnops.device import resolve_device
 
     resolve_device(args.device)
@@ -43,7 +45,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     experiment = params(args).register.experiment
     model = registry.load_pyfunc(args.variant, args.alias, experiment, config)
     frame = pd.DataFrame({"image": [b64 for _, b64 in images]})
-    dets = model.predict(frame, params={"score_threshold": args.score_threshold})
+    try:
+        dets = model.predict(frame, params={"score_threshold": args.score_threshold})
+    except MlflowException as e:  # a file that is not an image: the model says which row
+        rows = "; ".join(f"row {i} is {p}" for i, (p, _) in enumerate(images))
+        raise InputError(f"{e.message} ({rows})") from None
     if args.json:
         out = [{"image": str(p), **d} for (p, _), d in zip(images, dets, strict=True)]
         print(json.dumps(out, indent=2))
@@ -55,6 +61,17 @@ def cmd_predict(args: argparse.Namespace) -> int:
             written = serve.draw(path, det, Path(args.draw))
             print(f"drew {written}", file=sys.stderr if args.json else sys.stdout)
     return 0
+
+
+def _fraction(text: str) -> float:
+    """A number in [0, 1] (argparse type)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
 
 
 DEVICE_HELP = "where the model runs: auto (CUDA when present, else CPU), cpu, cuda or cuda:N"
@@ -103,7 +120,7 @@ def add_parsers(sub: Any) -> None:
     sp.add_argument("--alias", default="champion", help="alias to load (default: champion)")
     sp.add_argument(
         "--score-threshold",
-        type=float,
+        type=_fraction,
         default=0.5,
         help="keep detections scoring at least this (default: 0.5)",
     )

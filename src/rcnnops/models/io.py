@@ -57,7 +57,17 @@ def save_model(model: nn.Module, out_dir: Path, meta: dict) -> None:
     write_atomic(out_dir / "model.json", json.dumps(meta, indent=2))
 
 
+REQUIRED_META = ("variant", "num_classes", "model_params")
+
+
 def _rebuild_hint(path: Path, variant: str) -> str:
+    if Path(path).parent.name == "model_dir":  # a registered version's bundle (pyfunc.log)
+        variant = "VARIANT" if variant == "model_dir" else variant
+        return (
+            f"this registered version's files are damaged: promote another version "
+            f"(`rcnnops promote {variant} N --force`) or register a good model again "
+            f"(`rcnnops register {variant}` from models/{variant})"
+        )
     return (
         f"restore it from the DVC cache with `dvc checkout {path}`, or rebuild it with "
         f"`dvc repro -f train@{variant}`"
@@ -80,7 +90,18 @@ def read_model_meta(model_dir: Path) -> dict:
         raise CheckpointError(
             f"{path} is corrupt{why}: {_rebuild_hint(path, Path(model_dir).name)}"
         )
+    require_meta(meta, path, REQUIRED_META)
     return meta
+
+
+def require_meta(meta: dict, path: Path, keys: tuple[str, ...]) -> None:
+    """:class:`CheckpointError` naming the file and the keys ``meta`` lacks."""
+    missing = [k for k in keys if k not in meta]
+    if missing:
+        variant = meta.get("variant") or Path(path).parent.name
+        raise CheckpointError(
+            f"{path} is incomplete (no {', '.join(missing)}): {_rebuild_hint(path, variant)}"
+        )
 
 
 def load_model(
