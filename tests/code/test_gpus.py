@@ -115,8 +115,13 @@ def harness():
 class Recorder:
     """Stands in for ``dvc repro``: records each stage's GPUs and time span."""
 
-    def __init__(self, seconds: float, fail: dict[str, float] | None = None) -> None:
+    def __init__(
+        self, seconds: float, fail: dict[str, float] | None = None, together: int = 0
+    ) -> None:
+        """``together``: trainings wait for that many to be running (a barrier, so
+        the test knows they ran at once whatever Prefect's scheduling jitter)."""
         self.seconds, self.fail = seconds, fail or {}
+        self.barrier = threading.Barrier(together, timeout=90) if together else None
         self.runs: list[dict] = []
         self.lock = threading.Lock()
 
@@ -128,6 +133,8 @@ class Recorder:
             self._record(stage, extra_env, start)
             raise subprocess.CalledProcessError(-signal.SIGKILL, ["dvc", "repro", stage])
         if stage.startswith("train@"):
+            if self.barrier is not None:
+                self.barrier.wait()  # BrokenBarrierError: fewer ran at once than expected
             time.sleep(self.seconds)
         self._record(stage, extra_env, start)
         return True
@@ -168,7 +175,7 @@ VARIANTS = ["rcnn", "fast_rcnn", "faster_rcnn", "mask_rcnn"]
 def test_four_gpus_four_variants_one_distinct_gpu_each(harness, tmp_path, monkeypatch):
     """``parallel: auto`` with 4 GPUs: four stages at once, each on its own GPU,
     evaluation on the GPU its training had."""
-    rec = Recorder(seconds=3.0)
+    rec = Recorder(seconds=0.5, together=4)
     monkeypatch.setattr(dvcproj, "repro", rec)
     plan = slots.plan("auto", "auto", gpu_ids=FOUR)
     states = _run_stages(tmp_path, VARIANTS, plan)
@@ -186,7 +193,7 @@ def test_four_gpus_four_variants_one_distinct_gpu_each(harness, tmp_path, monkey
 @pytest.mark.scale
 def test_ddp_stages_get_disjoint_pairs(harness, tmp_path, monkeypatch):
     """``nproc: 2`` on 4 GPUs: two stages at a time, each with 2 GPUs, never shared."""
-    rec = Recorder(seconds=1.0)
+    rec = Recorder(seconds=0.5, together=2)
     monkeypatch.setattr(dvcproj, "repro", rec)
     plan = slots.plan("auto", "auto", nproc=2, gpu_ids=FOUR)
     assert (plan.parallel, plan.gpus_per_stage) == (2, 2)
@@ -205,7 +212,7 @@ def test_ddp_stages_get_disjoint_pairs(harness, tmp_path, monkeypatch):
 def test_a_killed_stage_frees_its_gpu_for_the_next(harness, tmp_path, monkeypatch):
     """2 GPUs, 3 variants: the first stage's training is killed after 0.5 s; the
     third stage starts on that GPU while the second still holds the other."""
-    rec = Recorder(seconds=3.0, fail={"rcnn": 0.5})
+    rec = Recorder(seconds=6.0, fail={"rcnn": 0.5})
     monkeypatch.setattr(dvcproj, "repro", rec)
     plan = slots.plan("auto", "auto", gpu_ids=["0", "1"])
     states = _run_stages(tmp_path, ["rcnn", "fast_rcnn", "faster_rcnn"], plan)
