@@ -60,6 +60,7 @@ def run(params, variant: str, progress: bool = True) -> dict:
     from rcnnops.data.io import DataError
     from rcnnops.data.prepare import load_manifest, load_split
     from rcnnops.device import resolve_device
+    from rcnnops.files import sha256_file
     from rcnnops.models import MASK_VARIANTS, USES_PROPOSALS
     from rcnnops.models.io import load_model
 
@@ -68,6 +69,7 @@ def run(params, variant: str, progress: bool = True) -> dict:
     val_coco, val_root, labels = load_split(prepared, "val")
     device = resolve_device(params.train.device)
     model_dir = Path(params.train.out) / variant
+    model_hash = sha256_file(model_dir / "model.pt")  # what these metrics measure
     model, meta = load_model(model_dir, device, svd_rank=params.evaluate.svd_rank)
     if meta["data_hash"] != manifest["data_hash"]:
         raise DataError(
@@ -86,7 +88,7 @@ def run(params, variant: str, progress: bool = True) -> dict:
     for t in iou_types:
         stats, per_class, curves[t] = coco_evaluate(val_coco, results, t, params.evaluate.backend)
         evals[t] = (stats, per_class)
-    metrics = summarise(evals, ms)
+    metrics = summarise(evals, ms) | {"model_hash": model_hash}
 
     out_dir = Path(params.evaluate.out) / variant
     out_dir.mkdir(parents=True, exist_ok=True)

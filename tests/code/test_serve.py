@@ -220,3 +220,33 @@ def test_incomplete_model_json_names_what_is_missing(project, tmp_path):
     (bundle / "model.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match=r"incomplete \(no labels\)"):
         detect.Detector.from_dir(bundle, "cpu")
+
+
+def test_register_refuses_a_model_its_metrics_did_not_measure(project, tmp_path):
+    """metrics.json names the model.pt it measured (model_hash): a truncated or
+    replaced model.pt, or one that does not load, registers nothing."""
+    import shutil
+
+    from rcnnops.files import sha256_file
+    from rcnnops.models.io import CheckpointError
+    from rcnnops.registry.store import RegistryError, versions
+
+    model_dir, report_dir = tmp_path / "faster_rcnn", tmp_path / "report"
+    shutil.copytree(project / "models" / "faster_rcnn", model_dir)
+    shutil.copytree(project / "reports" / "faster_rcnn", report_dir)
+    metrics = json.loads((report_dir / "metrics.json").read_text())
+    assert metrics["model_hash"] == sha256_file(model_dir / "model.pt")
+    pt = model_dir / "model.pt"
+    pt.write_bytes(pt.read_bytes()[:5000])
+    with inside(project):
+        before = len(versions(registry.model_name("faster_rcnn")))
+        register = lambda: registry.register(  # noqa: E731
+            "faster_rcnn", model_dir, report_dir, "rcnnops-test"
+        )
+        with pytest.raises(RegistryError, match="was measured on another model.pt"):
+            register()
+        metrics["model_hash"] = sha256_file(pt)  # metrics that claim the broken file
+        (report_dir / "metrics.json").write_text(json.dumps(metrics))
+        with pytest.raises(CheckpointError, match="cannot load model weights"):
+            register()
+        assert len(versions(registry.model_name("faster_rcnn"))) == before

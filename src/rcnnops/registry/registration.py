@@ -15,8 +15,14 @@ import mlflow
 
 from rcnnops import tracking
 from rcnnops.files import sha256_file
-from rcnnops.models.io import read_model_meta
-from rcnnops.registry.store import CHALLENGER, is_decided, model_name, version_with_hash
+from rcnnops.models.io import load_model, read_model_meta
+from rcnnops.registry.store import (
+    CHALLENGER,
+    RegistryError,
+    is_decided,
+    model_name,
+    version_with_hash,
+)
 
 
 @dataclass
@@ -49,7 +55,9 @@ def register(
     ``proposals``, the selective-search settings (``SearchSettings.as_dict()``) for
     the variants that need them, and ``svd_rank``.
     Idempotent on the model's content hash: registering the same weights again
-    returns the existing version and creates nothing.
+    returns the existing version and creates nothing. Refuses (``RegistryError``,
+    nothing registered) a ``model.pt`` other than the one ``metrics.json`` measured
+    (its ``model_hash``), or one that does not load.
     """
     from rcnnops import pyfunc
 
@@ -63,6 +71,15 @@ def register(
         )
     metrics = json.loads(metrics_path.read_text())
     model_hash = sha256_file(model_dir / "model.pt")
+    measured = metrics.get("model_hash")
+    if measured != model_hash:
+        raise RegistryError(
+            f"{metrics_path} was measured on another model.pt (model_hash "
+            f"{(measured or 'missing')[:12]}, {model_dir / 'model.pt'} is {model_hash[:12]}); "
+            f"nothing registered: rerun `dvc repro evaluate@{variant}` (or `dvc repro "
+            f"train@{variant}` if model.pt is damaged)"
+        )
+    load_model(model_dir)  # weights and model.json must load, or nothing is registered
     name = model_name(variant)
     serving = serving or {"proposals": None}
     serving_tag = json.dumps(serving, sort_keys=True)
