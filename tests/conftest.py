@@ -137,6 +137,16 @@ def tiny_project(tmp_path) -> Path:
     return proj
 
 
+@pytest.fixture(scope="session")
+def harness():
+    """One Prefect test server for the whole session (its own temporary database):
+    starting one costs about 20 s, once per module before."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _restore_cwd(monkeypatch):
     """Stage code and the CLI chdir into the project; put the cwd back after each test."""

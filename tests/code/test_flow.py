@@ -12,7 +12,6 @@ import pytest
 import yaml
 from prefect import get_client
 from prefect.flow_engine import run_flow
-from prefect.testing.utilities import prefect_test_harness
 
 from pipelines import schedule
 from rcnnops import project as dvcproj
@@ -46,12 +45,6 @@ for v in variants:
     out[v] = r
 print(json.dumps(out))
 """
-
-
-@pytest.fixture(scope="module")
-def harness():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def _mlflow(proj, monkeypatch):

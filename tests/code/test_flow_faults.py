@@ -8,17 +8,10 @@ import time
 from pathlib import Path
 
 import pytest
-from prefect.testing.utilities import prefect_test_harness
 
 from tests.code.test_scale import _params, _sha, _stale, _start_mlflow_server, _stop
 
 pytestmark = pytest.mark.reliability
-
-
-@pytest.fixture(scope="module")
-def harness():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def _versions(name: str) -> list[str]:

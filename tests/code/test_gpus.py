@@ -15,7 +15,6 @@ import time
 import pytest
 from prefect import flow
 from prefect.futures import wait
-from prefect.testing.utilities import prefect_test_harness
 
 from pipelines import gpus, slots
 from rcnnops import project as dvcproj
@@ -104,12 +103,6 @@ def test_a_killed_holder_frees_its_gpu(leases):
 
 
 # --- the flow's stages on a simulated 4-GPU machine ------------------------------
-
-
-@pytest.fixture(scope="module")
-def harness():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 class Recorder:

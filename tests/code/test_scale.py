@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import yaml
 from prefect import get_client
-from prefect.testing.utilities import prefect_test_harness
 
 from pipelines import slots
 from rcnnops import project as dvcproj
@@ -51,12 +50,6 @@ def test_remote_from_params_is_the_checkouts_default(tmp_path):
 
 
 # --- flows (opt-in) ----------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def harness():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def _params(project: Path, **changes) -> None:

@@ -5,16 +5,9 @@ which has such a project at hand."""
 
 import pytest
 from prefect import get_client
-from prefect.testing.utilities import prefect_test_harness
 
 from pipelines import schedule
 from pipelines.cli import main
-
-
-@pytest.fixture(scope="module")
-def harness():
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
 
 
 def test_bad_cron_is_refused_before_serving(capsys):
