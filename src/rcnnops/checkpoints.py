@@ -119,3 +119,25 @@ class Checkpoints:
     def _from_scratch(self) -> str:
         how = f"delete {self.folder} to train from scratch"
         return how + (f" (then `{self.rerun}`)" if self.rerun else "")
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's generator states: the CPU's, and the CUDA device's when
+    training on one (dropout, samplers and random init draw from both there)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(checkpoint: dict, rank: int, device: torch.device) -> None:
+    """Restore ``rank``'s generators from a checkpoint (its CUDA one when the
+    checkpoint has it and this training is on CUDA: a CPU resume of a GPU
+    checkpoint continues, but is not bit-exact, and says so)."""
+    cpu = checkpoint.get("rng_ranks") or [checkpoint["rng"]]
+    torch.set_rng_state(cpu[rank] if rank < len(cpu) else checkpoint["rng"])
+    cuda = checkpoint.get("cuda_rng_ranks")
+    if cuda and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda[rank] if rank < len(cuda) else cuda[0], device)
+    elif cuda and rank == 0:
+        print("the checkpoint was made on CUDA: resuming on the CPU is not bit-exact")

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from rcnnops import distributed
-from rcnnops.checkpoints import Checkpoints
+from rcnnops.checkpoints import Checkpoints, rng_state, set_rng_state
 from rcnnops.data.dataset import collate
 from rcnnops.distributed import World
 from rcnnops.errors import UserError
@@ -112,28 +112,6 @@ def _resume_state(checkpoints: Checkpoints, fingerprint: str, world: World) -> d
                 checkpoints.clear()
                 state = None
     return distributed.broadcast(state, world)
-
-
-def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
-    """This process's generator states: the CPU's, and the CUDA device's when
-    training on one (dropout, samplers and random init draw from both there)."""
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(checkpoint: dict, rank: int, device: torch.device) -> None:
-    """Restore ``rank``'s generators from a checkpoint (its CUDA one when the
-    checkpoint has it and this training is on CUDA: a CPU resume of a GPU
-    checkpoint continues, but is not bit-exact, and says so)."""
-    cpu = checkpoint.get("rng_ranks") or [checkpoint["rng"]]
-    torch.set_rng_state(cpu[rank] if rank < len(cpu) else checkpoint["rng"])
-    cuda = checkpoint.get("cuda_rng_ranks")
-    if cuda and device.type == "cuda":
-        torch.cuda.set_rng_state(cuda[rank] if rank < len(cuda) else cuda[0], device)
-    elif cuda and rank == 0:
-        print("the checkpoint was made on CUDA: resuming on the CPU is not bit-exact")
 
 
 def _restore(
@@ -228,10 +206,12 @@ def _train_step(run: _Run, p: Progress, images: list, targets: list) -> tuple[fl
     return loss_value, values
 
 
-def _train_epoch(run: _Run, p: Progress, loader: DataLoader, bar_args: dict) -> dict[str, float]:
+def _train_epoch(
+    run: _Run, p: Progress, loader: DataLoader, bar_args: dict
+) -> tuple[dict[str, float], float]:
     """Every batch of one epoch; logs every ``log_every`` steps; returns the loss
-    sums, and ``images_per_s``: this process's training throughput (data loading
-    and steps; validation and checkpoints excluded)."""
+    sums and this process's training throughput in images/s (data loading and
+    steps; validation and checkpoints excluded)."""
     sums: dict[str, float] = {}
     bar = tqdm(loader, **bar_args)
     seen, t0 = 0, time.perf_counter()
@@ -250,16 +230,20 @@ def _train_epoch(run: _Run, p: Progress, loader: DataLoader, bar_args: dict) -> 
                 run.log(logged, p.step)
     if run.device.type == "cuda":
         torch.cuda.synchronize(run.device)
-    sums["images_per_s"] = seen / max(time.perf_counter() - t0, 1e-9)
-    return sums
+    return sums, seen / max(time.perf_counter() - t0, 1e-9)
 
 
 def _end_epoch(
-    run: _Run, p: Progress, model: nn.Module, sums: dict, iters: int, validate: Validate | None
+    run: _Run,
+    p: Progress,
+    model: nn.Module,
+    sums: dict,
+    speed: float,
+    iters: int,
+    validate: Validate | None,
 ) -> None:
     """Epoch means, validation (rank 0, every ``eval_every`` epochs and the last), logging."""
     epoch, cfg = p.epoch + 1, run.cfg
-    speed = sums.pop("images_per_s")
     record = {"epoch": epoch, **{f"train_epoch/{k}": v / max(1, iters) for k, v in sums.items()}}
     record["train_epoch/images_per_s"] = speed * run.world.size  # all processes together
     due = epoch % cfg.eval_every == 0 or epoch == cfg.epochs
@@ -352,8 +336,8 @@ def fit(
             "unit": "batch",
             "leave": False,
         }
-        sums = _train_epoch(run, p, _loader(train_set, cfg, sampler, device), bar_args)
-        _end_epoch(run, p, model, sums, iters, validate)
+        sums, speed = _train_epoch(run, p, _loader(train_set, cfg, sampler, device), bar_args)
+        _end_epoch(run, p, model, sums, speed, iters, validate)
         p.epoch += 1
         _checkpoint(run, p, model, fingerprint)
     return {

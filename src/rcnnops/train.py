@@ -239,7 +239,10 @@ def _run(params: Params, variant: str, world: World, device: torch.device, progr
         "git_commit": tracking.git_commit(),
         "mlflow.runName": variant,
     } | device_tags(device, precision)
-    job = _Job(params, variant, data, model, cfg, checkpoints, fingerprint, device, world, weights)
+    job = _Job(
+        params, variant, data, model, cfg, checkpoints, fingerprint, device, world, precision,
+        weights,
+    )  # fmt: skip
     summary, seconds, run_id = _tracked_fit(job, tags, out_dir, progress)
     meta = {
         "variant": variant,
@@ -279,6 +282,7 @@ class _Job:
     fingerprint: str
     device: torch.device
     world: World
+    precision: str = "fp32"  # resolve_amp(amp, device).name, as tagged
     weights: LoadReport | None = None  # what the pretrained weights filled
 
 
@@ -299,7 +303,7 @@ def _tracked_fit(job: _Job, tags: dict, out_dir: Path, progress: bool) -> tuple[
                 "variant": job.variant,
                 "seed": common.seed,
                 "device": str(job.device),
-                "precision": resolve_amp(job.cfg.amp, job.device).name,
+                "precision": job.precision,
                 "num_classes": data.labels.num_classes,
                 "train_images": len(data.train),
                 "val_images": len(data.val),

@@ -5,15 +5,16 @@ import pytest
 import torch
 from torchvision.ops import roi_align
 
-from rcnnops.checkpoints import Checkpoints
+from rcnnops.checkpoints import Checkpoints, rng_state, set_rng_state
 from rcnnops.data.dataset import DetectionDataset
 from rcnnops.data.prepare import load_split
 from rcnnops.data.transforms import RandomHorizontalFlip
-from rcnnops.engine import fit, rng_state, set_rng_state
+from rcnnops.engine import fit
 from rcnnops.models import build_model
 from rcnnops.models.roi import roi_align_sampled
 from rcnnops.precision import PrecisionError, cpu_flags, resolve_amp
 from rcnnops.solver import FitConfig
+from tests.code.test_models import SMALL
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 AMX = {"fpu", "avx2", "avx512f", "amx_tile", "amx_bf16", "avx512_bf16"}
@@ -62,14 +63,7 @@ def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
     assert cpu_flags(tmp_path / "missing") == frozenset()
 
 
-MODEL = {
-    "backbone": "small",
-    "min_size": 64,
-    "max_size": 64,
-    "anchor_sizes": [16, 32],
-    "representation_size": 32,
-    "box_batch_size_per_image": 16,
-}
+MODEL = SMALL  # the small model the model tests build
 MASK_HEAD = {"mask_head_channels": 16, "mask_head_layers": 2, "mask_roi_size": 7}
 
 

@@ -71,20 +71,8 @@ def roi_align_sampled(
     torchvision's op is under autocast): in bf16 a sampling coordinate near 100 px
     would be rounded to the nearest 0.5 px, in fp16 near 1000 px to 0.5 px too.
     """
-    dtype = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 when given it
-    with torch.autocast(x.device.type, enabled=False):
-        return _roi_align_fp32(
-            x.to(dtype), [b.to(dtype) for b in boxes], output_size, spatial_scale, sampling_ratio
-        )
-
-
-def _roi_align_fp32(
-    x: torch.Tensor,
-    boxes: list[torch.Tensor],
-    output_size: tuple[int, int],
-    spatial_scale: float,
-    sampling_ratio: int,
-) -> torch.Tensor:
+    # fp32 (or fp64 when given it): no op below is one autocast runs in a lower dtype.
+    x = x.to(torch.promote_types(x.dtype, torch.float32))
     n, c, h, w = x.shape
     ph, pw = output_size
     sr = sampling_ratio
@@ -94,7 +82,7 @@ def _roi_align_fp32(
         if r == 0:
             out.append(x.new_zeros((0, c, ph, pw)))
             continue
-        b = b.to(x.dtype) * spatial_scale
+        b = b.to(x.dtype) * spatial_scale  # boxes in x's (fp32) dtype too
         bw = (b[:, 2] - b[:, 0]).clamp(min=1.0)
         bh = (b[:, 3] - b[:, 1]).clamp(min=1.0)
         tx = (torch.arange(pw * sr, device=x.device, dtype=x.dtype) + 0.5) / (pw * sr)
