@@ -108,21 +108,29 @@ def test_a_killed_holder_frees_its_gpu(leases):
 class Recorder:
     """Stands in for ``dvc repro``: records each stage's GPUs and time span."""
 
-    def __init__(
-        self, seconds: float, fail: dict[str, float] | None = None, together: int = 0
-    ) -> None:
-        """``together``: trainings wait for that many to be running (a barrier, so
-        the test knows they ran at once whatever Prefect's scheduling jitter)."""
-        self.seconds, self.fail = seconds, fail or {}
+    def __init__(self, seconds: float, kill_first: float = 0.0, together: int = 0) -> None:
+        """``kill_first``: the first training to start dies after that many seconds
+        (whichever variant Prefect happens to start first). ``together``: trainings
+        wait for that many to be running (a barrier, so the test knows they ran at
+        once whatever Prefect's scheduling jitter)."""
+        self.seconds, self.kill_first = seconds, kill_first
         self.barrier = threading.Barrier(together, timeout=90) if together else None
         self.runs: list[dict] = []
+        self.started = 0
+        self.two_started = threading.Event()
         self.lock = threading.Lock()
 
     def __call__(self, project, stage, force=False, extra_env=None, known_stale=False):
-        start = time.monotonic()
-        variant = stage.split("@")[1]
-        if stage.startswith("train@") and variant in self.fail:
-            time.sleep(self.fail[variant])
+        with self.lock:  # start order and start times agree
+            start = time.monotonic()
+            self.started += stage.startswith("train@")
+            first = stage.startswith("train@") and self.started == 1
+            if self.started == 2:
+                self.two_started.set()
+        if first and self.kill_first:
+            # dies while the second holds the other GPU, whatever the scheduling jitter
+            assert self.two_started.wait(timeout=90), "the second training never started"
+            time.sleep(self.kill_first)
             self._record(stage, extra_env, start)
             raise subprocess.CalledProcessError(-signal.SIGKILL, ["dvc", "repro", stage])
         if stage.startswith("train@"):
@@ -203,15 +211,15 @@ def test_ddp_stages_get_disjoint_pairs(harness, tmp_path, monkeypatch):
 
 @pytest.mark.scale
 def test_a_killed_stage_frees_its_gpu_for_the_next(harness, tmp_path, monkeypatch):
-    """2 GPUs, 3 variants: the first stage's training is killed after 0.5 s; the
-    third stage starts on that GPU while the second still holds the other."""
-    rec = Recorder(seconds=6.0, fail={"rcnn": 0.5})
+    """2 GPUs, 3 variants: the first training to start is killed after 0.5 s; the
+    third starts on that GPU while the second still holds the other."""
+    rec = Recorder(seconds=6.0, kill_first=0.5)
     monkeypatch.setattr(dvcproj, "repro", rec)
     plan = slots.plan("auto", "auto", gpu_ids=["0", "1"])
     states = _run_stages(tmp_path, ["rcnn", "fast_rcnn", "faster_rcnn"], plan)
-    assert [s.is_completed() for s in states] == [False, True, True]
-    runs = {r["stage"]: r for r in rec.trains()}
-    killed, second, third = (runs[f"train@{v}"] for v in ("rcnn", "fast_rcnn", "faster_rcnn"))
+    assert sorted(s.is_completed() for s in states) == [False, True, True]
+    killed, second, third = sorted(rec.trains(), key=lambda r: r["start"])
+    assert [s["stage"] for s in rec.runs].count(f"evaluate@{killed['stage'][6:]}") == 0
     assert third["gpus"] == killed["gpus"] != second["gpus"]
     assert third["start"] < second["end"]  # it did not wait for the other GPU
 
