@@ -207,10 +207,9 @@ def check_ddp(project: Path, report: Report, visible: list[str]) -> None:
 
 def check_serving(project: Path, report: Report, device: str, requests: int = 10) -> None:
     """``rcnnops serve``'s server with ``--device``: answers, and how fast."""
-    from rcnnops import registry, serve, tracking
+    from rcnnops.serving import process as serve
 
     print(f"3. serving faster_rcnn@champion on {device}", flush=True)
-    uri = tracking.tracking_uri(project)
     port = serve.free_port()
     image = sorted((project / "data/raw/shapes/val").glob("*.png"))[0]
     body = json.dumps(
@@ -218,9 +217,8 @@ def check_serving(project: Path, report: Report, device: str, requests: int = 10
     ).encode()
     log = open(project / "serve.log", "wb")  # noqa: SIM115 (closed below)
     proc = serve.start_server(
-        registry.model_uri("faster_rcnn"), uri, port=port, device=device, stdout=log,
-        stderr=subprocess.STDOUT, cwd=project,
-    )  # fmt: skip
+        project, "faster_rcnn", port, "--device", device, stdout=log, stderr=subprocess.STDOUT
+    )
     try:
         url = f"http://127.0.0.1:{port}"
         serve.wait_until_up(url, proc)

@@ -217,6 +217,26 @@ class PipelineParams(Section):
     pull: bool = True
 
 
+class ServeParams(Section):
+    """``rcnnops serve``'s bounds and polling (no stage reads these). Per request:
+    ``max_images``; per image, read from its header before decoding:
+    ``max_image_pixels`` and ``max_image_side``; per request body:
+    ``max_request_mb``. ``workers`` requests compute at once, ``max_queue`` more
+    wait, more get HTTP 503; ``timeout_s`` bounds the wait plus the computing
+    (checked between images). ``poll_s``: how often the alias is looked up.
+    ``device``: where the model runs (auto, cpu, cuda, cuda:N)."""
+
+    max_images: int = positive(16)
+    max_image_pixels: int = positive(50_000_000)
+    max_image_side: int = positive(16384)
+    max_request_mb: float = positive(32.0)
+    workers: int = positive(1)
+    max_queue: int = Field(4, ge=0)
+    timeout_s: float = positive(60.0)
+    poll_s: float = positive(10.0)
+    device: str = "auto"
+
+
 # ``register`` is also the name of ABCMeta's method: pydantic warns, the field wins.
 warnings.filterwarnings("ignore", 'Field name "register" in "Params"', UserWarning)
 
@@ -231,6 +251,7 @@ class Params(Section):
     evaluate: EvaluateParams = EvaluateParams()
     register: RegisterParams = RegisterParams()
     pipeline: PipelineParams = PipelineParams()
+    serve: ServeParams = ServeParams()
 
     def variant(self, name: str) -> VariantTrainParams:
         if name not in self.train.variants:

@@ -7,6 +7,14 @@ them), and turn its output into plain, JSON-ready detections:
 ``labels`` (contiguous ids 1..K), ``names``, ``scores`` and, when the model
 returns masks (Mask R-CNN), ``masks`` as COCO RLE ``{"size": [h, w],
 "counts": str}`` of the mask probabilities thresholded at 0.5.
+
+Bounded by construction (see :class:`ImageLimits`): the number of images and the
+decoded pixels of each are checked from the request and the image headers before
+any pixel is decoded; an image larger than the model works at is decoded straight
+to that size (JPEG's reduced-scale decoding, then a resize), so neither the
+tensors nor selective search ever see more pixels than the model would use; the
+request's score threshold is applied before Mask R-CNN pastes its masks; images
+run one at a time, and a deadline is checked between them.
 """
 
 from __future__ import annotations
@@ -16,13 +24,18 @@ import binascii
 import io
 import json
 import math
-from dataclasses import dataclass
+import threading
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-DEFAULT_MAX_SIDE = 4096  # pixels; longer images are refused (model_config max_image_side)
+DEFAULT_MAX_SIDE = 16384  # pixels on the longer side (model_config max_image_side)
+DEFAULT_MAX_PIXELS = 50_000_000  # decoded pixels per image (model_config max_image_pixels)
+DEFAULT_MAX_IMAGES = 16  # images per request (model_config max_images)
+MAX_ASPECT = 64  # longer side / shorter side; beyond, a detector sees a line, not an image
 SERVING_FILE = "serving.json"  # in a model bundle: proposal settings for the served model
 
 
@@ -30,20 +43,97 @@ class InputError(ValueError):
     """A request that is not a batch of valid images (the server answers HTTP 400)."""
 
 
-def _check_side(h: int, w: int, where: str, max_side: int) -> None:
-    if h < 1 or w < 1:
-        raise InputError(f"{where}: empty image ({w}x{h})")
-    if max(h, w) > max_side:
-        raise InputError(
-            f"{where}: image is {w}x{h} pixels; the limit is {max_side} on the longer side "
-            "(model_config max_image_side)"
-        )
+class TooLarge(InputError):
+    """A request or image over a limit (the server answers HTTP 413)."""
 
 
-def decode_base64_image(value: str | bytes, where: str, max_side: int) -> np.ndarray:
-    """A base64-encoded image file (PNG, JPEG, ...) -> ``uint8 [H, W, 3]`` RGB.
+class DeadlineExceeded(RuntimeError):
+    """The request's deadline passed between two images; the rest were not computed."""
 
-    The size is checked from the header, before any pixel is decoded."""
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """What one request may hold. ``max_images`` per request; ``max_pixels`` decoded
+    pixels and ``max_side`` pixels on the longer side per image, both read from the
+    image header before decoding."""
+
+    max_images: int = DEFAULT_MAX_IMAGES
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_side: int = DEFAULT_MAX_SIDE
+
+    @classmethod
+    def from_config(cls, config: dict) -> ImageLimits:
+        """From a pyfunc ``model_config`` (keys ``max_images``, ``max_image_pixels``,
+        ``max_image_side``; absent ones keep their defaults)."""
+        keys = {"max_images": "max_images", "max_pixels": "max_image_pixels",
+                "max_side": "max_image_side"}  # fmt: skip
+        return cls(**{f: int(config[k]) for f, k in keys.items() if config.get(k) is not None})
+
+    def check(self, h: int, w: int, where: str) -> None:
+        if h < 1 or w < 1:
+            raise InputError(f"{where}: empty image ({w}x{h})")
+        if max(h, w) > self.max_side:
+            raise TooLarge(
+                f"{where}: image is {w}x{h} pixels; the limit is {self.max_side} on the longer "
+                "side (max_image_side)"
+            )
+        if h * w > self.max_pixels:
+            raise TooLarge(
+                f"{where}: image is {w}x{h} = {h * w:,} pixels; the limit is "
+                f"{self.max_pixels:,} (max_image_pixels)"
+            )
+        if max(h, w) > MAX_ASPECT * min(h, w):
+            raise InputError(
+                f"{where}: image is {w}x{h}, more than {MAX_ASPECT}:1; crop or pad it first"
+            )
+
+
+@dataclass
+class Picture:
+    """A decoded image ``pixels`` (``uint8 [h, w, 3]``, possibly downscaled) and the
+    ``size`` ``(H, W)`` of the image as sent, the frame detections are returned in."""
+
+    pixels: np.ndarray
+    size: tuple[int, int]
+
+    @property
+    def scale(self) -> tuple[float, float]:
+        """``(sy, sx)``: original pixels per decoded pixel."""
+        h, w = self.pixels.shape[:2]
+        return self.size[0] / h, self.size[1] / w
+
+
+def fitted_size(h: int, w: int, fit: tuple[int, int] | None) -> tuple[int, int]:
+    """The size ``(h, w)`` an image is resized to by a detector that works at
+    ``fit = (min_size, max_size)`` (torchvision's rule: shorter side to
+    ``min_size`` unless the longer side would pass ``max_size``), when that is a
+    reduction; otherwise ``(h, w)``."""
+    if fit is None:
+        return h, w
+    scale = min(fit[0] / min(h, w), fit[1] / max(h, w))
+    if scale >= 1.0:
+        return h, w
+    return max(1, round(h * scale)), max(1, round(w * scale))
+
+
+def _fit_array(arr: np.ndarray, fit: tuple[int, int] | None) -> Picture:
+    h, w = arr.shape[:2]
+    nh, nw = fitted_size(h, w, fit)
+    if (nh, nw) == (h, w):
+        return Picture(arr, (h, w))
+    from PIL import Image
+
+    small = Image.fromarray(arr).resize((nw, nh), Image.Resampling.BILINEAR)
+    return Picture(np.asarray(small, dtype=np.uint8).copy(), (h, w))
+
+
+def decode_base64_image(
+    value: str | bytes, where: str, limits: ImageLimits, fit: tuple[int, int] | None = None
+) -> Picture:
+    """A base64-encoded image file (PNG, JPEG, ...) -> :class:`Picture` (RGB).
+
+    The size is checked from the header, before any pixel is decoded; an image
+    larger than ``fit`` (see :func:`fitted_size`) is decoded to that size."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -53,8 +143,13 @@ def decode_base64_image(value: str | bytes, where: str, max_side: int) -> np.nda
     try:
         with Image.open(io.BytesIO(raw)) as im:
             w, h = im.size
-            _check_side(h, w, where, max_side)
-            return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+            limits.check(h, w, where)
+            nh, nw = fitted_size(h, w, fit)
+            if (nh, nw) != (h, w):
+                im.draft("RGB", (nw, nh))  # JPEG: decode at 1/2, 1/4, 1/8 scale, no larger
+                small = im.convert("RGB").resize((nw, nh), Image.Resampling.BILINEAR)
+                return Picture(np.asarray(small, dtype=np.uint8).copy(), (h, w))
+            return Picture(np.asarray(im.convert("RGB"), dtype=np.uint8).copy(), (h, w))
     except InputError:
         raise
     except Image.DecompressionBombError as e:
@@ -66,7 +161,7 @@ def decode_base64_image(value: str | bytes, where: str, max_side: int) -> np.nda
         ) from None
 
 
-def as_uint8_image(value: Any, where: str, max_side: int) -> np.ndarray:
+def as_uint8_image(value: Any, where: str, limits: ImageLimits) -> np.ndarray:
     """An array-like of pixels, ``[H, W, 3]`` RGB or ``[H, W]`` grey, values
     0..255 -> ``uint8 [H, W, 3]``."""
     try:
@@ -79,7 +174,7 @@ def as_uint8_image(value: Any, where: str, max_side: int) -> np.ndarray:
         arr = np.repeat(arr[..., None], 3, axis=2)
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise InputError(f"{where}: pixel array has shape {list(arr.shape)}; expected [H, W, 3]")
-    _check_side(arr.shape[0], arr.shape[1], where, max_side)
+    limits.check(arr.shape[0], arr.shape[1], where)
     if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
         raise InputError(f"{where}: pixel array of {arr.dtype}; expected uint8 values 0..255")
     if arr.size and (arr.min() < 0 or arr.max() > 255 or not np.all(np.mod(arr, 1) == 0)):
@@ -93,13 +188,17 @@ def _missing(value: Any) -> bool:
     return isinstance(value, float) and math.isnan(value)
 
 
-def images_from_input(model_input: Any, max_side: int = DEFAULT_MAX_SIDE) -> list[np.ndarray]:
-    """A request's images, each ``uint8 [H, W, 3]``.
+def images_from_input(
+    model_input: Any, limits: ImageLimits | None = None, fit: tuple[int, int] | None = None
+) -> list[Picture]:
+    """A request's images as :class:`Picture` s, decoded one at a time and each
+    reduced to ``fit`` (see :func:`fitted_size`) as soon as it is decoded.
 
     ``model_input``: a DataFrame (or dict of columns) with an ``image`` column of
     base64-encoded image files and/or an ``array`` column of ``[H, W, 3]`` uint8
     pixel arrays (one of the two per row); or a plain list of such values.
     """
+    limits = limits or ImageLimits()
     if hasattr(model_input, "columns"):
         columns = {c: list(model_input[c]) for c in model_input.columns}
     elif isinstance(model_input, dict):
@@ -122,6 +221,10 @@ def images_from_input(model_input: Any, max_side: int = DEFAULT_MAX_SIDE) -> lis
     n = len(columns[usable[0]])
     if n == 0:
         raise InputError("the request holds no images")
+    if n > limits.max_images:
+        raise TooLarge(
+            f"the request holds {n} images; the limit is {limits.max_images} (max_images)"
+        )
     images = []
     for i in range(n):
         where = f"input row {i}"
@@ -129,35 +232,58 @@ def images_from_input(model_input: Any, max_side: int = DEFAULT_MAX_SIDE) -> lis
         if value is None:
             raise InputError(f"{where}: no image (empty 'image' and 'array')")
         if isinstance(value, str | bytes):
-            images.append(decode_base64_image(value, where, max_side))
+            images.append(decode_base64_image(value, where, limits, fit))
         else:
-            images.append(as_uint8_image(value, where, max_side))
+            images.append(_fit_array(as_uint8_image(value, where, limits), fit))
     return images
 
 
-def encode_masks(masks: Any) -> list[dict]:
-    """``float [N, 1, H, W]`` mask probabilities -> COCO RLE dicts (``counts`` a str),
-    binarised by :func:`~rcnnops.data.masks.binarize`."""
+def encode_masks(masks: Any, size: tuple[int, int] | None = None) -> list[dict]:
+    """``float [N, 1, h, w]`` mask probabilities -> COCO RLE dicts (``counts`` a str),
+    binarised by :func:`~rcnnops.data.masks.binarize`; ``size`` ``(H, W)``: first
+    resized (bilinear) to that frame, one mask at a time."""
+    import torch
+
     from rcnnops.data.masks import binarize, encode
 
-    binary = binarize(np.asarray(masks, dtype=np.float32)[:, 0])
-    return [encode(m) for m in binary]
+    masks = torch.as_tensor(np.asarray(masks, dtype=np.float32))
+    out = []
+    for m in masks:  # one at a time: a full-size float mask can be tens of MB
+        if size is not None and tuple(m.shape[-2:]) != tuple(size):
+            m = torch.nn.functional.interpolate(m[None], size=size, mode="bilinear")[0]
+        out.append(encode(binarize(m[0].numpy())))
+    return out
 
 
-def to_detections(output: dict, names: tuple[str, ...], score_threshold: float) -> dict:
-    """One image's model output (tensors) -> JSON-ready detections above the threshold."""
+def to_detections(
+    output: dict, names: tuple[str, ...], score_threshold: float, picture: Picture | None = None
+) -> dict:
+    """One image's model output (tensors) -> JSON-ready detections above the
+    threshold, in the frame of ``picture.size`` when the model saw it downscaled."""
     scores = output["scores"].detach().float().cpu()
     keep = scores >= score_threshold
     labels = output["labels"].detach().cpu()[keep].tolist()
+    boxes = output["boxes"].detach().float().cpu()[keep]
+    size = None
+    if picture is not None and picture.size != tuple(picture.pixels.shape[:2]):
+        sy, sx = picture.scale
+        boxes = boxes * torch_tensor([sx, sy, sx, sy])
+        size = picture.size
     det = {
-        "boxes": [[round(v, 2) for v in b] for b in output["boxes"].detach().cpu()[keep].tolist()],
+        "boxes": [[round(v, 2) for v in b] for b in boxes.tolist()],
         "labels": labels,
         "names": [names[lab - 1] for lab in labels],
         "scores": [round(s, 4) for s in scores[keep].tolist()],
     }
     if "masks" in output:
-        det["masks"] = encode_masks(output["masks"].detach().float().cpu()[keep].numpy())
+        det["masks"] = encode_masks(output["masks"].detach().float().cpu()[keep].numpy(), size)
     return det
+
+
+def torch_tensor(values: list[float]) -> Any:
+    import torch
+
+    return torch.tensor(values, dtype=torch.float32)
 
 
 @dataclass
@@ -170,6 +296,7 @@ class Detector:
     names: tuple[str, ...]
     proposals: dict | None = None
     device: Any = "cpu"  # a torch.device
+    lock: Any = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
     def from_dir(cls, model_dir: Path, device: str = "auto") -> Detector:
@@ -192,29 +319,72 @@ class Detector:
         names = LabelMap.from_json(meta["labels"]).names
         return cls(model, meta["variant"], names, settings, where)
 
-    def _proposals(self, images: list[np.ndarray]) -> list | None:
-        if self.proposals is None:
+    @property
+    def fit(self) -> tuple[int, int] | None:
+        """``(min_size, max_size)`` the model rescales images to (its transform)."""
+        transform = getattr(self.model, "transform", None)
+        if transform is None:
             return None
+        min_size = transform.min_size
+        return int(min_size[-1] if isinstance(min_size, list | tuple) else min_size), int(
+            transform.max_size
+        )
+
+    def _proposals(self, pixels: np.ndarray) -> Any:
         import torch
 
         from rcnnops.proposals.selective_search import selective_search
 
-        return [torch.from_numpy(selective_search(im, **self.proposals)[0]) for im in images]
+        return torch.from_numpy(selective_search(pixels, **self.proposals)[0]).to(self.device)
 
-    def __call__(self, images: list[np.ndarray], score_threshold: float = 0.5) -> list[dict]:
-        """Detections for ``uint8 [H, W, 3]`` images (see the module docstring)."""
+    def _forward(self, tensor: Any, proposals: Any, score_threshold: float) -> dict:
+        """One image through the model with the request's threshold as the heads'
+        score threshold, so nothing below it is decoded or pasted (Mask R-CNN pastes
+        each kept mask at full image size). One forward at a time per model: the
+        threshold is set on the shared heads."""
         import torch
 
-        tensors = [
-            torch.from_numpy(im).to(self.device).permute(2, 0, 1).float().div(255.0)
-            for im in images
-        ]  # uint8 to the device (a quarter of the bytes), then to float there
-        proposals = self._proposals(images)
-        if proposals is not None:
-            proposals = [p.to(self.device) for p in proposals]
-        with torch.no_grad():
-            if proposals is None:
-                outputs = self.model(tensors)
-            else:
-                outputs = self.model(tensors, proposals=proposals)
-        return [to_detections(out, self.names, score_threshold) for out in outputs]
+        heads = self.model.roi_heads
+        with self.lock, torch.no_grad():
+            before = heads.score_thresh
+            heads.score_thresh = max(before, score_threshold)
+            try:
+                if proposals is None:
+                    return self.model([tensor])[0]
+                return self.model([tensor], proposals=[proposals])[0]
+            finally:
+                heads.score_thresh = before
+
+    def __call__(
+        self,
+        images: list[np.ndarray | Picture],
+        score_threshold: float = 0.5,
+        deadline: float | None = None,
+    ) -> list[dict]:
+        """Detections for ``uint8 [H, W, 3]`` images or :class:`Picture` s (see the
+        module docstring), one image at a time; ``deadline`` (``time.monotonic()``)
+        passed before an image: :class:`DeadlineExceeded`."""
+        import torch
+
+        out = []
+        for i, image in enumerate(images):
+            picture = image if isinstance(image, Picture) else _fit_array(image, self.fit)
+            _check_deadline(deadline, i, len(images))
+            # uint8 to the device (a quarter of the bytes), then to float there
+            tensor = torch.from_numpy(picture.pixels).to(self.device)
+            tensor = tensor.permute(2, 0, 1).float().div(255.0)
+            proposals = None
+            if self.proposals is not None:
+                proposals = self._proposals(picture.pixels)
+                _check_deadline(deadline, i, len(images))
+            output = self._forward(tensor, proposals, score_threshold)
+            out.append(to_detections(output, self.names, score_threshold, picture))
+        return out
+
+
+def _check_deadline(deadline: float | None, done: int, total: int) -> None:
+    if deadline is not None and time.monotonic() > deadline:
+        raise DeadlineExceeded(
+            f"the request's time limit passed after {done} of {total} image(s); "
+            "the rest were not computed"
+        )

@@ -12,10 +12,11 @@ Param ``score_threshold`` (default 0.5). Output: one dict per image, see
 :mod:`rcnnops.detect`. Bad requests raise ``MlflowException``
 ``INVALID_PARAMETER_VALUE``, which the scoring server answers with HTTP 400.
 
-``model_config`` ``max_image_side`` (default 4096) refuses larger images; override it
-with ``mlflow.pyfunc.load_model(uri, model_config={"max_image_side": N})`` or, for
-the server, ``MLFLOW_PYFUNC_INFERENCE_CONFIG='{"max_image_side": N}'``
-(``rcnnops serve --max-image-side N`` sets it). ``model_config`` ``device``
+``model_config`` limits (see :class:`rcnnops.detect.ImageLimits`): ``max_images``
+per request, ``max_image_pixels`` and ``max_image_side`` per image; override them
+with ``mlflow.pyfunc.load_model(uri, model_config={"max_image_pixels": N})`` or,
+for ``mlflow models serve``, ``MLFLOW_PYFUNC_INFERENCE_CONFIG``
+(``rcnnops serve`` passes the ``serve`` params). ``model_config`` ``device``
 (default ``auto``: CUDA when present, else CPU; or ``cpu``, ``cuda:N``) is where
 the model runs, chosen when it loads (``rcnnops serve/predict --device``).
 """
@@ -30,10 +31,15 @@ from typing import Any
 import mlflow.pyfunc
 from mlflow.exceptions import MlflowException
 
-from rcnnops.detect import DEFAULT_MAX_SIDE, Detector, InputError, images_from_input
+from rcnnops.detect import Detector, ImageLimits, InputError, images_from_input
 
 ENTRY = Path(__file__).with_name("pyfunc_model.py")
 DEFAULT_THRESHOLD = 0.5
+LOGGED_CONFIG = {  # the defaults, written into each version's MLmodel for readers
+    "max_images": ImageLimits().max_images,
+    "max_image_pixels": ImageLimits().max_pixels,
+    "max_image_side": ImageLimits().max_side,
+}
 
 
 class DetectorPyfunc(mlflow.pyfunc.PythonModel):
@@ -43,18 +49,23 @@ class DetectorPyfunc(mlflow.pyfunc.PythonModel):
         config = context.model_config or {}
         device = str(config.get("device", "auto"))
         self.detector = Detector.from_dir(Path(context.artifacts["model_dir"]), device)
-        self.max_side = int(config.get("max_image_side", DEFAULT_MAX_SIDE))
+        self.limits = ImageLimits.from_config(config)
 
     def predict(self, context, model_input, params=None):  # no hints: MLflow reads them as schema
         try:
-            threshold = _threshold(params)
-            images = images_from_input(model_input, self.max_side)
+            return self.detect(model_input, threshold_from(params))
         except InputError as e:
             raise MlflowException.invalid_parameter_value(str(e)) from None
-        return self.detector(images, threshold)
+
+    def detect(self, model_input: Any, threshold: float, deadline: float | None = None) -> list:
+        """:meth:`predict` without MLflow's wrapping: :class:`InputError` (or
+        :class:`~rcnnops.detect.TooLarge`) for a bad request, and a ``deadline``
+        (``time.monotonic()``) checked between images. The server calls this."""
+        images = images_from_input(model_input, self.limits, self.detector.fit)
+        return self.detector(images, threshold, deadline)
 
 
-def _threshold(params: dict | None) -> float:
+def threshold_from(params: dict | None) -> float:
     raw = (params or {}).get("score_threshold", DEFAULT_THRESHOLD)
     try:
         value = float(raw)
@@ -113,7 +124,7 @@ def log(bundle: Path) -> Any:
         name="model",
         python_model=str(ENTRY),
         artifacts={"model_dir": str(bundle)},
-        model_config={"max_image_side": DEFAULT_MAX_SIDE},
+        model_config=LOGGED_CONFIG,
         pip_requirements=requirements(),
         signature=signature(),
         input_example=input_example(),

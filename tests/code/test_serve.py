@@ -1,4 +1,4 @@
-"""The registered pyfunc model served over HTTP by the real scoring server,
+"""The registered pyfunc model served over HTTP by `rcnnops serve`,
 `rcnnops predict`, and request validation (masks included). The round trip in a
 fresh process, for every variant, is in test_flow.py."""
 
@@ -14,8 +14,9 @@ import pytest
 import torch
 from PIL import Image
 
-from rcnnops import detect, registry, serve
+from rcnnops import detect, registry
 from rcnnops.cli import main
+from rcnnops.serving import process as serve
 from tests.code.trained import inside, train_and_register, write_project
 
 
@@ -54,17 +55,13 @@ def _post(url: str, payload: dict) -> tuple[int, dict]:
 
 
 def test_served_model_answers_images_and_refuses_the_rest(project, tmp_path):
-    """The real `mlflow models serve` on a free loopback port, stopped afterwards."""
+    """`rcnnops serve` on a free loopback port, stopped afterwards."""
     port = serve.free_port()
     with open(tmp_path / "server.log", "wb") as log:
         proc = serve.start_server(
-            registry.model_uri("faster_rcnn"),
-            f"sqlite:///{project / 'mlflow.db'}",
-            port=port,
-            max_image_side=64,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
+            project, "faster_rcnn", port, "--max-image-side", "64", "--max-images", "2",
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
         try:
@@ -76,17 +73,21 @@ def test_served_model_answers_images_and_refuses_the_rest(project, tmp_path):
             url, {"dataframe_records": [{"image": image}], "params": {"score_threshold": 0.0}}
         )
         assert status == 200, body
+        assert body["model_version"] == "1"
         (det,) = body["predictions"]
         assert det["boxes"] and len(det["boxes"]) == len(det["scores"]) == len(det["names"])
         assert all(0 <= v <= 64 for box in det["boxes"] for v in box)
 
-        for payload, message in (
-            ({"dataframe_records": [{"image": _b64(b"%PDF-1.4 not an image")}]}, "not an image"),
-            ({"dataframe_records": [{"image": "not base64!"}]}, "not base64"),
-            ({"dataframe_records": [{"image": _b64(_png((65, 40)))}]}, "limit is 64"),
-        ):
+        for payload, code, message in (
+            ({"dataframe_records": [{"image": _b64(b"%PDF-1.4 not an image")}]}, 400,
+             "not an image"),
+            ({"dataframe_records": [{"image": "not base64!"}]}, 400, "not base64"),
+            ({"dataframe_records": [{"image": _b64(_png((65, 40)))}]}, 413, "limit is 64"),
+            ({"dataframe_records": [{"image": image}] * 3}, 413, "holds 3 images; the limit is 2"),
+        ):  # fmt: skip
             status, body = _post(url, payload)
-            assert status == 400 and message in body["message"], body
+            assert status == code and message in body["message"], body
+            assert "\n" not in body["message"] and "Traceback" not in body["message"]
         with pytest.raises(serve.ServeError, match=f"port {port} on 127.0.0.1 is in use"):
             serve.check_port_free("127.0.0.1", port)
     finally:
@@ -131,9 +132,17 @@ def test_bad_payloads_are_input_errors():
         detect.images_from_input({"array": [np.zeros((4, 4, 2), np.uint8)]})
     with pytest.raises(detect.InputError, match="integers in 0..255"):
         detect.images_from_input({"array": [np.full((4, 4, 3), 300)]})
-    with pytest.raises(detect.InputError, match="limit is 32"):
-        detect.images_from_input({"image": [_b64(_png((40, 8)))]}, max_side=32)
-    grey = detect.images_from_input([[[0, 255], [7, 9]]])[0]
+    with pytest.raises(detect.TooLarge, match="limit is 32"):
+        detect.images_from_input({"image": [_b64(_png((40, 8)))]}, detect.ImageLimits(max_side=32))
+    with pytest.raises(detect.TooLarge, match="1,600 pixels; the limit is 1,000"):
+        detect.images_from_input(
+            {"image": [_b64(_png((40, 40)))]}, detect.ImageLimits(max_pixels=1000)
+        )
+    with pytest.raises(detect.TooLarge, match="holds 2 images; the limit is 1"):
+        detect.images_from_input({"image": [_b64(_png())] * 2}, detect.ImageLimits(max_images=1))
+    with pytest.raises(detect.InputError, match="is 130x2, more than 64:1"):
+        detect.images_from_input({"image": [_b64(_png((130, 2)))]})
+    grey = detect.images_from_input([[[0, 255], [7, 9]]])[0].pixels
     assert grey.shape == (2, 2, 3) and grey.dtype == np.uint8
 
 
@@ -175,12 +184,13 @@ def test_serve_and_predict_take_a_device(project, tmp_path, capsys):
             for cmd in (["predict", "faster_rcnn", str(image)], ["serve", "faster_rcnn"]):
                 assert main([*cmd, "--device", "cuda"]) == 2
                 assert "no CUDA device is available" in capsys.readouterr().err
-    env = serve.server_env("sqlite:///x.db", max_image_side=640, device="cuda:1")
-    assert json.loads(env["MLFLOW_PYFUNC_INFERENCE_CONFIG"]) == {
-        "max_image_side": 640,
-        "device": "cuda:1",
-    }
-    assert "MLFLOW_PYFUNC_INFERENCE_CONFIG" not in serve.server_env("sqlite:///x.db")
+    from rcnnops.cli import build_parser
+    from rcnnops.cli.serving import model_config, serve_settings
+
+    with inside(project):  # flags over params.yaml's serve section
+        args = build_parser().parse_args(["serve", "faster_rcnn", "--device", "cuda:1"])
+        config = model_config(serve_settings(args))
+    assert config["device"] == "cuda:1" and config["max_image_pixels"] == 50_000_000
 
 
 def test_predict_explains_bad_inputs_in_one_line(project, tmp_path, capsys):

@@ -11,39 +11,53 @@ from typing import Any
 from rcnnops.cli.common import add, params
 
 
-def cmd_serve(args: argparse.Namespace) -> int:
-    from rcnnops import registry, serve, tracking
-    from rcnnops.device import resolve_device
+def serve_settings(args: argparse.Namespace) -> Any:
+    """params ``serve`` with the command's flags over it."""
+    settings = params(args).serve
+    flags = {k: getattr(args, k, None) for k in type(settings).model_fields}
+    return settings.model_copy(update={k: v for k, v in flags.items() if v is not None})
 
-    resolve_device(args.device)  # a GPU asked for on a machine without one: say so now
-    experiment = params(args).register.experiment
-    mv = registry.resolve(args.variant, args.alias, experiment)
-    print(f"{registry.model_name(args.variant)}@{args.alias} is version {mv.version}")
-    return serve.serve(
-        registry.model_uri(args.variant, args.alias),
-        tracking.tracking_uri(),
-        args.host,
-        args.port,
-        args.max_image_side,
-        args.device,
-    )
+
+def model_config(s: Any) -> dict:
+    return {"device": s.device, "max_images": s.max_images,
+            "max_image_pixels": s.max_image_pixels, "max_image_side": s.max_image_side}  # fmt: skip
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from rcnnops import registry, tracking
+    from rcnnops.device import resolve_device
+    from rcnnops.serving.app import RequestLimits
+    from rcnnops.serving.follower import Follower
+    from rcnnops.serving.server import serve
+
+    s = serve_settings(args)
+    resolve_device(s.device)  # a GPU asked for on a machine without one: say so now
+    tracking.setup(params(args).register.experiment)
+    name = registry.model_name(args.variant)
+    if args.version is not None:
+        registry.get_version(name, str(args.version))  # a clear error for a missing one
+        follower = Follower(name, None, str(args.version), s.poll_s, model_config(s))
+    else:
+        registry.resolve(args.variant, args.alias, params(args).register.experiment)
+        follower = Follower(name, args.alias, None, s.poll_s, model_config(s))
+    limits = RequestLimits(s.max_request_mb, s.workers, s.max_queue, s.timeout_s)
+    return serve(follower, limits, args.host, args.port)
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     import pandas as pd
     from mlflow.exceptions import MlflowException
 
-    from rcnnops import registry, serve
+    from rcnnops import registry
     from rcnnops.detect import InputError
     from rcnnops.device import resolve_device
+    from rcnnops.serving import files
 
-    resolve_device(args.device)
-    images = serve.read_images(args.images)
-    config = {"device": args.device}
-    if args.max_image_side:
-        config["max_image_side"] = args.max_image_side
+    s = serve_settings(args)
+    resolve_device(s.device)
+    images = files.read_images(args.images)
     experiment = params(args).register.experiment
-    model = registry.load_pyfunc(args.variant, args.alias, experiment, config)
+    model = registry.load_pyfunc(args.variant, args.alias, experiment, model_config(s))
     frame = pd.DataFrame({"image": [b64 for _, b64 in images]})
     try:
         dets = model.predict(frame, params={"score_threshold": args.score_threshold})
@@ -55,10 +69,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
     else:
         for (path, _), det in zip(images, dets, strict=True):
-            print(serve.format_detections(path, det))
+            print(files.format_detections(path, det))
     if args.draw:
         for (path, _), det in zip(images, dets, strict=True):
-            written = serve.draw(path, det, Path(args.draw))
+            written = files.draw(path, det, Path(args.draw))
             print(f"drew {written}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
@@ -89,8 +103,15 @@ example:
   print(urllib.request.urlopen(req).read().decode())
   PY
 The answer is {"predictions": [{"boxes": [[x1, y1, x2, y2], ...], "labels": [...],
-"names": [...], "scores": [...]} per image] (plus "masks" as COCO RLE for mask
-variants); a request that is not a batch of images gets HTTP 400 with a message.
+"names": [...], "scores": [...]} per image], "model_version": "N"} (plus "masks"
+as COCO RLE for mask variants) and the header X-Model-Version: N. Errors are one
+JSON line {"error_code", "message"}: 400 bad request, 413 over a limit, 503 busy,
+504 past timeout_s. GET /health shows the version serving, the alias followed
+and any version that failed to load (the previous one keeps serving).
+
+The server polls the registry (MLflow has no push): when the alias moves, the new
+version is loaded and checked in the background, then swapped in; requests in
+flight finish on the old one.
 """
 
 
@@ -99,21 +120,52 @@ def add_parsers(sub: Any) -> None:
         sub,
         "serve",
         cmd_serve,
-        "serve a registered model over HTTP (mlflow models serve, local environment)",
+        "serve a registered model over HTTP, following its alias (promotions, rollbacks)",
     )
     sp.formatter_class = argparse.RawDescriptionHelpFormatter
     sp.epilog = SERVE_EPILOG
     sp.add_argument("variant", help="e.g. faster_rcnn (model rcnnops-VARIANT)")
-    sp.add_argument("--alias", default="champion", help="alias to serve (default: champion)")
+    which = sp.add_mutually_exclusive_group()
+    which.add_argument(
+        "--alias", default="champion", help="alias to serve and follow (default: champion)"
+    )
+    which.add_argument(
+        "--version", type=int, metavar="N", help="serve version N and never switch (no polling)"
+    )
     sp.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     sp.add_argument("--port", type=int, default=5001, help="TCP port (default: 5001)")
     sp.add_argument(
-        "--max-image-side",
-        type=int,
-        metavar="PX",
-        help="refuse images longer than PX pixels on a side with HTTP 400 (default: 4096)",
+        "--poll-s",
+        type=float,
+        dest="poll_s",
+        metavar="S",
+        help="look the alias up every S seconds (params serve.poll_s, 10)",
     )
-    sp.add_argument("--device", default="auto", help=DEVICE_HELP + " (default: auto)")
+    _limit_flags(sp)
+    sp.add_argument(
+        "--max-request-mb",
+        type=float,
+        metavar="MB",
+        help="largest request body (params serve.max_request_mb, 32)",
+    )
+    sp.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="requests computing at once (params serve.workers, 1)",
+    )
+    sp.add_argument(
+        "--max-queue",
+        type=int,
+        metavar="N",
+        help="requests waiting for a worker before 503 (serve.max_queue, 4)",
+    )
+    sp.add_argument(
+        "--timeout-s",
+        type=float,
+        metavar="S",
+        help="time limit per request, wait + compute (serve.timeout_s, 60)",
+    )
     sp = add(sub, "predict", cmd_predict, "run a registered model on image files; print or draw")
     sp.add_argument("variant", help="e.g. faster_rcnn (model rcnnops-VARIANT)")
     sp.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
@@ -126,5 +178,26 @@ def add_parsers(sub: Any) -> None:
     )
     sp.add_argument("--draw", metavar="OUTDIR", help="also write OUTDIR/<image>.png with drawings")
     sp.add_argument("--json", action="store_true", help="JSON instead of text")
-    sp.add_argument("--max-image-side", type=int, metavar="PX", help="image size limit")
-    sp.add_argument("--device", default="auto", help=DEVICE_HELP + " (default: auto)")
+    _limit_flags(sp)
+
+
+def _limit_flags(sp: Any) -> None:
+    sp.add_argument(
+        "--max-images",
+        type=int,
+        metavar="N",
+        help="images per request (params serve.max_images, 16)",
+    )
+    sp.add_argument(
+        "--max-image-pixels",
+        type=int,
+        metavar="N",
+        help="decoded pixels per image (params serve.max_image_pixels, 50000000)",
+    )
+    sp.add_argument(
+        "--max-image-side",
+        type=int,
+        metavar="PX",
+        help="pixels on an image's longer side (params serve.max_image_side, 16384)",
+    )
+    sp.add_argument("--device", help=DEVICE_HELP + " (params serve.device, auto)")
