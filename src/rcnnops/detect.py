@@ -152,8 +152,11 @@ def decode_base64_image(
             return Picture(np.asarray(im.convert("RGB"), dtype=np.uint8).copy(), (h, w))
     except InputError:
         raise
-    except Image.DecompressionBombError as e:
-        raise InputError(f"{where}: image too large ({e})") from None
+    except Image.DecompressionBombError:  # Pillow's own guard, before our check runs
+        raise TooLarge(
+            f"{where}: the image header claims over {2 * Image.MAX_IMAGE_PIXELS:,} pixels; "
+            f"the limit is {limits.max_pixels:,} (max_image_pixels)"
+        ) from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
         raise InputError(
             f"{where}: not an image file ({len(raw)} bytes decoded from base64 are not "

@@ -113,18 +113,36 @@ class Admission:
         self.inside -= 1
 
 
+async def drain(request: Any, cap: int) -> None:
+    """Read and drop up to ``cap`` bytes of a body that will not be used, so the
+    client, still sending, can read the refusal instead of a connection reset."""
+    seen = 0
+    with contextlib.suppress(Exception):
+        async for chunk in request.stream():
+            seen += len(chunk)
+            if seen > cap:
+                return
+
+
 async def read_body(request: Any, limits: RequestLimits) -> bytes:
     """The body, refused with 413 as soon as it is known to pass ``max_request_mb``
-    (from Content-Length before reading, or while reading)."""
+    (from Content-Length, or while reading); the rest is read and dropped, up to
+    four times the limit (held in memory: never more than the limit)."""
     limit, declared = limits.max_request_bytes, request.headers.get("content-length")
-    too_big = f"request body is larger than {limits.max_request_mb:g} MB (max_request_mb)"
+    too_big = HttpError(
+        413, "REQUEST_TOO_LARGE",
+        f"request body is larger than {limits.max_request_mb:g} MB (max_request_mb)",
+    )  # fmt: skip
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HttpError(413, "REQUEST_TOO_LARGE", too_big)
+        await drain(request, 4 * limit)
+        raise too_big
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise HttpError(413, "REQUEST_TOO_LARGE", too_big)
+            chunks.clear()
+            await drain(request, 3 * limit)
+            raise too_big
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -150,11 +168,13 @@ def create_app(follower: Follower, limits: RequestLimits) -> Any:
         try:
             admission.enter()
         except HttpError as e:
+            await drain(request, limits.max_request_bytes)
             return error(e.status, e.code, e.message)
         version = None
         try:
             media = request.headers.get("content-type", "").split(";")[0].strip()
             if media != "application/json":
+                await drain(request, limits.max_request_bytes)
                 raise HttpError(
                     415,
                     "UNSUPPORTED_MEDIA_TYPE",
