@@ -24,6 +24,7 @@ def inside(project: Path):
         yield project
     finally:
         os.chdir(old_cwd)
+        os.environ.pop("MLFLOW_TRACKING_URI", None)  # whatever the block set
         if old_uri is not None:
             os.environ["MLFLOW_TRACKING_URI"] = old_uri
 

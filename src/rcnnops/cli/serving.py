@@ -77,6 +77,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from rcnnops.serving import export
+
+    out = Path(args.out) if args.out else None
+    written, rows, where = export.export_version(
+        Path.cwd(), params(args), args.variant, args.format, args.version, out
+    )
+    print(export.parity_table(rows))
+    print(
+        f"parity holds on {len(rows)} validation images; wrote {written} (README.md, "
+        f"parity.json); logged as {where}"
+    )
+    return 0
+
+
 def _fraction(text: str) -> float:
     """A number in [0, 1] (argparse type)."""
     try:
@@ -165,6 +180,25 @@ def add_parsers(sub: Any) -> None:
         type=float,
         metavar="S",
         help="time limit per request, wait + compute (serve.timeout_s, 60)",
+    )
+    sp = add(
+        sub,
+        "export",
+        cmd_export,
+        "export a registered version to TorchScript or ONNX, checked against the eager model",
+    )
+    sp.add_argument("variant", help="faster_rcnn or mask_rcnn (model rcnnops-VARIANT)")
+    sp.add_argument(
+        "--format",
+        required=True,
+        choices=["torchscript", "onnx"],
+        help="torchscript (torch.jit.script) or onnx (opset 17, ONNX Runtime)",
+    )
+    sp.add_argument("--version", type=int, metavar="N", help="version N (default: the champion)")
+    sp.add_argument(
+        "--out",
+        metavar="DIR",
+        help="where to write (default: exports/VARIANT-vN-FORMAT; must not exist)",
     )
     sp = add(sub, "predict", cmd_predict, "run a registered model on image files; print or draw")
     sp.add_argument("variant", help="e.g. faster_rcnn (model rcnnops-VARIANT)")
