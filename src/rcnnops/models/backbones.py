@@ -88,14 +88,19 @@ class SmallBackbone(nn.Module):
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward(self, x: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
-        feats = []
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        # Written so torch.jit.script compiles it (rcnnops export --format torchscript):
+        # the lateral convs by iteration (their keys are the stage indices, ascending).
+        feats: list[torch.Tensor] = []
         for s in self.stages:
             x = s(x)
             feats.append(x)
-        top = self.lateral[str(self.keep[-1])](feats[self.keep[-1]])
-        for i in reversed(self.keep[:-1]):
-            lat = self.lateral[str(i)](feats[i])
+        laterals: list[torch.Tensor] = []
+        for key, conv in self.lateral.items():
+            laterals.append(conv(feats[int(key)]))
+        top = laterals[-1]
+        for i in range(len(laterals) - 2, -1, -1):
+            lat = laterals[i]
             top = lat + nn.functional.interpolate(top, size=lat.shape[-2:], mode="nearest")
         return OrderedDict([("0", self.smooth(top))])
 

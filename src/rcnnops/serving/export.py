@@ -12,19 +12,15 @@ dropped (no-ops in fp32), and the class is torchvision's ``FasterRCNN`` /
 ``MaskRCNN`` (ours only adds a check that no proposals are passed).
 
 - TorchScript: ``torch.jit.script`` (torchvision's detectors are scriptable,
-  tracing would freeze the detection count); it needs a scriptable backbone:
-  ``resnet18_fpn``, ``resnet50_fpn``, ``mobilenet_v3_fpn``, not ``small``.
+  tracing would freeze the detection count); every backbone here scripts.
 - ONNX: ``torch.onnx.export`` (TorchScript-based exporter, opset 17, torchvision's
   ONNX rules) with dynamic height and width, run with ONNX Runtime.
 - R-CNN and Fast R-CNN are not exported: their proposals come from OpenCV's
   selective search, outside the network (and R-CNN warps each crop in a loop).
 
-Known defects (open): ONNX graphs are traced on the first validation image. At
-other image sizes the traced resize samples differently from the eager model
-(scores moved by ~1e-3 on a tiny model), and with FPN backbones (resnet*_fpn,
-mobilenet_v3_fpn) even other images of the same size give other detections. The
-parity check catches both and the command then writes nothing; the ONNX export
-is usable today for the small backbone at the validation images' size.
+For ONNX the transform's resize is traced by output size (:func:`_resize_by_size`):
+torchvision traces a scale factor, which ONNX Runtime applies without PyTorch's
+recomputation, so any image size but the traced one gave other pixels.
 
 Parity (:func:`parity`): on validation images, the export's detections must
 equal the eager model's: same count and labels, boxes within 0.5 px, scores within
@@ -107,17 +103,39 @@ def write_torchscript(model: nn.Module, path: Path) -> None:
     except Exception as e:  # a backbone written with Python TorchScript cannot compile
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ExportError(
-            f"torchscript: this model cannot be scripted ({first}); the 'small' backbone is "
-            "not scriptable: export to onnx, or train with a torchvision backbone "
-            "(resnet18_fpn, resnet50_fpn, mobilenet_v3_fpn)"
+            f"torchscript: this model cannot be scripted ({first}); export it to onnx"
         ) from None
     scripted.save(str(path))
 
 
+def _resize_by_size(transform: nn.Module, image: torch.Tensor, target: Any = None) -> tuple:
+    """``GeneralizedRCNNTransform.resize`` at inference, traceable to the same pixels.
+
+    torchvision traces its resize as a scale factor; ONNX Runtime samples with that
+    scale, PyTorch with the one recomputed from the rounded size, so every size but
+    the traced one came out different. Here the output size is computed in integers
+    (``floor(side * min_size / shorter)``, or by ``max_size / longer`` when that is
+    smaller: the eager rule without float rounding) and passed as a size."""
+    import torch.nn.functional as F
+
+    shape = torch._shape_as_tensor(image)[-2:]
+    lo, hi = int(transform.min_size[-1]), int(transform.max_size)
+    short, long = shape.min(), shape.max()
+    by_short = lo * long <= hi * short
+    num = torch.where(by_short, torch.tensor(lo), torch.tensor(hi))
+    den = torch.where(by_short, short, long)
+    size = torch.div(shape * num, den, rounding_mode="floor")
+    out = F.interpolate(image[None], size=[size[0], size[1]], mode="bilinear",
+                        align_corners=False)[0]  # fmt: skip
+    return out, target
+
+
 def write_onnx(model: nn.Module, variant: str, example: torch.Tensor, path: Path) -> None:
+    import types
     import warnings
 
     model = exportable(model)
+    model.transform.resize = types.MethodType(_resize_by_size, model.transform)
     names = _outputs(variant)
     dynamic = {"image": {1: "height", 2: "width"}} | {n: {0: "detections"} for n in names}
     with warnings.catch_warnings():
@@ -333,7 +351,9 @@ def export_bundle(
 
 
 def validation_images(prepared: Path, project: Path, n: int = 10) -> list[tuple[str, Any]]:
-    """The first ``n`` images of the prepared validation split as tensors."""
+    """The first ``n`` images of the prepared validation split as tensors, plus a
+    crop of the first (80 % of its height, 60 % of its width): the export must hold
+    at sizes other than the one it was traced at."""
     from rcnnops.data.io import load_image
 
     coco = json.loads((prepared / "val.json").read_text())
@@ -341,7 +361,11 @@ def validation_images(prepared: Path, project: Path, n: int = 10) -> list[tuple[
     images = sorted(coco["images"], key=lambda im: im["id"])[:n]
     if not images:
         raise ExportError(f"{prepared / 'val.json'} has no images to check the export on")
-    return [(im["file_name"], load_image(root / im["file_name"])) for im in images]
+    out = [(im["file_name"], load_image(root / im["file_name"])) for im in images]
+    name, first = out[0]
+    h, w = first.shape[1:]
+    crop = first[:, : max(1, h * 4 // 5), : max(1, w * 3 // 5)].contiguous()
+    return out + [(f"{name} cropped", crop)]
 
 
 def export_version(project: Path, params: Any, variant: str, fmt: str,
@@ -364,8 +388,14 @@ def export_version(project: Path, params: Any, variant: str, fmt: str,
     version = str(mv.version)
     out = out or project / "exports" / f"{variant}-v{version}-{fmt}"
     with tempfile.TemporaryDirectory(prefix="rcnnops-export-") as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=tmp))
-        (bundle,) = local.rglob("model_dir")
+        uri = f"models:/{name}/{version}"
+        local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=tmp))
+        bundle = next(local.rglob("model_dir"), None)
+        if bundle is None:
+            raise ExportError(
+                f"{uri}: no model files in its artifact store (moved or deleted?); "
+                "register the model again with `rcnnops register`"
+            )
         detector = Detector.from_dir(bundle, "cpu")
     images = validation_images(project / params.prepare.out, project)
     rows = export_bundle(detector.model, variant, fmt, images, out)
