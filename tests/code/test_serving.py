@@ -387,3 +387,73 @@ def test_the_server_follows_promotion_and_rollback_without_a_failed_request(proj
         log.close()
     text = (tmp_path / "server.log").read_text()
     assert f"v{v3} failed to load or to answer; still serving v1" in text
+
+
+# --- images fitted to the model before anything is computed -------------------------
+
+
+def test_images_are_fitted_to_the_model_size_and_answers_come_back_in_the_sent_frame():
+    from rcnnops import detect
+
+    assert detect.fitted_size(4096, 4096, (800, 1333)) == (800, 800)
+    assert detect.fitted_size(1000, 3000, (800, 1333)) == (444, 1333)  # max_size binds
+    assert detect.fitted_size(300, 200, (800, 1333)) == (300, 200)  # never enlarged
+    picture = detect.decode_base64_image(
+        base64.b64encode(_png(1024)).decode(), "row 0", detect.ImageLimits(), (128, 256)
+    )
+    assert picture.pixels.shape == (128, 128, 3) and picture.size == (1024, 1024)
+    masks = torch.zeros(1, 1, 128, 128)
+    masks[0, 0, 32:64, 0:128] = 1.0
+    output = {"boxes": torch.tensor([[10.0, 20.0, 30.0, 40.0]]), "labels": torch.tensor([1]),
+              "scores": torch.tensor([0.9]), "masks": masks}  # fmt: skip
+    det = detect.to_detections(output, ("a",), 0.5, picture)
+    assert det["boxes"] == [[80.0, 160.0, 240.0, 320.0]]
+    from rcnnops.data.masks import decode
+
+    full = decode(det["masks"][0], 1024, 1024)
+    assert full.shape == (1024, 1024) and full[256:512].all() and full.sum() == 256 * 1024
+
+
+class Heads:
+    score_thresh = 0.05
+
+
+class Recording(torch.nn.Module):
+    """Stands in for a detector: records the heads' threshold and the image size."""
+
+    def __init__(self):
+        super().__init__()
+        self.roi_heads, self.seen = Heads(), []
+
+    def forward(self, images, proposals=None):
+        self.seen.append((self.roi_heads.score_thresh, tuple(images[0].shape),
+                          None if proposals is None else tuple(proposals[0].shape)))  # fmt: skip
+        return [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.int64),
+                 "scores": torch.zeros(0)}]  # fmt: skip
+
+
+def test_the_threshold_is_applied_before_masks_and_search_sees_the_fitted_image(monkeypatch):
+    """The request's threshold is the heads' threshold during the forward (so Mask
+    R-CNN pastes nothing below it) and restored after; selective search runs on the
+    image fitted to the model, never the full-size one."""
+    from rcnnops import detect
+    from rcnnops.proposals import selective_search as ss
+
+    searched = []
+
+    def search(pixels, **settings):
+        searched.append(pixels.shape)
+        return np.array([[0, 0, 8, 8]], np.float32), np.ones(1, np.float32)
+
+    monkeypatch.setattr(ss, "selective_search", search)
+    model = Recording()
+    detector = detect.Detector(model, "fast_rcnn", ("a",), proposals={"mode": "fast"})
+    monkeypatch.setattr(detect.Detector, "fit", property(lambda self: (64, 100)))
+    image = np.zeros((400, 200, 3), np.uint8)
+    assert detector([image], score_threshold=0.7) == [
+        {"boxes": [], "labels": [], "names": [], "scores": []}
+    ]
+    assert model.seen == [(0.7, (3, 100, 50), (1, 4))] and searched == [(100, 50, 3)]
+    assert model.roi_heads.score_thresh == 0.05
+    with pytest.raises(DeadlineExceeded, match="after 0 of 1"):
+        detector([image], deadline=time.monotonic() - 1)
