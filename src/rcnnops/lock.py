@@ -6,7 +6,10 @@ without waiting: a second run refuses at once, naming the holder (pid, host,
 start time, written into the file). The kernel drops a ``flock`` when its
 process ends, however it ends, so a killed run never leaves a stale lock (the
 file stays; its content is only a note). Re-entrant within one process: the CLI
-takes it, then the flow it calls takes it again.
+takes it, then the flow it calls takes it again. Inherited by child processes:
+the holder puts ``RCNNOPS_PROJECT_LOCK=<lock file>:<pid>`` in its environment, so
+the stage commands its ``dvc repro`` runs (``rcnnops train`` ...) go ahead under
+its lock, while the same commands typed in another shell refuse.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 from rcnnops.errors import UserError
 
 LOCK_NAME = ".rcnnops.lock"
+ENV = "RCNNOPS_PROJECT_LOCK"  # "<lock file>:<holder pid>", for the holder's children
 
 _held: dict[Path, tuple[int, int]] = {}  # lock path -> (pid, depth) in this process
 _guard = threading.Lock()
@@ -100,6 +104,21 @@ def _poll(fd: int, deadline: float, refusal: Callable[[], Exception]) -> None:
             time.sleep(min(0.2, max(0.0, deadline - time.monotonic())))
 
 
+def _inherited(path: Path) -> bool:
+    """Whether an ancestor holds ``path``: the environment names it and its holder,
+    that holder is alive and the lock file's note names it too."""
+    where, _, pid = os.environ.get(ENV, "").rpartition(":")
+    if where != str(path) or not pid.isdigit() or int(pid) == os.getpid():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, another user's
+    return holder(path).get("pid") == int(pid)
+
+
 @contextmanager
 def project_lock(project: Path, wait: float = 0.0) -> Iterator[Path]:
     """Hold ``project``'s run lock for the ``with`` block; yields the lock file.
@@ -121,6 +140,9 @@ def project_lock(project: Path, wait: float = 0.0) -> Iterator[Path]:
             with _guard:
                 _held[path] = (pid, _held[path][1] - 1)
         return
+    if _inherited(path):  # a stage command run by the holder's `dvc repro`
+        yield path
+        return
     with flocked(path, wait, lambda: _refusal(path)) as fd:
         note = {
             "pid": pid,
@@ -131,9 +153,15 @@ def project_lock(project: Path, wait: float = 0.0) -> Iterator[Path]:
         os.pwrite(fd, json.dumps(note).encode(), 0)
         with _guard:
             _held[path] = (pid, 1)
+        before = os.environ.get(ENV)
+        os.environ[ENV] = f"{path}:{pid}"
         try:
             yield path
         finally:
+            if before is None:
+                os.environ.pop(ENV, None)
+            else:
+                os.environ[ENV] = before
             with _guard:
                 _held.pop(path, None)
             os.ftruncate(fd, 0)

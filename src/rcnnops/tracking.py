@@ -77,12 +77,20 @@ def unreachable_explained() -> Iterator[None]:
         raise
 
 
+_checked: set[Path] = set()  # projects whose store was checked for a move
+
+
 def setup(experiment: str, project: Path | None = None) -> str:
     """Point MLflow at the store and make ``experiment`` active; returns its id."""
     project = Path(project or Path.cwd()).resolve()
     uri = tracking_uri(project)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
+    if uri == f"sqlite:///{project / DEFAULT_DB}" and project not in _checked:
+        from rcnnops.relocate import warn_if_elsewhere
+
+        _checked.add(project)
+        warn_if_elsewhere(project, DEFAULT_DB, DEFAULT_ARTIFACTS)
     exp = mlflow.get_experiment_by_name(experiment)
     if exp is None:
         location = None

@@ -140,3 +140,48 @@ except LockedError as e:
             p.stdin.close()
             p.wait(30)
     assert first[0] == "holding" and first[1].startswith("refused: another rcnnops run (pid ")
+
+
+# Holds the lock and runs a child command under it (as the flow's `dvc repro` does).
+PARENT = """
+import subprocess, sys
+from rcnnops.lock import project_lock
+with project_lock(sys.argv[1]):
+    child = ("from rcnnops.lock import project_lock\\n"
+             "with project_lock(sys.argv[1]): print('child ran')")
+    out = subprocess.run([sys.executable, "-c", "import sys\\n" + child, sys.argv[1]],
+                         capture_output=True, text=True)
+    print(out.stdout.strip() or out.stderr.strip().splitlines()[-1])
+"""
+
+
+def test_manual_commands_refuse_during_a_run_and_its_own_children_inherit(held, capsys):
+    """`rcnnops promote/register/train/...` typed during a run refuse naming it; the
+    run's own stage commands (its children) go ahead under its lock."""
+    from rcnnops.cli import main
+
+    project, proc = held
+    cwd = os.getcwd()
+    os.chdir(project)
+    try:
+        for argv in (["promote", "faster_rcnn", "2"], ["register", "faster_rcnn"],
+                     ["train", "--variant", "faster_rcnn"], ["relocate"]):  # fmt: skip
+            assert main(argv) == 2, argv
+            assert "another rcnnops run" in capsys.readouterr().err
+    finally:
+        os.chdir(cwd)
+    _release(proc)
+    other = project.parent / "other"
+    other.mkdir()
+    out = subprocess.run([sys.executable, "-c", PARENT, str(other)], capture_output=True,
+                         text=True, timeout=60)  # fmt: skip
+    assert out.stdout.strip() == "child ran", out.stderr
+    # a stale marker naming a dead holder is ignored: the lock is taken normally
+    env = {**os.environ, "RCNNOPS_PROJECT_LOCK": f"{other / LOCK_NAME}:999999"}
+    code = (
+        "import sys\nfrom rcnnops.lock import project_lock\n"
+        "with project_lock(sys.argv[1]): print('ok')"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(other)], env=env,
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert out.stdout.strip() == "ok", out.stderr

@@ -10,11 +10,28 @@ from typing import Any
 Handler = Callable[[argparse.Namespace], int]
 
 
-def add(sub: Any, name: str, fn: Handler, help_: str, **kwargs: Any) -> argparse.ArgumentParser:
-    """A subcommand ``name`` running ``fn(args)``; its help is also its description."""
+def add(
+    sub: Any, name: str, fn: Handler, help_: str, locked: bool = False, **kwargs: Any
+) -> argparse.ArgumentParser:
+    """A subcommand ``name`` running ``fn(args)``; its help is also its description.
+    ``locked``: it holds the project's run lock (see :mod:`rcnnops.lock`), so it
+    refuses while a pipeline run is going, and a run refuses while it goes (the
+    run's own stage commands inherit the run's lock)."""
     sp = sub.add_parser(name, help=help_, description=help_, **kwargs)
-    sp.set_defaults(fn=fn)
+    sp.set_defaults(fn=_locked(fn) if locked else fn)
     return sp
+
+
+def _locked(fn: Handler) -> Handler:
+    def run(args: argparse.Namespace) -> int:
+        from rcnnops.lock import project_lock
+
+        with project_lock(Path.cwd()):
+            return fn(args)
+
+    run.__name__ = run.__qualname__ = fn.__name__
+    run.__doc__ = fn.__doc__
+    return run
 
 
 def params(args: argparse.Namespace):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 from rcnnops.cli.common import add, params
@@ -53,6 +54,27 @@ def _short(col: str, value: Any) -> str:
     return str(value)
 
 
+def cmd_relocate(args: argparse.Namespace) -> int:
+    import os
+
+    from rcnnops import tracking
+    from rcnnops.relocate import RelocateError, relocate
+
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        raise RelocateError(
+            "MLFLOW_TRACKING_URI is set: that store's artifacts are the server's to place; "
+            "relocate concerns the project's own mlflow.db"
+        )
+    r = relocate(Path.cwd(), tracking.DEFAULT_DB, tracking.DEFAULT_ARTIFACTS)
+    if r.old is None:
+        print(f"{tracking.DEFAULT_DB} already records its artifacts in this project: nothing to do")
+        return 0
+    print(f"artifact locations moved from {r.old} to {r.new}:")
+    for where, n in r.changed.items():
+        print(f"  {where}: {n}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from rcnnops import registry, tracking
     from rcnnops.tables import text_table
@@ -96,13 +118,15 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: Any) -> None:
     add(sub, "presets", cmd_presets, "list the named param sets `run --preset` writes")
-    sp = add(sub, "register", cmd_register, "register a trained, evaluated variant in MLflow")
+    sp = add(sub, "register", cmd_register, "register a trained, evaluated variant in MLflow",
+             locked=True)  # fmt: skip
     sp.add_argument("variant")
     sp = add(
         sub,
         "promote",
         cmd_promote,
         "run the promotion gate: move 'champion' to VERSION if it beats the champion",
+        locked=True,
     )
     sp.add_argument("variant")
     sp.add_argument("version")
@@ -115,6 +139,14 @@ def add_parsers(sub: Any) -> None:
         "rollback",
         cmd_rollback,
         "move 'champion' back to the version it replaced (from the audit trail tags)",
+        locked=True,
+    )
+    add(
+        sub,
+        "relocate",
+        cmd_relocate,
+        "after moving or copying a project: point its MLflow store at its own mlartifacts/",
+        locked=True,
     )
     sp.add_argument("variant", help="e.g. faster_rcnn (model rcnnops-VARIANT)")
     sp = add(

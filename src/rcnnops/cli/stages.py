@@ -58,18 +58,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: Any) -> None:
-    add(sub, "generate", cmd_generate, "[stage] write the generated 'shapes' dataset as COCO")
-    add(sub, "prepare", cmd_prepare, "[stage] validate a COCO dataset and write prepared splits")
+    # Stage commands hold the project's run lock: run by hand during a pipeline run
+    # they refuse; run by that run's `dvc repro`, they inherit its lock.
+    add(sub, "generate", cmd_generate, "[stage] write the generated 'shapes' dataset as COCO",
+        locked=True)  # fmt: skip
+    add(sub, "prepare", cmd_prepare, "[stage] validate a COCO dataset and write prepared splits",
+        locked=True)  # fmt: skip
     add(
         sub,
         "proposals",
         cmd_proposals,
         "[stage] selective-search proposals for both splits (+ recall report)",
+        locked=True,
     )
     for name, fn, help_ in (
         ("train", cmd_train, "[stage] train one variant (resumes)"),
         ("evaluate", cmd_evaluate, "[stage] COCO-evaluate one variant"),
     ):
-        sp = add(sub, name, fn, help_)
+        sp = add(sub, name, fn, help_, locked=True)
         sp.add_argument("--variant", required=True, help="e.g. faster_rcnn")
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
