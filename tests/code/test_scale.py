@@ -17,7 +17,7 @@ from prefect import get_client
 
 from pipelines import slots
 from rcnnops import project as dvcproj
-from rcnnops.serve import free_port
+from rcnnops.serving.process import free_port
 from tests.conftest import TINY_PARAMS
 
 
@@ -136,7 +136,7 @@ def _start_mlflow_server(tmp: Path, port: int | None = None) -> tuple[subprocess
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    from rcnnops.serve import stop_server
+    from rcnnops.serving.process import stop_server
 
     stop_server(proc)
 
