@@ -21,6 +21,8 @@ from rcnnops.errors import UserError
 from rcnnops.redact import REDACTED, SECRET_NAME, redact
 
 DEFAULT_DB = "mlflow.db"
+# MLflow 3's UI opens an experiment by its kind: training runs, not GenAI traces.
+KIND_TAG, KIND = "mlflow.experimentKind", "custom_model_development"
 DEFAULT_ARTIFACTS = "mlartifacts"
 
 # Values of these never reach MLflow params or tags (tokens, keys, passwords).
@@ -96,9 +98,13 @@ def setup(experiment: str, project: Path | None = None) -> str:
         location = None
         if uri.startswith("sqlite:"):
             location = (project / DEFAULT_ARTIFACTS).as_uri()
-        exp_id = mlflow.create_experiment(experiment, artifact_location=location)
+        exp_id = mlflow.create_experiment(
+            experiment, artifact_location=location, tags={KIND_TAG: KIND}
+        )
     else:
         exp_id = exp.experiment_id
+        if exp.tags.get(KIND_TAG) != KIND:  # made before rcnnops tagged its kind
+            client().set_experiment_tag(exp_id, KIND_TAG, KIND)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
 
@@ -166,6 +172,19 @@ def stage_run(
         return
     with mlflow.start_run(run_name=run_name, tags=scrub(tags or {})) as run:
         yield run
+
+
+def log_datasets(datasets: list[tuple[str, str, str, str]]) -> None:
+    """Log ``(name, path, digest, context)`` datasets as inputs of the active run:
+    the source is the DVC-tracked path, the digest its content hash, so the UI's
+    dataset column ties a run to the exact data."""
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.data.sources import LocalArtifactDatasetSource
+
+    for name, path, digest, context in datasets:
+        source = LocalArtifactDatasetSource(path)
+        dataset = MetaDataset(source, name=name, digest=digest[:32])
+        mlflow.log_input(dataset, context=context)
 
 
 def log_params(params: dict[str, Any]) -> None:

@@ -311,6 +311,12 @@ def _tracked_fit(job: _Job, tags: dict, out_dir: Path, progress: bool) -> tuple[
                 "lr_scaled": job.cfg.lr,
             }
         )
+        if run_id is None:  # a new run: which data it trains and validates on
+            splits, out = data.manifest.get("splits", {}), job.params.prepare.out
+            tracking.log_datasets([
+                (s, f"{out}/{s}.json", splits.get(s, {}).get("hash", data.manifest["data_hash"]), c)
+                for s, c in (("train", "training"), ("val", "validation"))
+            ])  # fmt: skip
         if job.weights is not None:
             _log_weights(job.weights, out_dir)
         extra = {"run_id": active.info.run_id}

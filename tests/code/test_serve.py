@@ -260,3 +260,33 @@ def test_register_refuses_a_model_its_metrics_did_not_measure(project, tmp_path)
         with pytest.raises(CheckpointError, match="cannot load model weights"):
             register()
         assert len(versions(registry.model_name("faster_rcnn"))) == before
+
+
+def test_what_the_mlflow_ui_shows(project):
+    """The experiment opens on training runs (its kind tag); the training run lists
+    its train/val datasets (digest: the prepared splits' content hashes, source:
+    the DVC-tracked files); the registered model and version have descriptions."""
+    from rcnnops import tracking
+
+    with inside(project):
+        tracking.setup("rcnnops-test")
+        client = tracking.client()
+        exp = client.get_experiment_by_name("rcnnops-test")
+        assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+        mv = client.get_model_version("rcnnops-faster_rcnn", "1")
+        run = client.get_run(mv.run_id)
+        model = client.get_registered_model("rcnnops-faster_rcnn")
+    manifest = json.loads((project / "data/prepared/manifest.json").read_text())
+    inputs = {
+        d.dataset.name: (d.dataset.digest, json.loads(d.dataset.source), [t.value for t in d.tags])
+        for d in run.inputs.dataset_inputs
+    }
+    assert inputs == {
+        "train": (manifest["splits"]["train"]["hash"][:32], {"uri": "data/prepared/train.json"},
+                  ["training"]),
+        "val": (manifest["splits"]["val"]["hash"][:32], {"uri": "data/prepared/val.json"},
+                ["validation"]),
+    }  # fmt: skip
+    assert "`champion` is what `rcnnops serve` follows" in model.description
+    assert mv.description.startswith(f"`faster_rcnn` trained on data {manifest['data_hash']}")
+    assert "bbox_AP" in mv.description and "Gate: promoted" in mv.description

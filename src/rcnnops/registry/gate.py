@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from rcnnops import tracking
+from rcnnops.registry.describe import describe
 from rcnnops.registry.store import (
     CHAMPION,
     NO_CHAMPION,
@@ -158,6 +159,7 @@ def _record(name: str, version: str, d: Decision, actor: str | None) -> None:
             "promotion.champion_before": entry["champion_before"],
         },
     )
+    describe(name, version)
 
 
 def _finish(name: str, version: str) -> None:
@@ -168,6 +170,7 @@ def _finish(name: str, version: str) -> None:
         entry = json.loads(tags[f"promotion.{n}"]) | {"decision": "promoted"}
         _set_tags(name, version, {f"promotion.{n}": json.dumps(entry)})
     _set_tags(name, version, {"promotion.decision": "promoted"})
+    describe(name, version)
 
 
 def _pending(candidate: Any, champion: Any | None, metric: str) -> Decision | None:
@@ -283,4 +286,5 @@ def rollback(variant: str, actor: str | None = None, experiment: str = "rcnnops"
                 "rollback.restored_from": str(current.version),
             },
         )
+        describe(name, str(current.version))
     return Rollback(name, str(current.version), str(target.version))

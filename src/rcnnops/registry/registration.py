@@ -16,6 +16,7 @@ import mlflow
 from rcnnops import tracking
 from rcnnops.files import sha256_file
 from rcnnops.models.io import load_model, read_model_meta
+from rcnnops.registry.describe import describe
 from rcnnops.registry.store import (
     CHALLENGER,
     RegistryError,
@@ -106,5 +107,6 @@ def register(
         **{f"metric.{k}": str(v) for k, v in numeric.items()},
     }
     mv = mlflow.register_model(info.model_uri, name, tags=tags)
+    describe(name, str(mv.version))
     tracking.client().set_registered_model_alias(name, CHALLENGER, mv.version)
     return Registered(name, str(mv.version), created=True)
