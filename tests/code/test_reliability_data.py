@@ -273,7 +273,8 @@ def _check_loaded(out: Path) -> None:
     """What loaded must be valid data: the dataset contract of DESIGN.md."""
     for split in SPLITS:
         coco, root, labels = load_split(out, split)
-        masks = all(a.get("segmentation") for a in coco["annotations"] if not a.get("iscrowd"))
+        # skip_crowd=False keeps crowd regions too, so every annotation needs a mask
+        masks = all(a.get("segmentation") for a in coco["annotations"])
         ds = DetectionDataset(coco, root, labels, masks=masks, skip_crowd=False)
         for i in range(len(ds)):
             image, target = ds[i]
