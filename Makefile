@@ -40,6 +40,7 @@ test-reliability: $(STAMP)
 	$(BIN)/python -m pytest -m reliability
 
 test-scale: $(STAMP)
+	$(BIN)/python -m pip install -q -e ".[dev,team,team-test]"
 	$(BIN)/python -m pytest -m scale
 
 test-ci: test test-scale

@@ -1,0 +1,166 @@
+"""The deployment as a team runs it (issue 19): `prefect server start` on loopback,
+the `gpu` process work pool, `prefect deploy --all` from the real prefect.yaml, a
+worker in a checkout of the project, `prefect deployment run` with a tiny params
+override. The run completes, the champion is in the shared MLflow, the run's two
+markdown artifacts are readable from the API; a second run started while the
+first holds the project lock is refused with the lock's message."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from rcnnops.serving.process import free_port, stop_server
+from tests.conftest import REPO, TINY_PARAMS
+
+TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
+
+
+def _checkout(root: Path) -> Path:
+    """What a worker machine has: the project's code, prefect.yaml and params."""
+    root.mkdir()
+    for name in ("prefect.yaml", "dvc.yaml"):
+        shutil.copy(REPO / name, root / name)
+    for folder in ("src", "pipelines"):
+        shutil.copytree(REPO / folder, root / folder,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))  # fmt: skip
+    (root / "params.yaml").write_text(TINY_PARAMS)
+    return root
+
+
+def _prefect(env: dict, *args: str, cwd: Path | None = None, timeout: float = 180) -> str:
+    out = subprocess.run([sys.executable, "-m", "prefect", "--no-prompt", *args], env=env,
+                         cwd=cwd, capture_output=True, text=True, timeout=timeout)  # fmt: skip
+    assert out.returncode == 0, f"prefect {' '.join(args)}:\n{out.stdout}\n{out.stderr}"
+    return out.stdout
+
+
+def _spawn(cmd: list[str], env: dict, log: Path, cwd: Path | None = None) -> subprocess.Popen:
+    with open(log, "ab") as out:
+        return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # fmt: skip
+
+
+def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(f"{url} did not answer:\n{log.read_text()[-3000:]}")
+
+
+def _run_id(stdout: str) -> str:
+    for line in stdout.splitlines():
+        if "UUID:" in line:
+            return line.split("UUID:")[1].strip()
+    raise AssertionError(f"no flow run id in:\n{stdout}")
+
+
+def _flow_run(api: str, run_id: str):
+    from prefect.client.orchestration import get_client
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_flow_run(run_id)
+
+    os.environ["PREFECT_API_URL"] = api
+    return asyncio.run(read())
+
+
+def _wait_state(api: str, run_id: str, want: set[str], timeout: float) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        run = _flow_run(api, run_id)
+        if run.state and run.state.type.value in want:
+            return run
+        time.sleep(2)
+    pytest.fail(f"flow run {run_id} is {run.state and run.state.type.value} after {timeout} s")
+
+
+@pytest.mark.scale
+def test_deployment_runs_on_a_worker_against_a_prefect_server(tmp_path, monkeypatch):
+    from tests.code.test_scale import _start_mlflow_server
+
+    home = tmp_path / "prefect-home"
+    port = free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env |= {
+        "PREFECT_HOME": str(home), "PREFECT_API_URL": api,
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_QUERY_SECONDS": "2",
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }  # fmt: skip
+    monkeypatch.setenv("PREFECT_API_URL", api)
+    mlflow_dir = tmp_path / "mlflow"
+    mlflow_dir.mkdir()
+    procs: list[subprocess.Popen] = []
+    try:
+        mlflow_proc, mlflow_url = _start_mlflow_server(mlflow_dir)
+        procs.append(mlflow_proc)
+        cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+               "--port", str(port)]  # fmt: skip
+        server = _spawn(cmd, env, tmp_path / "server.log")
+        procs.append(server)
+        _wait_http(f"{api}/health", server, tmp_path / "server.log")
+        _prefect(env, "work-pool", "create", "gpu", "--type", "process")
+        checkout = _checkout(tmp_path / "checkout")
+        _prefect(env, "deploy", "--all", cwd=checkout)
+
+        worker_env = env | {"RCNNOPS_PROJECT_DIR": str(checkout),
+                            "MLFLOW_TRACKING_URI": mlflow_url}  # fmt: skip
+        worker = _spawn([sys.executable, "-m", "prefect", "worker", "start", "--pool", "gpu"],
+                        worker_env, tmp_path / "worker.log", cwd=checkout)  # fmt: skip
+        procs.append(worker)
+
+        tiny = ["--param", 'variants=["faster_rcnn"]', "--param", "push_to_remote=false"]
+        first = _run_id(_prefect(env, "deployment", "run", "rcnnops-retrain/weekly", *tiny))
+        _wait_state(api, first, {"RUNNING"} | TERMINAL, 180)
+        lock = checkout / ".rcnnops.lock"
+        deadline = time.monotonic() + 120  # the flow takes the lock as it starts
+        while not (lock.is_file() and lock.read_text()):
+            assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()[-3000:]
+            time.sleep(0.5)
+        second = _run_id(_prefect(env, "deployment", "run", "rcnnops-retrain/weekly", *tiny))
+        refused = _wait_state(api, second, TERMINAL, 300)
+        assert refused.state.type.value == "FAILED"
+        assert "another rcnnops run" in refused.state.message, refused.state.message
+
+        done = _wait_state(api, first, TERMINAL, 900)
+        assert done.state.type.value == "COMPLETED", (tmp_path / "worker.log").read_text()[-5000:]
+
+        from mlflow import MlflowClient
+
+        mv = MlflowClient(mlflow_url).get_model_version_by_alias("rcnnops-faster_rcnn", "champion")
+        assert mv.version == "1"
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+        async def artifacts():
+            async with get_client() as client:
+                flt = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[done.id]))
+                return await client.read_artifacts(artifact_filter=flt)
+
+        found = {a.key: a for a in asyncio.run(artifacts())}
+        assert set(found) == {"rcnnops-promotion", "rcnnops-compare"}
+        assert all(a.type == "markdown" for a in found.values())
+        assert "faster_rcnn" in found["rcnnops-promotion"].data
+        print(json.dumps({k: a.data[:200] for k, a in found.items()}, indent=1))
+    finally:
+        for proc in reversed(procs):
+            stop_server(proc)
+    for proc in procs:
+        assert proc.poll() is not None  # nothing left running
