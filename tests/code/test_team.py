@@ -64,6 +64,7 @@ def test_two_clones_share_mlflow_on_postgres_and_s3_and_dvc_on_s3(
         assert second["version"] == "1"  # the same version: nothing new registered
 
         monkeypatch.chdir(clone)
+        capsys.readouterr()  # the flows' output
         assert main(["compare", "--format", "json"]) == 0
         rows = {r["source"]: r for r in json.loads(capsys.readouterr().out)}
         assert rows["champion"]["version"] == rows["latest"]["version"] == "1"
