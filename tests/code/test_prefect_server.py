@@ -43,6 +43,19 @@ def _prefect(env: dict, *args: str, cwd: Path | None = None, timeout: float = 18
     return out.stdout
 
 
+def _deploy(env: dict, checkout: Path) -> None:
+    """`prefect deploy --all`. Prefect 3.8's CLI, after creating the deployment, asks
+    for the pool's online workers with null limits, which its server (on fastapi
+    0.153, the newest it imports with) refuses with 422: the deployment exists, the
+    command exits 1. Accept exactly that, and check the deployment is there."""
+    cmd = [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"]
+    out = subprocess.run(cmd, env=env, cwd=checkout, capture_output=True, text=True, timeout=180)
+    text = out.stdout + out.stderr
+    known = "successfully created" in text and "workers/filter" in text and "422" in text
+    assert out.returncode == 0 or known, text
+    assert "weekly" in _prefect(env, "deployment", "inspect", "rcnnops-retrain/weekly")
+
+
 def _spawn(cmd: list[str], env: dict, log: Path, cwd: Path | None = None) -> subprocess.Popen:
     with open(log, "ab") as out:
         return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
@@ -71,13 +84,12 @@ def _run_id(stdout: str) -> str:
 
 
 def _flow_run(api: str, run_id: str):
-    from prefect.client.orchestration import get_client
+    from prefect.client.orchestration import PrefectClient
 
     async def read():
-        async with get_client() as client:
+        async with PrefectClient(api) as client:  # this server, whatever the settings
             return await client.read_flow_run(run_id)
 
-    os.environ["PREFECT_API_URL"] = api
     return asyncio.run(read())
 
 
@@ -118,7 +130,7 @@ def test_deployment_runs_on_a_worker_against_a_prefect_server(tmp_path, monkeypa
         _wait_http(f"{api}/health", server, tmp_path / "server.log")
         _prefect(env, "work-pool", "create", "gpu", "--type", "process")
         checkout = _checkout(tmp_path / "checkout")
-        _prefect(env, "deploy", "--all", cwd=checkout)
+        _deploy(env, checkout)
 
         worker_env = env | {"RCNNOPS_PROJECT_DIR": str(checkout),
                             "MLFLOW_TRACKING_URI": mlflow_url}  # fmt: skip
@@ -146,19 +158,17 @@ def test_deployment_runs_on_a_worker_against_a_prefect_server(tmp_path, monkeypa
 
         mv = MlflowClient(mlflow_url).get_model_version_by_alias("rcnnops-faster_rcnn", "champion")
         assert mv.version == "1"
-        from prefect.client.orchestration import get_client
-        from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+        import httpx
 
-        async def artifacts():
-            async with get_client() as client:
-                flt = ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[done.id]))
-                return await client.read_artifacts(artifact_filter=flt)
-
-        found = {a.key: a for a in asyncio.run(artifacts())}
+        # the REST API directly: Prefect 3.8's client sends null limits, which its
+        # server on fastapi 0.153 refuses (see _deploy)
+        body = {"artifacts": {"flow_run_id": {"any_": [str(done.id)]}}}
+        artifacts = httpx.post(f"{api}/artifacts/filter", json=body, timeout=30).json()
+        found = {a["key"]: a for a in artifacts}
         assert set(found) == {"rcnnops-promotion", "rcnnops-compare"}
-        assert all(a.type == "markdown" for a in found.values())
-        assert "faster_rcnn" in found["rcnnops-promotion"].data
-        print(json.dumps({k: a.data[:200] for k, a in found.items()}, indent=1))
+        assert all(a["type"] == "markdown" for a in found.values())
+        assert "faster_rcnn" in found["rcnnops-promotion"]["data"]
+        print(json.dumps({k: a["data"][:300] for k, a in found.items()}, indent=1))
     finally:
         for proc in reversed(procs):
             stop_server(proc)
