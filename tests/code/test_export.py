@@ -15,6 +15,18 @@ from rcnnops.models import build_model
 from rcnnops.serving import export
 from tests.code.trained import inside, train_and_register, write_project
 
+# Trains and exports (about 45 s): in the scale suite, which CI runs; the default
+# suite keeps the refusals below.
+SCALE = pytest.mark.scale
+
+
+def test_what_cannot_be_exported_is_refused_plainly():
+    with pytest.raises(export.ExportError, match="unknown export format 'tflite'"):
+        export.check_exportable("faster_rcnn", "tflite")
+    for variant in ("rcnn", "fast_rcnn"):
+        with pytest.raises(export.ExportError, match="selective search \\(OpenCV\\)"):
+            export.check_exportable(variant, "onnx")
+
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory):
@@ -23,6 +35,7 @@ def project(tmp_path_factory):
     return root
 
 
+@SCALE
 def test_export_command_writes_checks_logs_and_tags(project, capsys):
     with inside(project):
         assert main(["export", "mask_rcnn", "--format", "onnx"]) == 0
@@ -73,6 +86,7 @@ def trained(project: Path, variant: str) -> torch.nn.Module:
     return model
 
 
+@SCALE
 @pytest.mark.parametrize("variant", ["faster_rcnn", "mask_rcnn"])
 @pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
 def test_exports_match_the_eager_model_at_any_size(project, variant, fmt, tmp_path):
@@ -104,6 +118,7 @@ def test_torchscript_with_a_torchvision_backbone(project, variant, tmp_path):
     assert (tmp_path / "out" / export.FILE["torchscript"]).is_file()
 
 
+@SCALE
 def test_a_failed_parity_check_writes_nothing(project, tmp_path, monkeypatch):
     model = build_model("faster_rcnn", 4, {"backbone": "mobilenet_v3_fpn", "min_size": 96,
                                           "max_size": 128}).eval()  # fmt: skip
