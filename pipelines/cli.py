@@ -44,6 +44,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     for d in decisions:
         outcome = "champion" if d["promoted"] else "kept previous champion"
         print(f"{d['name']} v{d['version']}: {outcome} ({d['reason']})")
+    from rcnnops import tracking
+    from rcnnops.config import load_params
+
+    print(tracking.ui_hint(load_params(args.params).register.experiment))
     return 0
 
 

@@ -109,6 +109,19 @@ def setup(experiment: str, project: Path | None = None) -> str:
     return exp_id
 
 
+def ui_hint(experiment: str, project: Path | None = None) -> str:
+    """Where to look at the runs in the MLflow UI. Its experiment page opens on
+    the GenAI overview unless the browser chose "Model training" (a switch it
+    remembers); the link chooses it (``workflowType=machine_learning``)."""
+    uri = tracking_uri(project)
+    exp = mlflow.get_experiment_by_name(experiment)
+    page = f"#/experiments/{exp.experiment_id}?workflowType=machine_learning" if exp else "#/"
+    if uri.startswith(("http://", "https://")):
+        return f"MLflow UI: {redact(uri.rstrip('/'))}/{page}"
+    return (f"MLflow UI: `mlflow ui --backend-store-uri {uri}`, then "
+            f"http://127.0.0.1:5000/{page}")  # fmt: skip
+
+
 def client() -> MlflowClient:
     return MlflowClient(
         tracking_uri=mlflow.get_tracking_uri(), registry_uri=mlflow.get_registry_uri()

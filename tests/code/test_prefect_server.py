@@ -169,8 +169,50 @@ def test_deployment_runs_on_a_worker_against_a_prefect_server(tmp_path, monkeypa
         assert all(a["type"] == "markdown" for a in found.values())
         assert "faster_rcnn" in found["rcnnops-promotion"]["data"]
         print(json.dumps({k: a["data"][:300] for k, a in found.items()}, indent=1))
+        _look_in_browsers(mlflow_url, f"http://127.0.0.1:{port}", done, found, tmp_path)
     finally:
         for proc in reversed(procs):
             stop_server(proc)
     for proc in procs:
         assert proc.poll() is not None  # nothing left running
+
+
+def _look_in_browsers(mlflow_url: str, prefect_url: str, run, artifacts: dict, tmp: Path):
+    """What a user sees in both UIs, in headless Chromium: the registry with the
+    champion, the experiment's training runs with their datasets and metrics, the
+    flow run and its artifacts. Screenshots go to ``$RCNNOPS_SCREENSHOTS`` (the
+    README's pictures) or the test's folder."""
+    import re
+
+    from mlflow import MlflowClient
+
+    from tests.code import browser
+
+    assert browser.chromium(), "headless Chromium is needed: apt install chromium"
+    shots = Path(os.environ.get("RCNNOPS_SCREENSHOTS") or tmp / "screenshots")
+
+    def text(url: str) -> str:
+        page = re.sub(r"<(script|style)\b.*?</\1>", " ", browser.dom(url), flags=re.S)
+        return re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", page))
+
+    registry = text(f"{mlflow_url}/#/models")
+    assert "rcnnops-faster_rcnn" in registry and "champion" in registry, registry[:2000]
+    model_page = f"{mlflow_url}/#/models/rcnnops-faster_rcnn"
+    assert "trained on data" in text(model_page)  # the version's description
+    client = MlflowClient(mlflow_url)
+    exp = client.get_experiment_by_name("rcnnops-test")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs_page = f"{mlflow_url}/#/experiments/{exp.experiment_id}?workflowType=machine_learning"
+    runs = text(runs_page)
+    assert "faster_rcnn" in runs and "Dataset" in runs, runs[:2000]
+    mv = client.get_model_version_by_alias("rcnnops-faster_rcnn", "champion")
+    run_page = f"{mlflow_url}/#/experiments/{exp.experiment_id}/runs/{mv.run_id}"
+    assert "val/bbox_AP" in text(run_page)
+    flow_page = f"{prefect_url}/runs/flow-run/{run.id}"
+    assert run.name in text(flow_page)
+    compare = artifacts["rcnnops-compare"]
+    artifact_page = f"{prefect_url}/artifacts/artifact/{compare['id']}"
+    assert "faster_rcnn" in text(artifact_page)
+    browser.screenshot(model_page, shots / "mlflow-registry.png")
+    browser.screenshot(artifact_page, shots / "prefect-compare.png")
+    browser.screenshot(runs_page, shots / "mlflow-runs.png")
