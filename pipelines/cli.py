@@ -9,6 +9,7 @@ The orchestration layer sits above the library: this module imports
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,11 +45,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     for d in decisions:
         outcome = "champion" if d["promoted"] else "kept previous champion"
         print(f"{d['name']} v{d['version']}: {outcome} ({d['reason']})")
+    _print_ui_hint(args)
+    return 0
+
+
+def _print_ui_hint(args: argparse.Namespace) -> None:
+    """Where to look at the runs; a hint, so nothing it meets fails the run."""
     from rcnnops import tracking
     from rcnnops.config import load_params
 
-    print(tracking.ui_hint(load_params(args.params).register.experiment))
-    return 0
+    with contextlib.suppress(Exception):  # no params, or no store: no hint
+        print(tracking.ui_hint(load_params(args.params).register.experiment))
 
 
 def preset(name: str | None) -> dict[str, Any]:
