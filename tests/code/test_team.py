@@ -15,15 +15,18 @@ import pytest
 
 from tests.code.test_scale import _git, _params, _sha
 
-pytest.importorskip("moto", reason="make test-scale installs the team-test extra (moto)")
-pytest.importorskip("psycopg", reason="make test-scale installs the team extra (psycopg)")
-pytest.importorskip("dvc_s3", reason="make test-scale installs the team extra (dvc-s3)")
+
+def _team_extras() -> None:
+    """`make test-scale` installs them (extras team and team-test)."""
+    for module, extra in (("moto", "team-test"), ("psycopg", "team"), ("dvc_s3", "team")):
+        pytest.importorskip(module, reason=f"pip install -e '.[{extra}]' (make test-scale does)")
 
 
 @pytest.mark.scale
 def test_two_clones_share_mlflow_on_postgres_and_s3_and_dvc_on_s3(
     harness, tiny_project, tmp_path, monkeypatch, capsys
 ):
+    _team_extras()
     from pipelines.retrain import retrain
     from rcnnops.cli import main
     from rcnnops.serving import process
