@@ -196,8 +196,9 @@ def test_answers_name_the_version_and_errors_are_one_line():
         big = {"dataframe_records": [{"image": "x" * 2000}]}
         assert post(url, big)[0] == 413
         assert "larger than 0.001 MB" in post(url, big)[2]["message"]
-        status, _, body = post(url, b"{not json")
-        assert status == 400 and body["message"].startswith("the body is not JSON")
+        for raw in (b"{not json", b"\xff\xfe{}"):
+            status, _, body = post(url, raw)
+            assert status == 400 and body["message"].startswith("the body is not JSON"), body
         status, _, body = post(url, b"{}", {"Content-Type": "text/csv"})
         assert status == 415
         model.fail = TooLarge("input row 0: image is 9x9 pixels; the limit is 4")

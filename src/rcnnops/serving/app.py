@@ -183,8 +183,10 @@ def create_app(follower: Follower, limits: RequestLimits) -> Any:
             body = await read_body(request, limits)
             try:
                 payload = json.loads(body)
-            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            except json.JSONDecodeError as e:
                 raise InputError(f"the body is not JSON ({e.msg} at char {e.pos})") from None
+            except UnicodeDecodeError as e:
+                raise InputError(f"the body is not JSON (not UTF-8 at byte {e.start})") from None
             model_input, params = parse_payload(payload)
             threshold = threshold_from(params)
             try:
