@@ -167,6 +167,7 @@ def ddp_project(tmp_path_factory) -> Path:
     return proj
 
 
+@pytest.mark.scale  # a 2-process torchrun training (~35 s): in the scale suite CI runs
 def test_two_processes_match_one_process_on_the_same_global_batch(
     ddp_project, tmp_path, monkeypatch
 ):
