@@ -102,7 +102,8 @@ def test_tracking_server_going_away_mid_run(harness, tiny_project, tmp_path, mon
         assert url2 == url
         (d,) = retrain(project=str(tiny_project), push_to_remote=False)
         assert d["promoted"] and d["version"] == "1"
-        mv = MlflowClient(url).get_model_version_by_alias("rcnnops-faster_rcnn", "champion")
+        client = MlflowClient(url, registry_uri=url)  # not a registry set globally
+        mv = client.get_model_version_by_alias("rcnnops-faster_rcnn", "champion")
         assert mv.version == "1"
     finally:
         _stop(proc)

@@ -156,7 +156,8 @@ def test_deployment_runs_on_a_worker_against_a_prefect_server(tmp_path, monkeypa
 
         from mlflow import MlflowClient
 
-        mv = MlflowClient(mlflow_url).get_model_version_by_alias("rcnnops-faster_rcnn", "champion")
+        client = MlflowClient(mlflow_url, registry_uri=mlflow_url)  # not a global registry
+        mv = client.get_model_version_by_alias("rcnnops-faster_rcnn", "champion")
         assert mv.version == "1"
         import httpx
 
@@ -199,7 +200,7 @@ def _look_in_browsers(mlflow_url: str, prefect_url: str, run, artifacts: dict, t
     assert "rcnnops-faster_rcnn" in registry and "champion" in registry, registry[:2000]
     model_page = f"{mlflow_url}/#/models/rcnnops-faster_rcnn"
     assert "trained on data" in text(model_page)  # the version's description
-    client = MlflowClient(mlflow_url)
+    client = MlflowClient(mlflow_url, registry_uri=mlflow_url)
     exp = client.get_experiment_by_name("rcnnops-test")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     runs_page = f"{mlflow_url}/#/experiments/{exp.experiment_id}?workflowType=machine_learning"

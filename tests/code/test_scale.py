@@ -156,7 +156,7 @@ def test_flow_against_a_real_mlflow_server(harness, tiny_project, tmp_path, monk
         assert d["promoted"] and d["version"] == "1"
         from mlflow import MlflowClient
 
-        client = MlflowClient(url)
+        client = MlflowClient(url, registry_uri=url)  # not the registry a test set globally
         mv = client.get_model_version_by_alias("rcnnops-faster_rcnn", "champion")
         assert mv.version == "1" and mv.tags["variant"] == "faster_rcnn"
         run = client.get_run(mv.run_id)

@@ -100,7 +100,7 @@ def client(store: Path):
     from mlflow import MlflowClient
 
     db = store / "mlflow.db" if store.is_dir() else store
-    return MlflowClient(f"sqlite:///{db}")
+    return MlflowClient(f"sqlite:///{db}", registry_uri=f"sqlite:///{db}")
 
 
 def runs(store: Path, experiment: str = EXPERIMENT) -> list:
