@@ -1,2 +1,13 @@
 """Orchestration (Prefect only): the retraining flow, schedules, concurrency
 slots, and the `rcnnops` command that starts them."""
+
+
+def patient_ephemeral_api(seconds: int = 120) -> None:
+    """Give Prefect's ephemeral API up to ``seconds`` to start (its default, 20 s,
+    is not always enough on a loaded 2-core machine: the run then fails with
+    "Timed out while attempting to connect to ephemeral Prefect API server").
+    An explicit ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS`` wins. Call
+    before Prefect is imported."""
+    import os
+
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(seconds))

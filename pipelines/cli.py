@@ -37,6 +37,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not args.force and (summary := _up_to_date(args)):
             print(summary)
             return 0
+        from pipelines import patient_ephemeral_api
+
+        patient_ephemeral_api()
         from pipelines.retrain import retrain  # Prefect: only when there is work
 
         decisions = retrain(

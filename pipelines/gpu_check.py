@@ -258,6 +258,9 @@ def render(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from pipelines import patient_ephemeral_api
+
+    patient_ephemeral_api()
     parser = argparse.ArgumentParser(
         prog="make gpu-check",
         description=__doc__.split("\n\n")[0] + " See pipelines/gpu_check.py.",
