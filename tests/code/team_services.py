@@ -26,7 +26,8 @@ S3_ENV = {  # moto accepts any credentials; the region must be a real one
 }
 
 
-def _wait(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> None:
+    """Until ``url`` answers (any HTTP status); the log's tail if the process exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -41,10 +42,11 @@ def _wait(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120) -> 
     raise RuntimeError(f"{url} did not answer within {timeout} s:\n{log.read_text()[-3000:]}")
 
 
-def _spawn(cmd: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+def spawn(cmd: list[str], env: dict | None, log: Path, cwd: Path | None = None) -> subprocess.Popen:
+    """``cmd`` in a process group of its own, output appended to ``log``."""
     out = open(log, "ab")  # noqa: SIM115 (the child holds it)
     try:
-        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env,
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd,
                                 start_new_session=True)  # fmt: skip
     finally:
         out.close()
@@ -57,10 +59,12 @@ def s3_server(workdir: Path, bucket: str = "team") -> Iterator[str]:
 
     port = free_port()
     log = workdir / "s3.log"
-    proc = _spawn([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], log)
+    proc = spawn(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], None, log
+    )
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait(f"{url}/", proc, log)
+        wait_http(f"{url}/", proc, log)
         boto3.client("s3", endpoint_url=url, **_boto(S3_ENV)).create_bucket(Bucket=bucket)
         yield url
     finally:
@@ -118,10 +122,10 @@ def mlflow_server(workdir: Path, backend: str, artifacts: str, s3_endpoint: str)
            "--artifacts-destination", artifacts, "--host", "127.0.0.1", "--port", str(port),
            "--workers", "1"]  # fmt: skip
     log = workdir / "mlflow-server.log"
-    proc = _spawn(cmd, log, env)
+    proc = spawn(cmd, env, log)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait(f"{url}/health", proc, log, timeout=180)
+        wait_http(f"{url}/health", proc, log, timeout=180)
         yield url
     finally:
         stop_server(proc)

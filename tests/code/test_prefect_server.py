@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from rcnnops.serving.process import free_port, stop_server
+from tests.code.team_services import spawn, wait_http
 from tests.conftest import REPO, TINY_PARAMS
 
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
@@ -54,26 +55,6 @@ def _deploy(env: dict, checkout: Path) -> None:
     known = "successfully created" in text and "workers/filter" in text and "422" in text
     assert out.returncode == 0 or known, text
     assert "weekly" in _prefect(env, "deployment", "inspect", "rcnnops-retrain/weekly")
-
-
-def _spawn(cmd: list[str], env: dict, log: Path, cwd: Path | None = None) -> subprocess.Popen:
-    with open(log, "ab") as out:
-        return subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)  # fmt: skip
-
-
-def _wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"{url} did not answer:\n{log.read_text()[-3000:]}")
 
 
 def _run_id(stdout: str) -> str:
@@ -125,16 +106,16 @@ def test_deployment_runs_on_a_worker_against_a_prefect_server(tmp_path, monkeypa
         procs.append(mlflow_proc)
         cmd = [sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
                "--port", str(port)]  # fmt: skip
-        server = _spawn(cmd, env, tmp_path / "server.log")
+        server = spawn(cmd, env, tmp_path / "server.log")
         procs.append(server)
-        _wait_http(f"{api}/health", server, tmp_path / "server.log")
+        wait_http(f"{api}/health", server, tmp_path / "server.log")
         _prefect(env, "work-pool", "create", "gpu", "--type", "process")
         checkout = _checkout(tmp_path / "checkout")
         _deploy(env, checkout)
 
         worker_env = env | {"RCNNOPS_PROJECT_DIR": str(checkout),
                             "MLFLOW_TRACKING_URI": mlflow_url}  # fmt: skip
-        worker = _spawn([sys.executable, "-m", "prefect", "worker", "start", "--pool", "gpu"],
+        worker = spawn([sys.executable, "-m", "prefect", "worker", "start", "--pool", "gpu"],
                         worker_env, tmp_path / "worker.log", cwd=checkout)  # fmt: skip
         procs.append(worker)
 
