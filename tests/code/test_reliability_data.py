@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import json
@@ -256,10 +257,9 @@ def _mutate(doc: dict, data) -> None:
         value[data.draw(st.sampled_from(KEYS))] = _fresh(data, junk)
     elif op == "number" and isinstance(value, int | float) and not isinstance(value, bool):
         factor = data.draw(st.sampled_from([-1, 0, 0.5, 2, 1000, 1e300, math.inf, math.nan]))
-        try:
+        # an int past float's range (a "special" draw) stays as it is
+        with contextlib.suppress(OverflowError):
             parent[key] = value * factor if not isinstance(factor, float) else float(value) * factor
-        except OverflowError:  # an int past float's range already (a "special" draw)
-            pass
     elif op == "string" and isinstance(value, str) and value:
         i = data.draw(st.integers(0, len(value)))
         parent[key] = data.draw(
