@@ -116,6 +116,20 @@ _FAST_RCNN_600 = {  # the Fast R-CNN paper's scale, an ImageNet backbone
     "representation_size": 1024,
 }
 _IMAGENET_R50 = f"{TV}ResNet50_Weights.IMAGENET1K_V2"
+# R-CNN as the paper runs it (an ImageNet CNN fine-tuned on 227 px warped crops with
+# 16 px of context, 128 RoIs per step of which 32 are objects: 64 per image x 2
+# images, 25 % foreground), here on an ImageNet ResNet-50 instead of AlexNet/VGG16.
+_RCNN_227 = {
+    "crop_net": "resnet50",
+    "norm": "auto",
+    "warp_size": 227,
+    "context": 16,
+    "min_size": 600,
+    "max_size": 1000,
+    "representation_size": 1024,
+    "box_batch_size_per_image": 64,
+    "crop_chunk": 64,
+}
 
 # The repository's params.yaml (tests/code/test_presets.py keeps the two equal):
 # small backbones from scratch at 128 px, within minutes on a CPU.
@@ -173,6 +187,22 @@ _CPU_SCRATCH = (
         }
     }
     | _solver("fast_rcnn", epochs=6, batch_size=2, lr=0.01, lr_steps=[4, 5], **_SCRATCH)
+    | {
+        "train.rcnn.model": {
+            "warp_size": 32,
+            "context": 2,
+            "crop_net": "small",
+            "width": 32,
+            "min_size": 128,
+            "max_size": 128,
+            "representation_size": 256,
+            "box_batch_size_per_image": 32,
+            "proposals_train": 2000,
+            "proposals_test": 2000,
+            "classifier": "softmax",
+        }
+    }
+    | _solver("rcnn", epochs=6, batch_size=2, lr=0.01, lr_steps=[4, 5], **_SCRATCH)
     | {"proposals.max_side": 640}
 )
 
@@ -183,7 +213,8 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "finetune-coco": (
         "fine-tune torchvision's COCO weights on your photos (the tutorial's recipe, "
-        "ResNet-50-FPN, 800/1333, frozen BN); ImageNet ResNet-50 for fast_rcnn at 600 px",
+        "ResNet-50-FPN, 800/1333, frozen BN); ImageNet ResNet-50 for fast_rcnn at 600 px "
+        "and for rcnn's 227 px crops",
         _model("faster_rcnn", FASTERRCNN_RESNET50_FPN, TORCHVISION_DETECTORS[
             "fasterrcnn_resnet50_fpn"][2])
         | _solver("faster_rcnn", **_TUTORIAL)
@@ -192,6 +223,8 @@ PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         | _solver("mask_rcnn", **_TUTORIAL)
         | _model("fast_rcnn", _FAST_RCNN_600 | {"box_batch_size_per_image": 64}, _IMAGENET_R50)
         | _solver("fast_rcnn", **_TUTORIAL)
+        | _model("rcnn", _RCNN_227, _IMAGENET_R50)
+        | _solver("rcnn", **_TUTORIAL)
         | {"proposals.max_side": 640},
     ),
     "torchvision-reference": (

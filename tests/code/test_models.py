@@ -44,7 +44,10 @@ CASES = {
         {"box_head": "conv", "norm": "group"},
     ],
     "fast_rcnn": [{"roi_op": "pool"}, {"roi_op": "align", "box_head": "mlp_bn", "stride": 4}],
-    "rcnn": [{"warp_size": 24, "context": 2, "width": 8}],
+    "rcnn": [
+        {"warp_size": 24, "context": 2, "width": 8},
+        {"warp_size": 32, "context": 2, "crop_net": "resnet18", "norm": "frozen"},
+    ],
     "mask_rcnn": [
         {"mask_head_channels": 16, "mask_head_layers": 2, "stride": 4},
         {"mask_head_channels": 8, "mask_head_layers": 1, "roi_op": "pool", "mask_roi_op": "pool"},

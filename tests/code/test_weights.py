@@ -61,6 +61,40 @@ def test_imagenet_weights_fill_the_whole_body(torch_home, backbone, ctor, name, 
     assert torch.equal(own[mapped], state[key])
 
 
+CROP_NETS = [
+    ("resnet18", tvm.resnet18, "ResNet18_Weights.IMAGENET1K_V1", "fc."),
+    ("resnet50", tvm.resnet50, "ResNet50_Weights.IMAGENET1K_V2", "fc."),
+    ("mobilenet_v3", tvm.mobilenet_v3_large, "MobileNet_V3_Large_Weights.IMAGENET1K_V1",
+     "classifier."),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("crop_net", "ctor", "name", "head"), CROP_NETS, ids=lambda v: str(v))
+def test_imagenet_weights_fill_rcnns_crop_network(torch_home, crop_net, ctor, name, head):
+    torch.manual_seed(0)
+    state = ctor(weights=None).state_dict()
+    spec = place(name, state)
+    model = build_model("rcnn", 3, {"crop_net": crop_net, "norm": "auto", "pretrained": spec})
+    report = load_pretrained(model, spec)
+    body = "roi_heads.box_head.body."
+    own = model.state_dict()
+    assert set(report.loaded) == {k for k in own if k.startswith(body)}
+    assert set(report.unused) == {
+        k for k in state if k.startswith(head) or k.endswith("num_batches_tracked")
+    }
+    # Everything else is R-CNN's own: the crop FC and the class/box predictor.
+    assert set(report.reinitialised) == {k for k in own if not k.startswith(body)}
+    parts = {".".join(k.split(".")[:3]) for k in report.reinitialised}
+    assert parts == {"roi_heads.box_head.fc", "roi_heads.box_predictor.cls_score",
+                     "roi_heads.box_predictor.bbox_pred", "roi_heads.svm.weight",
+                     "roi_heads.svm.bias", "roi_heads.svm.reg", "roi_heads.svm.trained"}  # fmt: skip
+    key = next(k for k in state if k.endswith("weight") and not k.startswith(head))
+    assert torch.equal(own[body + key.removeprefix("features.")], state[key])
+    # Fine-tuning leaves the stem frozen (as the FPN backbones' with pretrained weights).
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    assert frozen and all(n.startswith(body) for n in frozen)
+
+
 def test_coco_detector_weights_reinitialise_only_the_class_predictor(torch_home):
     torch.manual_seed(0)
     state = tvm.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict()

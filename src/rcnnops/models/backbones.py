@@ -17,6 +17,8 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d
 
 BACKBONES = ("small", "resnet18_fpn", "resnet50_fpn", "mobilenet_v3_fpn")
+# Whole-image classification bodies (R-CNN's per-crop network): ImageNet weights load as is.
+CLASSIFICATION_BODIES = ("resnet18", "resnet50", "mobilenet_v3")
 NORMS = ("auto", "batch", "group", "frozen")
 
 # ImageNet statistics: right for pretrained backbones, harmless from scratch.
@@ -131,6 +133,42 @@ def build_backbone(
             trainable_layers=3 if pretrained else 6,
         )
     raise ValueError(f"unknown backbone {name!r}; choose one of {BACKBONES}")
+
+
+def classification_body(name: str, norm: str = "auto", pretrained: bool = False) -> nn.Module:
+    """torchvision's ImageNet classification network ``name`` without its head:
+    ``[B, 3, H, W] -> [B, C, H/32, W/32]``, with ``out_channels = C``.
+
+    Its tensor names are the classification network's (``conv1``, ``layer1.0...``
+    for ResNets; ``features.N`` without ``features.`` for MobileNetV3), so its
+    ImageNet weights load without a mapping (:mod:`rcnnops.models.weights`). With
+    pretrained weights the stem is frozen, as the FPN backbones freeze theirs.
+    """
+    from torchvision import models as tvm
+
+    layer = norm_layer(norm, pretrained)
+    if name in ("resnet18", "resnet50"):
+        net = getattr(tvm, name)(weights=None, norm_layer=layer)
+        stages = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
+        body = nn.Sequential(OrderedDict((s, getattr(net, s)) for s in stages))
+        frozen = ["conv1", "bn1", "layer1"]
+        body.out_channels = net.fc.in_features
+    elif name == "mobilenet_v3":
+        net = tvm.mobilenet_v3_large(weights=None, norm_layer=layer)
+        body = net.features
+        # Freeze up to the third-last stage (torchvision's trainable_layers=3).
+        cn = [i for i, b in enumerate(body) if getattr(b, "_is_cn", False)]
+        starts = [0, *cn, len(body) - 1]
+        frozen = [str(i) for i in range(starts[len(starts) - 3])]
+        body.out_channels = body[-1].out_channels
+    else:
+        raise ValueError(
+            f"unknown crop_net {name!r}; choose small or one of {CLASSIFICATION_BODIES}"
+        )
+    if pretrained:
+        for part in frozen:
+            getattr(body, part).requires_grad_(False)
+    return body
 
 
 def feature_names(backbone: nn.Module, image_size: int = 64) -> list[str]:

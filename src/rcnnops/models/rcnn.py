@@ -64,28 +64,41 @@ class WarpCrops(MultiScaleRoIAlign):
 class CropNet(nn.Module):
     """The per-proposal CNN: ``[R, 3, S, S]`` crops -> ``[R, representation]``.
 
-    Runs in chunks of ``chunk`` crops so testing 2000 proposals per image
-    stays within memory.
+    ``body`` is the small from-scratch CNN (``crop_net: small``) or an ImageNet
+    classification network without its head (``resnet18``, ``resnet50``,
+    ``mobilenet_v3``: the paper fine-tunes an ImageNet CNN, AlexNet or VGG16),
+    followed by global average pooling and one FC layer. Runs in chunks of
+    ``chunk`` crops so testing 2000 proposals per image stays within memory.
     """
 
-    def __init__(
-        self, representation: int = 256, width: int = 32, norm=nn.BatchNorm2d, chunk: int = 512
-    ) -> None:
+    def __init__(self, body: nn.Module, representation: int = 256, chunk: int = 512) -> None:
         super().__init__()
-        self.body = backbones.SmallBackbone(
-            width=width, out_channels=4 * width, stride=8, norm=norm
-        )
+        self.body = body
         self.fc = nn.Sequential(
-            nn.Flatten(1), nn.Linear(4 * width, representation), nn.ReLU(inplace=True)
+            nn.Flatten(1), nn.Linear(body.out_channels, representation), nn.ReLU(inplace=True)
         )
         self.chunk = chunk
 
     def forward(self, crops: torch.Tensor) -> torch.Tensor:
         outs = []
         for part in crops.split(self.chunk) if len(crops) else [crops]:
-            fmap = self.body(part)["0"]
+            fmap = self.body(part)
+            if isinstance(fmap, dict):  # the small backbone's {"0": map}
+                fmap = fmap["0"]
             outs.append(self.fc(fmap.mean(dim=(2, 3))))
         return torch.cat(outs)
+
+
+def crop_body(crop_net: str, width: int, norm: str, pretrained: bool) -> nn.Module:
+    """R-CNN's per-crop CNN body by name (see :class:`CropNet`)."""
+    if crop_net == "small":
+        return backbones.SmallBackbone(
+            width=width,
+            out_channels=4 * width,
+            stride=8,
+            norm=backbones.norm_layer(norm, pretrained),
+        )
+    return backbones.classification_body(crop_net, norm, pretrained)
 
 
 class _ImageAsFeatures(nn.Module):
@@ -146,6 +159,8 @@ class RCNN(FastRCNN):
     """
 
     classifier: str = "softmax"
+    # Where ImageNet classification weights go (rcnnops.models.weights): the crop CNN.
+    classification_body = "roi_heads.box_head.body."
 
     def second_stage(self, samples) -> str | None:
         """Train what follows fine-tuning, if this R-CNN has anything to train.
@@ -244,6 +259,7 @@ def build(
     num_classes: int,
     warp_size: int = 227,
     context: int = 16,
+    crop_net: str = "small",
     width: int = 32,
     norm: str = "batch",
     representation_size: int = 256,
@@ -264,6 +280,9 @@ def build(
 ) -> RCNN:
     """An R-CNN for ``num_classes`` classes including background (K + 1).
 
+    ``crop_net``: ``small`` (``width`` channels, from scratch) or an ImageNet
+    classification body (``resnet18``, ``resnet50``, ``mobilenet_v3``) for
+    ``pretrained: torchvision:ResNet50_Weights.IMAGENET1K_V2`` and the like.
     ``classifier: svm`` adds the paper's per-class SVMs + ridge box regression,
     trained after fine-tuning (:meth:`RCNN.second_stage`) and used at test time.
     """
@@ -272,9 +291,8 @@ def build(
     heads = SVMRoIHeads(
         WarpCrops(warp_size, context),
         CropNet(
+            crop_body(crop_net, width, norm, pretrained is not None),
             representation_size,
-            width,
-            backbones.norm_layer(norm, pretrained is not None),
             crop_chunk,
         ),
         FastRCNNPredictor(representation_size, num_classes),

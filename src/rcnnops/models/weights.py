@@ -9,7 +9,8 @@ downloaded there (hash-checked) only when it is missing and a network exists.
 A file is either a whole detector's state dict (torchvision's layout, the same
 names as rcnnops' variants) or a classification network's (ImageNet ResNet or
 MobileNetV3), which goes into ``backbone.body`` (``features.N`` -> ``N`` for
-MobileNet). :func:`load_pretrained` reports exactly which tensors were loaded,
+MobileNet), or where the model's ``classification_body`` says (R-CNN: its
+per-crop CNN, ``roi_heads.box_head.body``). :func:`load_pretrained` reports exactly which tensors were loaded,
 which were re-initialised and why (a class predictor for another number of
 classes; detection layers a classification file does not have), and which of the
 file's tensors are not used and why (a classifier's head). Anything else that
@@ -33,6 +34,7 @@ DETECTOR_MODULES = ("backbone", "rpn", "roi_heads")
 # Re-initialised when their shape differs (the number of classes): the class predictors.
 PREDICTORS = ("roi_heads.box_predictor.", "roi_heads.mask_predictor.mask_fcn_logits.")
 CLASSIFIER_HEADS = ("fc.", "classifier.")
+BODY = "backbone.body."  # where classification weights go, unless the model says otherwise
 
 
 class WeightsError(UserError, ValueError):
@@ -141,11 +143,12 @@ def load_pretrained(model: nn.Module, spec: str | Path) -> LoadReport:
     state = read_state_dict(path)
     report = LoadReport(str(spec), str(path))
     own = model.state_dict()
+    body = getattr(model, "classification_body", BODY)
     if any(k.split(".")[0] in DETECTOR_MODULES for k in state):
         mapped = _detector(state, own, report)
     else:
-        mapped = _classifier(state, own, report)
-    _check_missing(own, mapped, report)
+        mapped = _classifier(state, own, report, body)
+    _check_missing(own, mapped, report, body)
     model.load_state_dict(mapped, strict=False)
     report.loaded = sorted(mapped)
     return report
@@ -180,18 +183,16 @@ def _detector(state: dict, own: dict, report: LoadReport) -> dict:
     return mapped
 
 
-def _body_key(key: str) -> str:
-    """A classification network's tensor name -> the detection backbone body's."""
-    if key.startswith("features."):  # MobileNetV3: the body is `features`
-        return "backbone.body." + key.removeprefix("features.")
-    return "backbone.body." + key
+def _body_key(key: str, body: str) -> str:
+    """A classification network's tensor name -> the model's body's (``body`` prefix)."""
+    return body + key.removeprefix("features.")  # MobileNetV3: the body is `features`
 
 
-def _classifier(state: dict, own: dict, report: LoadReport) -> dict:
-    """ImageNet classification weights into ``backbone.body``; their head is unused."""
+def _classifier(state: dict, own: dict, report: LoadReport, body: str) -> dict:
+    """ImageNet classification weights into the ``body`` prefix; their head is unused."""
     mapped, wrong = {}, []
     for key, value in state.items():
-        target = _body_key(key)
+        target = _body_key(key, body)
         if key.startswith(CLASSIFIER_HEADS):
             report.unused[key] = "the classification network's head (not part of a detector)"
         elif target in own and own[target].shape == value.shape:
@@ -201,29 +202,31 @@ def _classifier(state: dict, own: dict, report: LoadReport) -> dict:
         else:
             wrong.append(key)
     if wrong or not mapped:
-        body = sorted({k.split(".")[2] for k in own if k.startswith("backbone.body.")})
+        depth = body.count(".")
+        layers = sorted({k.split(".")[depth] for k in own if k.startswith(body)})
         raise WeightsError(
             f"{report.file}: {len(wrong)} of its {len(state)} tensors do not fit this model's "
-            f"backbone body (layers {_names(body)}): {_names(wrong)}; classification weights "
-            "fit the backbones resnet18_fpn, resnet50_fpn and mobilenet_v3_fpn"
+            f"{body.rstrip('.')} (layers {_names(layers)}): {_names(wrong)}; classification "
+            "weights fit the backbones resnet18_fpn, resnet50_fpn and mobilenet_v3_fpn, and "
+            "R-CNN's crop_net resnet18, resnet50 and mobilenet_v3"
         )
     return mapped
 
 
-def _check_missing(own: dict, mapped: dict, report: LoadReport) -> None:
+def _check_missing(own: dict, mapped: dict, report: LoadReport, body: str = BODY) -> None:
     """Model tensors the file did not fill: re-initialised when a whole part is new
     (a head the file's model has not, every detection layer for a classification
     file), an error when part of a layer the file has is missing."""
     from_file = {".".join(k.split(".")[:2]) for k in mapped} | {
         ".".join(k.split(".")[:2]) for k in report.reinitialised
     }
-    classification = all(k.startswith("backbone.body.") for k in mapped)
+    classification = all(k.startswith(body) for k in mapped)
     missing = []
     for key in own:
         if key in mapped or key in report.reinitialised or key.endswith("num_batches_tracked"):
             continue
         part = ".".join(key.split(".")[:2])
-        if classification and not key.startswith("backbone.body."):
+        if classification and not key.startswith(body):
             report.reinitialised[key] = "detection layer (classification weights have none)"
         elif part not in from_file:
             report.reinitialised[key] = f"{part}: not in the file; initialised by the builder"
