@@ -85,9 +85,9 @@ def test_imagenet_weights_fill_rcnns_crop_network(torch_home, crop_net, ctor, na
     # Everything else is R-CNN's own: the crop FC and the class/box predictor.
     assert set(report.reinitialised) == {k for k in own if not k.startswith(body)}
     parts = {".".join(k.split(".")[:3]) for k in report.reinitialised}
-    assert parts == {"roi_heads.box_head.fc", "roi_heads.box_predictor.cls_score",
-                     "roi_heads.box_predictor.bbox_pred", "roi_heads.svm.weight",
-                     "roi_heads.svm.bias", "roi_heads.svm.reg", "roi_heads.svm.trained"}  # fmt: skip
+    svm = {f"roi_heads.svm.{t}" for t in ("weight", "bias", "reg", "trained")}
+    predictor = {"roi_heads.box_predictor.cls_score", "roi_heads.box_predictor.bbox_pred"}
+    assert parts == {"roi_heads.box_head.fc"} | predictor | svm
     key = next(k for k in state if k.endswith("weight") and not k.startswith(head))
     assert torch.equal(own[body + key.removeprefix("features.")], state[key])
     # Fine-tuning leaves the stem frozen (as the FPN backbones' with pretrained weights).

@@ -10,11 +10,12 @@ A file is either a whole detector's state dict (torchvision's layout, the same
 names as rcnnops' variants) or a classification network's (ImageNet ResNet or
 MobileNetV3), which goes into ``backbone.body`` (``features.N`` -> ``N`` for
 MobileNet), or where the model's ``classification_body`` says (R-CNN: its
-per-crop CNN, ``roi_heads.box_head.body``). :func:`load_pretrained` reports exactly which tensors were loaded,
-which were re-initialised and why (a class predictor for another number of
-classes; detection layers a classification file does not have), and which of the
-file's tensors are not used and why (a classifier's head). Anything else that
-does not fit is an error naming the tensors, never a silent skip.
+per-crop CNN, ``roi_heads.box_head.body``). :func:`load_pretrained` reports
+exactly which tensors were loaded, which were re-initialised and why (a class
+predictor for another number of classes; detection layers a classification
+file does not have), and which of the file's tensors are not used and why (a
+classifier's head). Anything else that does not fit is an error naming the
+tensors, never a silent skip.
 """
 
 from __future__ import annotations
