@@ -78,7 +78,7 @@ def run(params, variant: str, progress: bool = True) -> dict:
         )
     proposals = None
     if variant in USES_PROPOSALS:
-        from rcnnops.proposals.precompute import open_store
+        from rcnnops.proposals.store import open_store
 
         proposals = open_store(params, "val").boxes_for
     dataset = DetectionDataset(val_coco, val_root, labels, proposals=proposals)

@@ -72,7 +72,7 @@ def load_data(params: Params, variant: str) -> Data:
     train_props = val_props = None
     store_params: dict = {}
     if variant in USES_PROPOSALS:
-        from rcnnops.proposals.precompute import open_store
+        from rcnnops.proposals.store import open_store
 
         train_store, val_store = open_store(params, "train"), open_store(params, "val")
         train_props, val_props = train_store.boxes_for, val_store.boxes_for

@@ -52,7 +52,7 @@ def serving_settings(params: Any, variant: str) -> dict:
 
     proposals = None
     if variant in USES_PROPOSALS:
-        from rcnnops.proposals.precompute import settings_from
+        from rcnnops.proposals.store import settings_from
 
         proposals = settings_from(params).as_dict()
     return {"proposals": proposals, "svd_rank": params.evaluate.svd_rank}

@@ -1,0 +1,121 @@
+"""Where per-image selective search runs: this machine's process pool, or a Dask cluster.
+
+Both yield ``(k, (boxes, scores))`` for job ``k`` as results arrive, so the caller
+caches each image as soon as it is done (a killed run keeps its finished images).
+
+The Dask path (``proposals.cluster``, else ``$DASK_SCHEDULER_ADDRESS``) sends each
+image's *bytes* with its task rather than its path: workers on other machines
+then need no shared file system mounted at the same path, and a COCO photo
+(~160 kB) costs far less to send than the ~2 s of search it carries. Workers need
+rcnnops installed (the same version: the task is :func:`search_bytes`). A task
+that fails on a worker (a lost worker, an exception) is retried ``retries`` times
+by Dask before the stage fails, naming the image.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import uuid
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from rcnnops.data.io import DataError, load_image_array
+
+Result = tuple[np.ndarray, np.ndarray]
+
+
+def search_path(job: tuple[str, object]) -> Result:
+    """One image by path: ``(path, SearchSettings)``."""
+    path, s = job
+    return _search(load_image_array(Path(path)), s)
+
+
+def search_bytes(name: str, data: bytes, s) -> Result:
+    """One image sent as bytes (a Dask task); errors name the image."""
+    try:
+        image = load_image_array(io.BytesIO(data))
+    except DataError as e:
+        raise DataError(f"{name}: {e}") from None
+    return _search(image, s)
+
+
+def _search(image: np.ndarray, s) -> Result:
+    import cv2
+
+    from rcnnops.proposals.selective_search import selective_search
+
+    cv2.setNumThreads(1)  # the pool (or the cluster) gives the parallelism
+    return selective_search(
+        image, s.mode, s.max_boxes, s.min_size, s.dedup_iou, max_side=s.max_side
+    )
+
+
+def cluster_address(configured: str | None) -> str | None:
+    """``proposals.cluster``, else ``$DASK_SCHEDULER_ADDRESS``, else None (local pool)."""
+    return configured or os.environ.get("DASK_SCHEDULER_ADDRESS") or None
+
+
+def run_local(
+    paths: Sequence[str], settings, workers: int, pool: ProcessPoolExecutor | None, desc: str
+) -> Iterator[tuple[int, Result]]:
+    jobs = [(p, settings) for p in paths]
+    # One image per task: the bar moves per image.
+    results = map(search_path, jobs) if pool is None else pool.map(search_path, jobs)
+    yield from enumerate(tqdm(results, total=len(jobs), desc=desc, unit="img", leave=False))
+
+
+def run_dask(
+    address: str, paths: Sequence[str], settings, desc: str, retries: int = 2
+) -> Iterator[tuple[int, Result]]:
+    from distributed import Client, as_completed
+
+    try:
+        client = Client(address, timeout=30)
+    except (OSError, TimeoutError) as e:
+        raise DataError(
+            f"proposals.cluster {address!r}: no Dask scheduler answers there ({e})"
+        ) from None
+    with client:
+        yield from _windowed(client, as_completed, paths, settings, desc, address, retries)
+
+
+def _windowed(client, as_completed, paths, settings, desc, address, retries, window=256):
+    """Keep at most ``window`` images in flight: the bytes of a COCO-sized set
+    never sit in memory at once."""
+    run = uuid.uuid4().hex[:8]
+    futures: dict = {}
+    pending = iter(enumerate(paths))
+
+    def submit_next(ac) -> None:
+        for k, path in pending:
+            data = Path(path).read_bytes()
+            fut = client.submit(
+                search_bytes, str(path), data, settings, key=f"ss-{run}-{k}", retries=retries
+            )
+            futures[fut] = k
+            ac.add(fut)
+            return
+
+    ac = as_completed()
+    for _ in range(window):
+        submit_next(ac)
+    with tqdm(total=len(paths), desc=f"{desc} (dask {address})", unit="img", leave=False) as bar:
+        for fut in ac:
+            k = futures.pop(fut)
+            try:
+                result = fut.result()
+            except DataError:
+                raise
+            except Exception as e:
+                raise DataError(
+                    f"{paths[k]}: selective search failed on the cluster after "
+                    f"{retries} retries: {type(e).__name__}: {e}"
+                ) from None
+            bar.update()
+            submit_next(ac)
+            yield k, result
