@@ -15,8 +15,8 @@ import pytest
 from PIL import Image
 
 from rcnnops.config import DataParams, PrepareParams, SplitSource
-from rcnnops.data.shapes import generate
 from rcnnops.data.prepare import load_split, prepare
+from rcnnops.data.shapes import generate
 from rcnnops.proposals import executors
 from rcnnops.proposals.cache import ProposalCache
 from rcnnops.proposals.precompute import SearchSettings, precompute, search_split
