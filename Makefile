@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install run test test-data test-reliability test-scale test-ci test-all gpu-check bench bench-quick lint format clean
+.PHONY: help install run test test-data test-reliability test-scale test-ci test-all gpu-check bench bench-quick bench-scale lint format clean
 
 help:
 	@echo "make run        install (first time) and run the whole pipeline on the default dataset"
@@ -17,6 +17,7 @@ help:
 	@echo "make gpu-check  on a GPU machine: AMP training of every variant, DDP, device leases, serving (< 5 min)"
 	@echo "make bench      benchmarks (the papers' comparisons; writes benchmarks/results.md, .json)"
 	@echo "make bench-quick  the same, short (CPU, < 15 min); or: make bench ARGS=--quick"
+	@echo "make bench-scale  the cost curve: stages at 400/4000/20000 images, COCO projected (< 30 min)"
 	@echo "make lint       ruff lint + format check"
 	@echo "make clean      remove pipeline outputs (data/, models/, reports/, mlflow.db)"
 
@@ -56,6 +57,9 @@ bench: $(STAMP)
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m benchmarks --quick $(ARGS)
+
+bench-scale: $(STAMP)
+	$(BIN)/python -m benchmarks --scale $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src pipelines tests benchmarks

@@ -226,6 +226,12 @@ def main(argv: list[str] | None = None) -> int:
         default=REPO / "benchmarks",
         help="where results.md and results.json go (default: benchmarks/)",
     )
+    ap.add_argument(
+        "--scale",
+        action="store_true",
+        help="the cost curve instead (benchmarks/scale.py: stages at 400/4000/20000 "
+        "images, the growth fitted, COCO train2017 projected; writes scale.md/json)",
+    )
     ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one comparison
     ap.add_argument("--case-out", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -233,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.case:
         run_case(args.case, ctx, args.case_out)
         return 0
+    if args.scale:
+        from benchmarks import scale
+
+        return scale.main(["--work", str(ctx.work / "scale"), "--out", str(args.out)])
 
     names = [n.strip() for n in args.only.split(",") if n.strip()] or list(COMPARISONS)
     unknown = sorted(set(names) - set(COMPARISONS))
