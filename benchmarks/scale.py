@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="400,4000,20000", help="training images per size")
     ap.add_argument(
         "--coco",
-        type=Path,
+        type=lambda v: Path(v) if v else None,
         default=REPO.parent / "shared/data/coco-mini",
         help="real photos (COCO layout) to time prepare and proposals on; '' to skip",
     )
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if cluster is not None:
             cluster.close()
-    if str(args.coco) and args.coco.is_dir():
+    if args.coco and args.coco.is_dir():
         print("[scale] coco ...", flush=True)
         coco = measure_coco(args.work, args.coco)
     text, doc = report(rows, coco, [1, 2, 8, 32, 128])

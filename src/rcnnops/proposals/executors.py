@@ -61,8 +61,9 @@ def cluster_address(configured: str | None) -> str | None:
 
 
 def run_local(
-    paths: Sequence[str], settings, workers: int, pool: ProcessPoolExecutor | None, desc: str
+    paths: Sequence[str], settings, pool: ProcessPoolExecutor | None, desc: str
 ) -> Iterator[tuple[int, Result]]:
+    """In ``pool``, or in this process when it is None."""
     jobs = [(p, settings) for p in paths]
     # One image per task: the bar moves per image.
     results = map(search_path, jobs) if pool is None else pool.map(search_path, jobs)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,18 +85,22 @@ def search_split(
         for k, digest in enumerate(digests):
             results[k] = cache.get(digest)
         todo = [k for k, r in enumerate(results) if r is None]
-    if todo and cluster:
-        done = executors.run_dask(cluster, [paths[k] for k in todo], settings, desc)
-    elif todo and pool is None and workers > 1:
-        with search_pool(workers) as own:
-            return search_split(coco, image_root, settings, workers, desc, own, cache)
-    else:
-        done = executors.run_local([paths[k] for k in todo], settings, workers, pool, desc)
-    for j, result in done if todo else ():
-        k = todo[j]
-        results[k] = result
-        if cache is not None:
-            cache.put(digests[k], *result)
+    with ExitStack() as stack:
+        jobs = [paths[k] for k in todo]
+        if not todo:
+            done = iter(())
+        elif cluster:
+            done = executors.run_dask(cluster, jobs, settings, desc)
+        elif workers <= 1 or len(todo) <= 2 * workers:  # a few: no worker start-up
+            done = executors.run_local(jobs, settings, None, desc)
+        else:
+            pool = pool or stack.enter_context(search_pool(workers))
+            done = executors.run_local(jobs, settings, pool, desc)
+        for j, result in done:
+            k = todo[j]
+            results[k] = result
+            if cache is not None:
+                cache.put(digests[k], *result)
     return SplitProposals(
         [im["id"] for im in images],
         [r[0] for r in results],
