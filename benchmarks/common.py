@@ -18,6 +18,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -136,23 +137,30 @@ def project_env(project: Path) -> dict[str, str]:
     return env
 
 
-def command(project: Path, *args: str) -> float:
+def command(project: Path, *args: str, env_extra: dict | None = None, watch=None) -> float:
     """Run ``rcnnops ARGS`` in ``project``; seconds taken. Its output goes to
-    ``<project>/bench.log``; a failure raises with the log's tail."""
+    ``<project>/bench.log``; a failure raises with the log's tail. ``watch(proc)``,
+    if given, runs in a thread while the command does (e.g. to sample memory)."""
     log = project / "bench.log"
     with log.open("a") as out:
         out.write(f"\n$ rcnnops {' '.join(args)}\n")
         out.flush()
         t0 = time.perf_counter()
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "rcnnops"), *args],
             cwd=project,
-            env=project_env(project),
+            env=project_env(project) | (env_extra or {}),
             stdout=out,
             stderr=subprocess.STDOUT,
         )
+        watcher = threading.Thread(target=watch, args=(proc,), daemon=True) if watch else None
+        if watcher:
+            watcher.start()
+        code = proc.wait()
         took = time.perf_counter() - t0
-    if proc.returncode != 0:
+        if watcher:
+            watcher.join()
+    if code != 0:
         tail = "\n".join(log.read_text().splitlines()[-30:])
         raise RuntimeError(f"`rcnnops {' '.join(args)}` failed in {project}:\n{tail}")
     return took

@@ -29,13 +29,11 @@ import contextlib
 import json
 import math
 import shutil
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-from benchmarks.common import REPO, new_project, project_env
+from benchmarks.common import REPO, command, new_project
 
 COCO_TRAIN2017 = 118_287  # images in COCO train2017
 STAGES = (
@@ -52,21 +50,9 @@ def run_measured(project: Path, args: list[str], env_extra: dict | None = None) 
     """Run ``rcnnops ARGS`` in ``project``: wall seconds and peak tree RSS (MB)."""
     import psutil
 
-    env = project_env(project) | (env_extra or {})
-    log = (project / "bench.log").open("a")
-    log.write(f"\n$ rcnnops {' '.join(args)}\n")
-    log.flush()
-    t0 = time.perf_counter()
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "rcnnops"), *args],
-        cwd=project,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
     peak = [0]
 
-    def sample() -> None:
+    def sample(proc) -> None:
         try:
             root = psutil.Process(proc.pid)
         except psutil.NoSuchProcess:
@@ -82,15 +68,7 @@ def run_measured(project: Path, args: list[str], env_extra: dict | None = None) 
             peak[0] = max(peak[0], total)
             time.sleep(0.1)
 
-    watcher = threading.Thread(target=sample, daemon=True)
-    watcher.start()
-    code = proc.wait()
-    took = time.perf_counter() - t0
-    watcher.join()
-    log.close()
-    if code != 0:
-        tail = "\n".join((project / "bench.log").read_text().splitlines()[-30:])
-        raise RuntimeError(f"`rcnnops {' '.join(args)}` failed in {project}:\n{tail}")
+    took = command(project, *args, env_extra=env_extra, watch=sample)
     return {"seconds": round(took, 2), "peak_mb": round(peak[0] / 2**20)}
 
 
