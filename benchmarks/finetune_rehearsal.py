@@ -92,11 +92,14 @@ def main(argv: list[str] | None = None) -> int:
     torch_home = args.project.resolve() / ".torch-rehearsal"
     for path in place_weights(names, torch_home):
         print(f"placed {path} (torchvision constructor, weights=None, seed 0)")
-    cmd = ["rcnnops", "run", "--data", str(args.data.resolve()), "--preset", args.preset]
+    bin_dir = Path(sys.executable).parent  # rcnnops and dvc of this environment
+    cmd = [str(bin_dir / "rcnnops"), "run", "--data", str(args.data.resolve())]
+    cmd += ["--preset", args.preset]
     cmd += ["--epochs", str(args.epochs)] if args.epochs else []
     cmd += [a for s in args.set for a in ("--set", s)]
     print("$", " ".join(cmd), flush=True)
     env = dict(os.environ, TORCH_HOME=str(torch_home), PYTHONUNBUFFERED="1")
+    env["PATH"] = str(bin_dir) + os.pathsep + env.get("PATH", "")
     start = time.monotonic()
     lines: list[tuple[float, str]] = []
     log = args.log.open("w") if args.log else None
