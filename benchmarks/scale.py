@@ -113,10 +113,10 @@ def measure_size(work: Path, n: int, dask: str | None, incremental: bool, train:
         _set(project, {"data.train.annotations": "annotations/instances_train.json"})
         run_measured(project, ["prepare"])
         row["proposals +5 % (cached)"] = run_measured(project, ["proposals"])
-        shutil.rmtree(project / "data/proposal-cache")
+        shutil.rmtree(project / "data/proposals-cache")
         row["proposals +5 % (from scratch)"] = run_measured(project, ["proposals"])
     if dask:
-        shutil.rmtree(project / "data/proposal-cache")
+        shutil.rmtree(project / "data/proposals-cache")
         row["proposals (dask, 2 workers)"] = run_measured(
             project, ["proposals"], {"DASK_SCHEDULER_ADDRESS": dask}
         )

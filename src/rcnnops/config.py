@@ -120,9 +120,6 @@ class ProposalsParams(Section):
     # real photos cost what the papers report. null: full resolution.
     max_side: int | None = Field(640, gt=0)
     workers: int = positive(2)
-    # Per-image results by content hash (a persisted DVC output): reruns search only
-    # new or changed images.
-    cache: str = "data/proposal-cache"
     # A Dask scheduler (e.g. tcp://10.0.0.5:8786) to search on instead of the local
     # pool; null: $DASK_SCHEDULER_ADDRESS when set, else this machine.
     cluster: str | None = None

@@ -1,6 +1,6 @@
 """Selective search results per image, keyed by the image's bytes and the settings.
 
-Layout (``proposals.cache``, default ``data/proposal-cache/``)::
+Layout (``<proposals.out>-cache``, by default ``data/proposals-cache/``)::
 
     <settings key>/settings.json        what the key stands for
     <settings key>/<ab>/<sha256>.npz    boxes float32 [N, 4], scores float32 [N]

@@ -12,7 +12,7 @@ Layout (``proposals.out``, default ``data/proposals/``), per split:
 well under a millisecond, and refuses files that are missing, stale (other
 params or data) or corrupt, saying how to rebuild them.
 
-Each image's boxes also go to the per-image cache (``proposals.cache``,
+Each image's boxes also go to the per-image cache (``<proposals.out>-cache``,
 :mod:`rcnnops.proposals.cache`), so a rerun searches only new or changed images
 and rebuilds the same store byte for byte. Searching runs in a local process
 pool or on a Dask cluster (``proposals.cluster``, :mod:`.executors`).
@@ -197,6 +197,11 @@ def precompute(
     return summary
 
 
+def cache_dir(params) -> Path:
+    """The per-image cache beside the store: ``<proposals.out>-cache`` (dvc.yaml's output)."""
+    return Path(str(params.proposals.out).rstrip("/") + "-cache")
+
+
 def run(params) -> dict:
     """The stage: proposals for both splits, then the recall report."""
     from rcnnops.data.dataset import DetectionDataset
@@ -210,7 +215,7 @@ def run(params) -> dict:
         Path(p.out),
         settings_from(params),
         p.workers,
-        Path(p.cache),
+        cache_dir(params),
         cluster,
     )
     reports = {}
