@@ -105,6 +105,7 @@ def test_a_damaged_entry_is_searched_again_and_other_settings_miss(tiny_prepared
     }
 
 
+@pytest.mark.scale  # (parallel == serial is in make test: test_proposals.py)
 def test_parallel_run_fills_the_cache_the_same(tiny_prepared, tmp_path):
     precompute(tiny_prepared, tmp_path / "one", S, workers=1, cache_dir=tmp_path / "c1")
     precompute(tiny_prepared, tmp_path / "two", S, workers=2, cache_dir=tmp_path / "c2")
