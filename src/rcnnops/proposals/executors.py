@@ -73,7 +73,7 @@ def run_local(
 def run_dask(
     address: str, paths: Sequence[str], settings, desc: str, retries: int = 2
 ) -> Iterator[tuple[int, Result]]:
-    from distributed import Client, as_completed
+    from distributed import Client
 
     try:
         client = Client(address, timeout=30)
@@ -82,29 +82,32 @@ def run_dask(
             f"proposals.cluster {address!r}: no Dask scheduler answers there ({e})"
         ) from None
     with client:
-        yield from _windowed(client, as_completed, paths, settings, desc, address, retries)
+        yield from _windowed(client, paths, settings, desc, address, retries)
 
 
-def _windowed(client, as_completed, paths, settings, desc, address, retries, window=256):
+def _windowed(client, paths, settings, desc, address, retries, window=256):
     """Keep at most ``window`` images in flight: the bytes of a COCO-sized set
     never sit in memory at once."""
+    from distributed import as_completed
+
     run = uuid.uuid4().hex[:8]
     futures: dict = {}
     pending = iter(enumerate(paths))
+    ac = as_completed()
 
-    def submit_next(ac) -> None:
-        for k, path in pending:
+    def submit_next() -> None:
+        item = next(pending, None)
+        if item is not None:
+            k, path = item
             data = Path(path).read_bytes()
             fut = client.submit(
                 search_bytes, str(path), data, settings, key=f"ss-{run}-{k}", retries=retries
             )
             futures[fut] = k
             ac.add(fut)
-            return
 
-    ac = as_completed()
     for _ in range(window):
-        submit_next(ac)
+        submit_next()
     with tqdm(total=len(paths), desc=f"{desc} (dask {address})", unit="img", leave=False) as bar:
         for fut in ac:
             k = futures.pop(fut)
@@ -118,5 +121,5 @@ def _windowed(client, as_completed, paths, settings, desc, address, retries, win
                     f"{retries} retries: {type(e).__name__}: {e}"
                 ) from None
             bar.update()
-            submit_next(ac)
+            submit_next()
             yield k, result

@@ -78,18 +78,12 @@ def search_split(
     paths = [
         str(safe_image_path(image_root, im["file_name"], f"image id {im['id']}")) for im in images
     ]
-    results: list = [None] * len(paths)
     digests = [sha256_file(Path(p)) for p in paths] if cache is not None else []
-    todo = list(range(len(paths)))
-    if cache is not None:
-        for k, digest in enumerate(digests):
-            results[k] = cache.get(digest)
-        todo = [k for k, r in enumerate(results) if r is None]
+    results = [cache.get(d) for d in digests] if cache is not None else [None] * len(paths)
+    todo = [k for k, r in enumerate(results) if r is None]
     with ExitStack() as stack:
         jobs = [paths[k] for k in todo]
-        if not todo:
-            done = iter(())
-        elif cluster:
+        if todo and cluster:
             done = executors.run_dask(cluster, jobs, settings, desc)
         elif workers <= 1 or len(todo) <= 2 * workers:  # a few: no worker start-up
             done = executors.run_local(jobs, settings, None, desc)
@@ -163,13 +157,13 @@ def precompute(
 
     manifest = load_manifest(prepared)
     cache = ProposalCache(cache_dir, settings.as_dict()) if cache_dir is not None else None
-    summary, pool = {}, None
+    summary = {}
+    # One pool for both splits (its processes start on first use only).
+    pool = search_pool(workers) if workers > 1 and not cluster else None
     try:
         with replaced_dir(Path(out), ".proposals-") as tmp:
             for split in ("train", "val"):
                 coco, root, _ = load_split(prepared, split)
-                if pool is None and workers > 1 and not cluster:
-                    pool = search_pool(workers)
                 got = search_split(
                     coco, root, settings, workers, f"proposals {split}", pool, cache, cluster
                 )
