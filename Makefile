@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: help install run test test-data test-reliability test-scale test-ci test-all gpu-check bench bench-quick bench-scale lint format clean
+.PHONY: help install run test test-data test-reliability test-scale test-ci test-all gpu-check bench bench-quick bench-scale bench-paper lint format clean
 
 help:
 	@echo "make run        install (first time) and run the whole pipeline on the default dataset"
@@ -18,6 +18,7 @@ help:
 	@echo "make bench      benchmarks (the papers' comparisons; writes benchmarks/results.md, .json)"
 	@echo "make bench-quick  the same, short (CPU, < 15 min); or: make bench ARGS=--quick"
 	@echo "make bench-scale  the cost curve: stages at 400/4000/20000 images, COCO projected (< 30 min)"
+	@echo "make bench-paper  the papers' comparisons at their scale on real photos, vs torchvision (< 40 min)"
 	@echo "make lint       ruff lint + format check"
 	@echo "make clean      remove pipeline outputs (data/, models/, reports/, mlflow.db)"
 
@@ -60,6 +61,9 @@ bench-quick: $(STAMP)
 
 bench-scale: $(STAMP)
 	$(BIN)/python -m benchmarks --scale $(ARGS)
+
+bench-paper: $(STAMP)
+	$(BIN)/python -m benchmarks --paper $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src pipelines tests benchmarks

@@ -232,8 +232,20 @@ def main(argv: list[str] | None = None) -> int:
         help="the cost curve instead (benchmarks/scale.py: stages at 400/4000/20000 "
         "images, the growth fitted, COCO train2017 projected; writes scale.md/json)",
     )
+    ap.add_argument(
+        "--paper",
+        action="store_true",
+        help="the papers' comparisons at the papers' scale on real photos instead "
+        "(benchmarks/paper: VGG16, ResNet-50-FPN at 800/1333, torchvision side by side; "
+        "writes paper.md/json; `python -m benchmarks --paper --help` for its options)",
+    )
     ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one comparison
     ap.add_argument("--case-out", type=Path, help=argparse.SUPPRESS)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--paper" in argv:  # its own options (and --help)
+        from benchmarks import paper
+
+        return paper.main([a for a in argv if a != "--paper"])
     args = ap.parse_args(argv)
     ctx = Context(args.work.resolve(), args.quick)
     if args.case:

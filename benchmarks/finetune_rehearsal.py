@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -54,6 +56,27 @@ def place_weights(names: list[str], torch_home: Path) -> list[Path]:
     return placed
 
 
+def subset(data: Path, out: Path, n: int) -> Path:
+    """A COCO dataset in ``out`` with the first ``n`` images (by id) of each of
+    ``data``'s splits, every annotation of those images kept, images copied
+    (``prepare`` refuses symlinks that lead out of the image folder)."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "annotations").mkdir(exist_ok=True)
+    for ann in sorted((data / "annotations").glob("instances_*.json")):
+        split = ann.stem.removeprefix("instances_")
+        coco = json.loads(ann.read_text())
+        images = sorted(coco["images"], key=lambda im: im["id"])[:n]
+        ids = {im["id"] for im in images}
+        coco["images"] = images
+        coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] in ids]
+        (out / "annotations" / ann.name).write_text(json.dumps(coco))
+        (out / split).mkdir(exist_ok=True)
+        for im in images:
+            shutil.copyfile(data / split / im["file_name"], out / split / im["file_name"])
+        print(f"subset {split}: {len(images)} images, {len(coco['annotations'])} annotations")
+    return out
+
+
 def _stage_times(lines: list[tuple[float, str]]) -> dict[str, float]:
     """Seconds per DVC stage: from DVC's "Running stage 'X'" to the flow's "X: ran"."""
     started, took = {}, {}
@@ -72,6 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="finetune-coco")
     ap.add_argument("--epochs", type=int, default=None, help="train.*.epochs (default: preset)")
     ap.add_argument("--set", "-S", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument(
+        "--subset",
+        type=int,
+        default=None,
+        metavar="N",
+        help="use only the first N images of each split (written to <project>/.data-subset)",
+    )
     ap.add_argument("--log", type=Path, default=None, help="write the timed log here too")
     args = ap.parse_args(argv)
 
@@ -92,8 +122,11 @@ def main(argv: list[str] | None = None) -> int:
     torch_home = args.project.resolve() / ".torch-rehearsal"
     for path in place_weights(names, torch_home):
         print(f"placed {path} (torchvision constructor, weights=None, seed 0)")
+    data = args.data.resolve()
+    if args.subset:
+        data = subset(data, args.project.resolve() / ".data-subset", args.subset)
     bin_dir = Path(sys.executable).parent  # rcnnops and dvc of this environment
-    cmd = [str(bin_dir / "rcnnops"), "run", "--data", str(args.data.resolve())]
+    cmd = [str(bin_dir / "rcnnops"), "run", "--data", str(data)]
     cmd += ["--preset", args.preset]
     cmd += ["--epochs", str(args.epochs)] if args.epochs else []
     cmd += [a for s in args.set for a in ("--set", s)]

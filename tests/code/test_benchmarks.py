@@ -82,3 +82,104 @@ def test_unknown_comparison_is_refused_with_the_choices(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "unknown comparison(s) ['nope']" in err and "variants" in err
+
+
+# -- the paper-scale mode (python -m benchmarks --paper) ---------------------------
+
+
+def test_fixed_work_is_exactly_n_boxes_cycled_or_cut():
+    import torch
+
+    from benchmarks.paper.common import fixed
+
+    boxes = torch.arange(12, dtype=torch.float32).reshape(3, 4)
+    assert torch.equal(fixed(boxes, 7), torch.cat([boxes, boxes, boxes[:1]]))
+    assert torch.equal(fixed(boxes, 2), boxes[:2])
+
+
+def test_paper_photos_are_the_annotated_ones_up_to_the_count(tmp_path):
+    import json
+
+    from benchmarks.paper.common import photos
+
+    split = tmp_path / "val"
+    split.mkdir()
+    for name in ("b.jpg", "a.jpg", "c.png", "unlisted.jpg", "notes.txt"):
+        (split / name).write_bytes(b"x")
+    (tmp_path / "annotations").mkdir()
+    listed = [{"id": i, "file_name": n} for i, n in enumerate(["a.jpg", "b.jpg", "c.png"])]
+    (tmp_path / "annotations" / "instances_val.json").write_text(json.dumps({"images": listed}))
+    found, ann = photos(str(split), 2)
+    assert [p.name for p in found] == ["a.jpg", "b.jpg"]
+    assert ann == tmp_path / "annotations" / "instances_val.json"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit, match="no .jpg/.png photos in"):
+        photos(str(empty), 2)
+
+
+def test_overhead_breakdown_charges_each_stretch_to_the_task_that_ended_it():
+    from benchmarks.paper.overhead import breakdown
+
+    log = [
+        (4.0, "12:00:00 | INFO | Flow run 'x' - Beginning flow run 'x' for flow 'rcnnops'"),
+        (5.0, "12:00:01 | INFO | Task run 'ensure-dvc-1a2' - Finished in state Completed()"),
+        (6.0, "Running stage 'prepare':"),
+        (7.0, "> rcnnops prepare"),
+        (10.0, "Updating lock file 'dvc.lock'"),
+        (11.5, "12:00:08 | INFO | Task run 'dvc-repro-3b4' - Finished in state Completed()"),
+        (13.0, "12:00:09 | INFO | Task run 'register-5c6' - Finished in state Completed()"),
+        (14.0, "12:00:10 | INFO | Task run 'register-7d8' - Finished in state Completed()"),
+    ]
+    parts, commands = breakdown(log, total=16.0)
+    assert commands == 3.0
+    assert parts == {
+        "start: Python, Prefect's API, the flow run": 4.0,
+        "DVC repo / remote check": 1.0,
+        "DVC around stages": 3.5,
+        "MLflow: log model + register (per variant)": 2.5,
+        "end: artifacts, run state, Prefect shutdown": 2.0,
+    }
+    assert sum(parts.values()) + commands == 16.0
+
+
+def test_paper_markdown_renders_every_table_of_a_row_and_its_targets():
+    from benchmarks.paper import markdown as paper_markdown
+
+    doc = _doc(
+        [
+            {
+                "title": "6. Peer",
+                "paper": "-",
+                "tables": [
+                    {
+                        "columns": ["detector", "rcnnops / torchvision"],
+                        "rows": [{"detector": "a", "rcnnops / torchvision": 1.013}],
+                    },
+                    {"columns": ["op", "ms"], "rows": [{"op": "roi_align", "ms": 12.0}]},
+                ],
+                "targets": [
+                    {
+                        "name": "rcnnops / torchvision inference, a",
+                        "value": 1.01,
+                        "target": "<= 1.05",
+                        "holds": True,
+                    }
+                ],
+                "notes": ["n"],
+                "seconds": 2.0,
+            }
+        ]
+    ) | {"images": 6, "search_images": 24, "source": "coco-mini/val2017"}
+    md = paper_markdown(doc)
+    assert "| 6 | rcnnops / torchvision inference, a | 1.01x | <= 1.05 | holds |" in md
+    assert "| a | 1.01 |" in md and "| roi_align | 12.0 |" in md
+    assert "6 photos timed per row (24 for selective search)" in md
+
+
+def test_paper_mode_has_its_own_help(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--paper", "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert "--images N|DIR" in out and "rcnn_vs_fast" in out

@@ -132,6 +132,18 @@ def test_compress_truncates_every_fc_of_the_box_head(variant, head):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+def test_compress_takes_one_rank_per_fc_layer_as_the_paper_does():
+    """The Fast R-CNN paper truncates fc6 and fc7 to different ranks (1024, 256)."""
+    torch.manual_seed(0)
+    model = build_model("fast_rcnn", 3, TINY_HEAD | {"box_head": "mlp"}).eval()
+    compress(model, [8, 4])
+    head = model.roi_heads.box_head
+    assert [head.fc6[0].out_features, head.fc7[0].out_features] == [8, 4]
+    other = build_model("fast_rcnn", 3, TINY_HEAD | {"box_head": "mlp"})
+    with pytest.raises(ValueError, match=r"3 SVD ranks for the 2 FC layers .*\(fc6, fc7\)"):
+        compress(other, [8, 4, 2])
+
+
 def test_compress_refuses_a_box_head_without_fc_layers():
     model = build_model("rcnn", 3, {"warp_size": 16, "context": 1, "width": 8} | TINY_HEAD)
     with pytest.raises(ValueError, match=r"RCNN's box head \(CropNet\) has no FC layer"):

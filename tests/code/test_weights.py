@@ -39,6 +39,7 @@ CLASSIFIERS = [
     ("resnet50_fpn", tvm.resnet50, "ResNet50_Weights.IMAGENET1K_V2", "fc."),
     ("mobilenet_v3_fpn", tvm.mobilenet_v3_large, "MobileNet_V3_Large_Weights.IMAGENET1K_V1",
      "classifier."),
+    ("vgg16", tvm.vgg16, "VGG16_Weights.IMAGENET1K_V1", "classifier."),  # the papers' network
 ]  # fmt: skip
 
 
@@ -66,6 +67,7 @@ CROP_NETS = [
     ("resnet50", tvm.resnet50, "ResNet50_Weights.IMAGENET1K_V2", "fc."),
     ("mobilenet_v3", tvm.mobilenet_v3_large, "MobileNet_V3_Large_Weights.IMAGENET1K_V1",
      "classifier."),
+    ("vgg16", tvm.vgg16, "VGG16_Weights.IMAGENET1K_V1", "classifier."),
 ]  # fmt: skip
 
 

@@ -16,9 +16,9 @@ from torchvision.models.detection.backbone_utils import mobilenet_backbone, resn
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import FrozenBatchNorm2d
 
-BACKBONES = ("small", "resnet18_fpn", "resnet50_fpn", "mobilenet_v3_fpn")
+BACKBONES = ("small", "resnet18_fpn", "resnet50_fpn", "mobilenet_v3_fpn", "vgg16")
 # Whole-image classification bodies (R-CNN's per-crop network): ImageNet weights load as is.
-CLASSIFICATION_BODIES = ("resnet18", "resnet50", "mobilenet_v3")
+CLASSIFICATION_BODIES = ("resnet18", "resnet50", "mobilenet_v3", "vgg16")
 NORMS = ("auto", "batch", "group", "frozen")
 
 # ImageNet statistics: right for pretrained backbones, harmless from scratch.
@@ -132,7 +132,70 @@ def build_backbone(
             norm_layer=layer,
             trainable_layers=3 if pretrained else 6,
         )
+    if name == "vgg16":
+        return VGG16Backbone(frozen_layers=10 if pretrained else 0)
     raise ValueError(f"unknown backbone {name!r}; choose one of {BACKBONES}")
+
+
+VGG16_CONFIG = (
+    64,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+)
+
+
+def vgg16_features() -> nn.Sequential:
+    """torchvision's ``vgg16().features`` (same modules, indices and init) without
+    building its 120 M-parameter classifier: conv1_1 .. pool5, stride 32."""
+    layers: list[nn.Module] = []
+    cin = 3
+    for v in VGG16_CONFIG:
+        if v == "M":
+            layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
+            continue
+        conv = nn.Conv2d(cin, v, kernel_size=3, padding=1)
+        nn.init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(conv.bias)
+        layers += [conv, nn.ReLU(inplace=True)]
+        cin = v
+    return nn.Sequential(*layers)
+
+
+class VGG16Backbone(nn.Module):
+    """The Fast/Faster R-CNN papers' VGG16: torchvision's ``vgg16().features`` up to
+    conv5_3 (its last max-pool dropped), one map at stride 16 with 512 channels.
+
+    Its tensors are ``body.N`` for torchvision's ``features.N``, so ImageNet
+    weights load without a mapping. ``frozen_layers``: the first ``features``
+    modules kept fixed (the papers fine-tune from conv3_1, i.e. 10 with ImageNet
+    weights). VGG16 has no normalisation layers, so ``norm`` does not apply.
+    """
+
+    out_channels = 512
+
+    def __init__(self, frozen_layers: int = 0) -> None:
+        super().__init__()
+        self.body = vgg16_features()[:-1]
+        for layer in list(self.body)[:frozen_layers]:
+            layer.requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return OrderedDict([("0", self.body(x))])
 
 
 def classification_body(name: str, norm: str = "auto", pretrained: bool = False) -> nn.Module:
@@ -153,6 +216,10 @@ def classification_body(name: str, norm: str = "auto", pretrained: bool = False)
         body = nn.Sequential(OrderedDict((s, getattr(net, s)) for s in stages))
         frozen = ["conv1", "bn1", "layer1"]
         body.out_channels = net.fc.in_features
+    elif name == "vgg16":  # the R-CNN paper's network: conv1_1 .. pool5 (no norm layers)
+        body = vgg16_features()
+        frozen = [str(i) for i in range(10)]  # up to conv3_1, as the papers fine-tune
+        body.out_channels = 512
     elif name == "mobilenet_v3":
         net = tvm.mobilenet_v3_large(weights=None, norm_layer=layer)
         body = net.features

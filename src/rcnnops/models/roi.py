@@ -8,7 +8,7 @@ RoI ops take ``(features, boxes, image_sizes)`` with ``boxes`` a list of
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -246,9 +246,11 @@ def truncate_fc(layer: nn.Linear, rank: int) -> nn.Sequential:
     return nn.Sequential(first, second)
 
 
-def compress(model: nn.Module, rank: int) -> nn.Module:
+def compress(model: nn.Module, rank: int | Sequence[int]) -> nn.Module:
     """Replace each FC layer of the box head with its rank-``rank`` truncated SVD
     (:func:`truncate_fc`), in place; for inference, once weights are loaded.
+    ``rank``: one for every layer, or one per FC layer in order (the paper's
+    VGG16: fc6 1024, fc7 256).
 
     The FC layers are the ``nn.Linear`` children of ``model.roi_heads.box_head``:
     fc6 and fc7 of ``mlp``, both FCs of ``mlp_bn``, the last FC of ``conv``
@@ -262,6 +264,12 @@ def compress(model: nn.Module, rank: int) -> nn.Module:
             f"{type(model).__name__}'s box head ({type(head).__name__}) has no FC layer "
             "to compress by truncated SVD"
         )
-    for name, module in fcs:
-        setattr(head, name, truncate_fc(module, rank))
+    ranks = [rank] * len(fcs) if isinstance(rank, int) else list(rank)
+    if len(ranks) != len(fcs):
+        raise ValueError(
+            f"{len(ranks)} SVD ranks for the {len(fcs)} FC layers of the box head "
+            f"({', '.join(name for name, _ in fcs)})"
+        )
+    for (name, module), r in zip(fcs, ranks, strict=True):
+        setattr(head, name, truncate_fc(module, r))
     return model

@@ -208,8 +208,8 @@ def _classifier(state: dict, own: dict, report: LoadReport, body: str) -> dict:
         raise WeightsError(
             f"{report.file}: {len(wrong)} of its {len(state)} tensors do not fit this model's "
             f"{body.rstrip('.')} (layers {_names(layers)}): {_names(wrong)}; classification "
-            "weights fit the backbones resnet18_fpn, resnet50_fpn and mobilenet_v3_fpn, and "
-            "R-CNN's crop_net resnet18, resnet50 and mobilenet_v3"
+            "weights fit the backbones resnet18_fpn, resnet50_fpn, mobilenet_v3_fpn and vgg16, "
+            "and R-CNN's crop_net resnet18, resnet50, mobilenet_v3 and vgg16"
         )
     return mapped
 

@@ -1,0 +1,5 @@
+import sys
+
+from benchmarks.paper import main
+
+sys.exit(main())
