@@ -250,14 +250,17 @@ def _retrain(root: Path, variants: list[str] | None, push_to_remote: bool) -> li
     if stale and params.pipeline.pull and (root / "dvc.lock").is_file():
         stale = pull(str(root))
     fresh, known = not stale, tuple(stale)
+    # The tracking store is made (a new SQLite file costs ~10 s of migrations) while
+    # the data stages run: none of them logs to it, training does.
+    store = None if fresh else tracking_store.submit(str(root), params.register.experiment)
     version_data(str(root), params, fresh, known)
     if USES_PROPOSALS & set(variants):
         repro(str(root), "proposals", fresh, known)
     slots = stage_slots.plan(params.pipeline.parallel, params.train.device, params.train.nproc)
-    if not fresh:
+    if store is not None:
         if reclaimed := stage_slots.ensure_limits(slots):
             print(f"reclaimed {reclaimed} concurrency slot(s) that a killed run left held")
-        tracking_store(str(root), params.register.experiment)
+        store.result()  # its error (after its retries), if it failed
     trained = {v: train_and_evaluate.submit(str(root), v, slots, fresh, known) for v in variants}
     wait(list(trained.values()))
     failed = [v for v, f in trained.items() if not f.state.is_completed()]

@@ -38,7 +38,7 @@ ROWS = (
     "overhead",
 )
 DEFAULT_IMAGES = 6  # timed photos per row (the first is a warm-up): fits 40 min on 2 cores
-SEARCH_FACTOR = 4  # row 3 searches this many times more photos (recall needs objects)
+SEARCH_FACTOR = 3  # row 3 searches this many times more photos (recall needs objects)
 
 
 def markdown(doc: dict) -> str:

@@ -170,11 +170,11 @@ def test_paper_markdown_renders_every_table_of_a_row_and_its_targets():
                 "seconds": 2.0,
             }
         ]
-    ) | {"images": 6, "search_images": 24, "source": "coco-mini/val2017"}
+    ) | {"images": 6, "search_images": 18, "source": "coco-mini/val2017"}
     md = paper_markdown(doc)
     assert "| 6 | rcnnops / torchvision inference, a | 1.01x | <= 1.05 | holds |" in md
     assert "| a | 1.01 |" in md and "| roi_align | 12.0 |" in md
-    assert "6 photos timed per row (24 for selective search)" in md
+    assert "6 photos timed per row (18 for selective search)" in md
 
 
 def test_paper_mode_has_its_own_help(capsys):

@@ -87,6 +87,20 @@ def test_truncated_svd_keeps_outputs_at_full_rank_and_shrinks_at_low_rank():
     assert sum(p.numel() for p in model.parameters()) < before
 
 
+@pytest.mark.parametrize(("inputs", "outputs"), [(96, 40), (24, 56)], ids=["wide", "tall"])
+def test_truncation_is_the_best_rank_t_approximation_an_svd_gives(inputs, outputs):
+    """Whichever side is smaller, the two layers' product is U_t S_t V_t^T (Eckart-Young)."""
+    torch.manual_seed(0)
+    fc = torch.nn.Linear(inputs, outputs)
+    u, s, vh = torch.linalg.svd(fc.weight.detach().double(), full_matrices=False)
+    for rank in (3, 10):
+        first, second = truncate_fc(fc, rank)
+        product = (second.weight @ first.weight).detach().double()
+        expected = u[:, :rank] @ torch.diag(s[:rank]) @ vh[:rank]
+        torch.testing.assert_close(product, expected, atol=1e-5, rtol=0)
+        assert torch.equal(second.bias, fc.bias)
+
+
 TINY_HEAD = {"min_size": 64, "max_size": 64, "representation_size": 32}
 
 

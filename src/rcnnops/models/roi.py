@@ -230,17 +230,29 @@ def truncate_fc(layer: nn.Linear, rank: int) -> nn.Sequential:
     """``W ~ U_t S_t V_t^T``: one FC layer as two smaller ones (Fast R-CNN paper,
     section 3.1), on the layer's device and dtype.
 
-    Cost drops from ``u * v`` to ``t * (u + v)`` multiply-adds per RoI.
+    Cost drops from ``u * v`` to ``t * (u + v)`` multiply-adds per RoI. The top-``t``
+    singular vectors come from the eigenvectors of the smaller Gram matrix
+    (``W W^T`` or ``W^T W``, eigen-decomposed in float64): the same best rank-``t``
+    approximation a full SVD gives, several times faster on a CPU (VGG16's fc6 is
+    4096 x 25088).
     """
     weight = layer.weight.detach()
-    u_mat, s, vh = torch.linalg.svd(weight, full_matrices=False)
-    rank = min(rank, s.numel())
+    w = weight.float()
+    rank = min(rank, *w.shape)
+    tall = w.shape[0] > w.shape[1]  # more outputs than inputs: the input side is smaller
+    gram = w.T @ w if tall else w @ w.T
+    _, vectors = torch.linalg.eigh(gram.double())  # eigenvalues ascending
+    basis = vectors[:, -rank:].flip(1).to(w.dtype)  # the top-rank singular vectors
+    if tall:  # basis = V_t:  W ~ (W V_t) V_t^T
+        first_weight, second_weight = basis.T, w @ basis
+    else:  # basis = U_t:  W ~ U_t (U_t^T W) = U_t (S_t V_t^T)
+        first_weight, second_weight = basis.T @ w, basis
     like = {"device": weight.device, "dtype": weight.dtype}
     first = nn.Linear(layer.in_features, rank, bias=False, **like)
     second = nn.Linear(rank, layer.out_features, bias=layer.bias is not None, **like)
     with torch.no_grad():
-        first.weight.copy_(s[:rank, None] * vh[:rank])
-        second.weight.copy_(u_mat[:, :rank])
+        first.weight.copy_(first_weight)
+        second.weight.copy_(second_weight)
         if layer.bias is not None:
             second.bias.copy_(layer.bias)
     return nn.Sequential(first, second)
