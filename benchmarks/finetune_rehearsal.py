@@ -78,13 +78,14 @@ def subset(data: Path, out: Path, n: int) -> Path:
 
 
 def _stage_times(lines: list[tuple[float, str]]) -> dict[str, float]:
-    """Seconds per DVC stage: from DVC's "Running stage 'X'" to the flow's "X: ran"."""
-    started, took = {}, {}
+    """Seconds per DVC stage: from DVC's "Running stage 'X'" to its "Updating lock file"."""
+    took, current = {}, None
     for t, line in lines:
         if m := re.search(r"Running stage '([^']+)'", line):
-            started[m.group(1)] = t
-        elif (m := re.search(r"\b([\w@-]+): ran\b", line)) and m.group(1) in started:
-            took[m.group(1)] = t - started[m.group(1)]
+            current = (m.group(1), t)
+        elif line.startswith("Updating lock file") and current:
+            took[current[0]] = t - current[1]
+            current = None
     return took
 
 
