@@ -71,8 +71,10 @@ def markdown(doc: dict) -> str:
     ]
     for s in doc["sections"]:
         for t in s.get("targets", []):
+            value = t["value"]
+            shown = f"{value:.2f} {t['unit']}" if t.get("unit") else _target_value(value)
             out.append(
-                f"| {s['title'].split('.')[0]} | {t['name']} | {_target_value(t['value'])} | "
+                f"| {s['title'].split('.')[0]} | {t['name']} | {shown} | "
                 f"{t['target']} | {_holds(t['holds'])} |"
             )
     for s in doc["sections"]:

@@ -120,6 +120,7 @@ def run(ctx: Ctx) -> dict:
         {
             "name": "orchestration seconds of one rcnnops run (small project, 4 variants)",
             "value": overhead,
+            "unit": "s",
             "target": "-",
             "holds": None,
         }

@@ -75,6 +75,7 @@ def run(ctx: Ctx) -> dict:
             {
                 "name": f"selective search fast mode s/img at max_side {MAX_SIDE}, one core",
                 "value": fast,
+                "unit": "s",
                 "target": "about 2 s (paper)",
                 "holds": fast <= 2.5,
             },
