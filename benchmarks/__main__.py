@@ -21,11 +21,10 @@ import platform
 import subprocess
 import sys
 import time
-import traceback
 from importlib import metadata
 from pathlib import Path
 
-from benchmarks.common import REPO, Context, fmt
+from benchmarks.common import REPO, Context, fmt, write_section
 
 COMPARISONS = (
     "variants",
@@ -192,15 +191,8 @@ def run_case(name: str, ctx: Context, out: Path) -> None:
 
     module = importlib.import_module(f"benchmarks.{name}")
     os.chdir(ctx.project)  # the prepared data's image folders are project-relative
-    t0 = time.perf_counter()
-    try:
-        section = module.run(ctx)
-    except Exception:
-        title = f"{COMPARISONS.index(name) + 1}. {name}"
-        section = {"title": title, "error": traceback.format_exc()}
-    section["seconds"] = time.perf_counter() - t0
-    section["name"] = name
-    out.write_text(json.dumps(section, indent=2, default=str))
+    title = f"{COMPARISONS.index(name) + 1}. {name}"
+    write_section(name, title, lambda: module.run(ctx), out)
 
 
 def main(argv: list[str] | None = None) -> int:

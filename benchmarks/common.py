@@ -106,6 +106,21 @@ class Split:
         return out
 
 
+def write_section(name: str, title: str, run: Callable[[], dict], out: Path) -> None:
+    """Run one comparison (``run()``, in the child process) and write its section to
+    ``out``: its result, or its traceback under ``error``, with its seconds and name."""
+    import traceback
+
+    t0 = time.perf_counter()
+    try:
+        section = run()
+    except Exception:
+        section = {"title": title, "error": traceback.format_exc()}
+    section["seconds"] = time.perf_counter() - t0
+    section["name"] = name
+    out.write_text(json.dumps(section, indent=2, default=str))
+
+
 # -- the bench project ----------------------------------------------------------------
 
 

@@ -23,10 +23,9 @@ import argparse
 import json
 import sys
 import time
-import traceback
 from pathlib import Path
 
-from benchmarks.common import REPO
+from benchmarks.common import REPO, write_section
 
 ROWS = (
     "rcnn_vs_fast",
@@ -99,14 +98,8 @@ def run_case(name: str, ctx_json: str, out: Path) -> None:
 
     ctx = Ctx.from_json(ctx_json)
     module = importlib.import_module(f"benchmarks.paper.{name}")
-    t0 = time.perf_counter()
-    try:
-        section = module.run(ctx)
-    except Exception:
-        section = {"title": f"{ROWS.index(name) + 1}. {name}", "error": traceback.format_exc()}
-    section["seconds"] = time.perf_counter() - t0
-    section["name"] = name
-    out.write_text(json.dumps(section, indent=2, default=str))
+    title = f"{ROWS.index(name) + 1}. {name}"
+    write_section(name, title, lambda: module.run(ctx), out)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,6 @@ image, detections per image, image size.
 from __future__ import annotations
 
 import json
-import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,8 +130,7 @@ def search(path: Path, mode: str = "fast", max_side: int | None = MAX_SIDE):
 
 def cached_proposals(ctx: Ctx, path: Path) -> torch.Tensor:
     """The photo's fast-mode selective search at MAX_SIDE, searched once per work
-    folder, then padded to exactly PROPOSALS boxes (cycled) so every image costs the
-    papers' fixed work; ``len(real)`` is how many selective search found."""
+    folder (``fixed`` then makes it the papers' fixed count)."""
     cache = ctx.work / "proposals" / f"{path.stem}.npy"
     if cache.is_file():
         boxes = np.load(cache)
@@ -174,7 +172,3 @@ def iqr(values: list[float], digits: int = 2) -> str:
         return spread(values, 1.0, digits)
     q = statistics.quantiles(values, n=4)
     return f"{q[0]:.{digits}f}-{q[2]:.{digits}f}"
-
-
-def threads() -> int:
-    return int(os.environ.get("OMP_NUM_THREADS") or torch.get_num_threads())

@@ -161,7 +161,6 @@ def _roi_align_rows() -> list[dict]:
 
 
 def run(ctx: Ctx) -> dict:
-    torch.set_num_threads(torch.get_num_threads())
     rows, targets, notes = [], [], []
     for name in (
         "fasterrcnn_resnet50_fpn",

@@ -87,27 +87,22 @@ def run(ctx: Ctx) -> dict:
         b0, b1 = coder.decode(d0, [rois]), coder.decode(d1, [rois])
         score_change = max(score_change, float((s0.softmax(-1) - s1.softmax(-1)).abs().max()))
         box_change = max(box_change, float((b0 - b1).abs().max()))
-    head_times = times
-    head_speed = ms(head_times["head"]) / ms(head_times["head + SVD"])
+    head_speed = ms(times["head"]) / ms(times["head + SVD"])
     ratios = [a / b for a, b in zip(times["whole"], times["whole + SVD"], strict=True)]
     whole_speed = statistics.median(ratios)
     rows = [
         {
-            "part": "box head (fc6, fc7, predictor), 2000 RoIs",
-            "full ms": ms(head_times["head"]),
-            "full spread": spread(head_times["head"]),
-            "SVD ms": ms(head_times["head + SVD"]),
-            "SVD spread": spread(head_times["head + SVD"]),
-            "speedup": head_speed,
-        },
-        {
-            "part": "whole detection (600 px, 2000 proposals)",
-            "full ms": ms(times["whole"]),
-            "full spread": spread(times["whole"]),
-            "SVD ms": ms(times["whole + SVD"]),
-            "SVD spread": spread(times["whole + SVD"]),
-            "speedup": whole_speed,
-        },
+            "part": part,
+            "full ms": ms(times[key]),
+            "full spread": spread(times[key]),
+            "SVD ms": ms(times[f"{key} + SVD"]),
+            "SVD spread": spread(times[f"{key} + SVD"]),
+            "speedup": speed,
+        }
+        for part, key, speed in (
+            ("box head (fc6, fc7, predictor), 2000 RoIs", "head", head_speed),
+            ("whole detection (600 px, 2000 proposals)", "whole", whole_speed),
+        )
     ]
     return {
         "title": "2. Truncated SVD, fc6 rank 1024 and fc7 rank 256 (VGG16 Fast R-CNN)",
