@@ -13,12 +13,17 @@ from __future__ import annotations
 import shutil
 
 from benchmarks.common import Context, command, new_project, stage_times
+from benchmarks.paper.overhead import breakdown, timed_run
+
+TARGET = 0.10  # issue 17: orchestration at most 10 % of the quick project's stage time
 
 
 def run(ctx: Context) -> dict:
     flow = new_project(ctx.work / "pipeline_flow", {})
     shutil.copy(ctx.project / "params.yaml", flow / "params.yaml")  # the bench project's
-    full = command(flow, "run")
+    full, lines = timed_run(flow, "run")
+    (flow / "bench.log").write_text("\n".join(f"[{t:8.2f}] {s}" for t, s in lines))
+    _, inside = breakdown(lines, full)  # the stage commands' own time within that run
     stages = stage_times(ctx.project)
     by_hand = sum(stages.values())
     noop = command(flow, "run")
@@ -27,6 +32,7 @@ def run(ctx: Context) -> dict:
         {"run": "rcnnops run (fresh project)", "seconds": full},
         {"run": "the stage commands by hand (sum, bench project)", "seconds": by_hand},
         {"run": "overhead (Prefect + DVC + MLflow registry + push)", "seconds": full - by_hand},
+        {"run": "the stage commands inside that run (their own time)", "seconds": inside},
         {"run": "rcnnops run again, nothing changed", "seconds": noop},
     ]
     return {
@@ -38,8 +44,14 @@ def run(ctx: Context) -> dict:
             {
                 "name": "orchestration overhead",
                 "value": f"{100 * overhead:.1f} %",
-                "target": "<= 5 %",
-                "holds": overhead <= 0.05,
+                "target": f"<= {100 * TARGET:.0f} %",
+                "holds": overhead <= TARGET,
+            },
+            {
+                "name": "orchestration within the run / its stage commands' time",
+                "value": f"{100 * (full - inside) / inside:.1f} %",
+                "target": "-",
+                "holds": None,
             },
             {
                 "name": "no-op rerun",
@@ -55,6 +67,9 @@ def run(ctx: Context) -> dict:
                 else "default params (the same work as `make run`)"
             ),
             "stage commands by hand: " + ", ".join(f"{k} {v:.1f} s" for k, v in stages.items()),
+            "within the run: each stage command's time from DVC's `> rcnnops ...` line to its "
+            "`Updating lock file` line (the timestamped log is pipeline_flow/bench.log); the "
+            "rest is orchestration, free of the run-to-run spread of the stage commands",
             "the no-op rerun does not start Prefect: `rcnnops run` finds params.yaml, dvc.lock, "
             "`dvc status` and the registry as the last successful run left them",
         ],

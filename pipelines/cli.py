@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+from rcnnops.cli import exit_now
 from rcnnops.cli import main as library_main
 from rcnnops.cli.common import add, assignments
 
@@ -37,14 +37,19 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not args.force and (summary := _up_to_date(args)):
             print(summary)
             return 0
-        from pipelines import patient_ephemeral_api
+        from pipelines import flush_logs, patient_ephemeral_api, start_ephemeral_api
 
         patient_ephemeral_api()
-        from pipelines.retrain import retrain  # Prefect: only when there is work
+        api = start_ephemeral_api()  # Prefect: only when there is work
+        from pipelines.retrain import retrain
 
-        decisions = retrain(
-            project=".", variants=args.variants or None, push_to_remote=not args.no_push
-        )
+        api.join()
+        try:
+            decisions = retrain(
+                project=".", variants=args.variants or None, push_to_remote=not args.no_push
+            )
+        finally:
+            flush_logs()
     for d in decisions:
         outcome = "champion" if d["promoted"] else "kept previous champion"
         print(f"{d['name']} v{d['version']}: {outcome} ({d['reason']})")
@@ -145,5 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     return library_main(argv, extra=(add_parsers,))
 
 
+def console() -> NoReturn:
+    """The ``rcnnops`` console script: :func:`main`, then a quick exit
+    (:func:`rcnnops.cli.exit_now`)."""
+    exit_now(main())
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console()

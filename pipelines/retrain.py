@@ -57,17 +57,28 @@ def pipeline_status(project: str) -> list[str]:
     return stale
 
 
+def _needed(stages: list[str], stale: tuple[str, ...] | None, upstream_ran: bool) -> bool:
+    """Whether to ask DVC about ``stages`` at all: ``stale`` is what the run's first
+    ``dvc status`` reported (None: not known); a stage it did not report can
+    only have become stale since if a stage upstream ran."""
+    return stale is None or upstream_ran or any(s in stale for s in stages)
+
+
+def _ran(stages: list[str], ran: list[str]) -> str:
+    return "; ".join(f"{s}: {'ran' if s in ran else 'up to date (DVC cache)'}" for s in stages)
+
+
 @task(name="dvc-repro")
 def repro(
-    project: str, stage: str, pipeline_fresh: bool = False, stale: tuple[str, ...] = ()
-) -> bool:
-    """Run one DVC stage if stale; True when it ran. ``stale``: the stages the
-    run's first ``dvc status`` reported (no need to ask DVC again about those)."""
-    if pipeline_fresh:
-        get_run_logger().info("%s: up to date (DVC cache)", stage)
-        return False
-    ran = dvcproj.repro(Path(project), stage, known_stale=stage in stale)
-    get_run_logger().info("%s: %s", stage, "ran" if ran else "up to date (DVC cache)")
+    project: str,
+    stages: list[str],
+    stale: tuple[str, ...] | None = None,
+    upstream_ran: bool = False,
+) -> list[str]:
+    """Run DVC stages, in order, those that are stale (one ``dvc repro``); returns
+    the stages that ran."""
+    ran = dvcproj.repro(Path(project), stages) if _needed(stages, stale, upstream_ran) else []
+    get_run_logger().info(_ran(stages, ran))
     return ran
 
 
@@ -86,58 +97,47 @@ def train_and_evaluate(
     project: str,
     variant: str,
     slots: stage_slots.Slots,
-    pipeline_fresh: bool = False,
-    stale: tuple[str, ...] = (),
-) -> bool:
+    stale: tuple[str, ...] | None = None,
+    upstream_ran: bool = False,
+) -> list[str]:
     """``train@<variant>`` then ``evaluate@<variant>`` if stale, holding the
     concurrency slots (see :mod:`pipelines.slots`) and, on GPUs, a lease on the
-    GPUs it runs on (:mod:`pipelines.gpus`); True when training ran."""
-    if pipeline_fresh:
-        get_run_logger().info("train@%s, evaluate@%s: up to date (DVC cache)", variant, variant)
-        return False
-    from prefect.concurrency.sync import concurrency
-
+    GPUs it runs on (:mod:`pipelines.gpus`); returns the stages that ran."""
+    stages = [f"train@{variant}", f"evaluate@{variant}"]
+    if not _needed(stages, stale, upstream_ran):
+        get_run_logger().info(_ran(stages, []))
+        return []
     root, env = Path(project), slots.threads()
     with ExitStack() as held:
-        held.enter_context(concurrency(stage_slots.STAGES_LIMIT, occupy=1, strict=True))
+        held.enter_context(stage_slots.hold(slots, f"train@{variant}", get_run_logger()))
         if slots.on_gpu:
-            held.enter_context(
-                concurrency(stage_slots.GPU_LIMIT, occupy=slots.gpus_per_stage, strict=True)
-            )
             leased = held.enter_context(
                 gpus.lease(slots.gpus_per_stage, f"train@{variant}", slots.gpu_ids)
             )
             env["CUDA_VISIBLE_DEVICES"] = ",".join(leased)
             get_run_logger().info("train@%s, evaluate@%s on GPU %s", variant, variant, leased)
-        train, evaluate = f"train@{variant}", f"evaluate@{variant}"
-        ran = dvcproj.repro(root, train, extra_env=env, known_stale=train in stale)
-        evaluated = dvcproj.repro(root, evaluate, extra_env=env, known_stale=evaluate in stale)
-    get_run_logger().info(
-        "train@%s: %s; evaluate@%s: %s",
-        variant,
-        "ran" if ran else "up to date",
-        variant,
-        "ran" if evaluated else "up to date",
-    )
+        ran = dvcproj.repro(root, stages, extra_env=env)
+    get_run_logger().info(_ran(stages, ran))
     return ran
 
 
 @task(name="version-data")
-def version_data(
-    project: str, params: Params, pipeline_fresh: bool = False, stale: tuple[str, ...] = ()
-) -> dict:
+def version_data(project: str, params: Params, stale: tuple[str, ...] | None = None) -> dict:
     """Generate the default dataset if it is the source, then validate and
-    version it with `prepare`; returns the data hashes every run records."""
+    version it with `prepare` (one ``dvc repro``); returns the data hashes every
+    run records and the stages that ran."""
     root = Path(project)
-    if not pipeline_fresh:
-        if Path(params.data.root).resolve() == (root / params.generate.out).resolve():
-            dvcproj.repro(root, "generate", known_stale="generate" in stale)
-        dvcproj.repro(root, "prepare", known_stale="prepare" in stale)
+    stages = ["prepare"]
+    if Path(params.data.root).resolve() == (root / params.generate.out).resolve():
+        stages.insert(0, "generate")
+    ran = dvcproj.repro(root, stages) if _needed(stages, stale, False) else []
     from rcnnops.data.prepare import load_manifest
 
     m = load_manifest(root / params.prepare.out)
-    get_run_logger().info("data_hash %s (val %s)", m["data_hash"][:12], m["val_hash"][:12])
-    return {"data_hash": m["data_hash"], "val_hash": m["val_hash"]}
+    get_run_logger().info(
+        "%s; data_hash %s (val %s)", _ran(stages, ran), m["data_hash"][:12], m["val_hash"][:12]
+    )
+    return {"data_hash": m["data_hash"], "val_hash": m["val_hash"], "ran": ran}
 
 
 @task(name="register", retries=3, retry_delay_seconds=[2, 5, 10])
@@ -249,19 +249,21 @@ def _retrain(root: Path, variants: list[str] | None, push_to_remote: bool) -> li
     stale = pipeline_status(str(root))
     if stale and params.pipeline.pull and (root / "dvc.lock").is_file():
         stale = pull(str(root))
-    fresh, known = not stale, tuple(stale)
+    known = tuple(stale)
     # The tracking store is made (a new SQLite file costs ~10 s of migrations) while
     # the data stages run: none of them logs to it, training does.
-    store = None if fresh else tracking_store.submit(str(root), params.register.experiment)
-    version_data(str(root), params, fresh, known)
+    store = tracking_store.submit(str(root), params.register.experiment) if stale else None
+    upstream = version_data(str(root), params, known)["ran"]
     if USES_PROPOSALS & set(variants):
-        repro(str(root), "proposals", fresh, known)
+        upstream += repro(str(root), ["proposals"], known, bool(upstream))
     slots = stage_slots.plan(params.pipeline.parallel, params.train.device, params.train.nproc)
     if store is not None:
         if reclaimed := stage_slots.ensure_limits(slots):
             print(f"reclaimed {reclaimed} concurrency slot(s) that a killed run left held")
         store.result()  # its error (after its retries), if it failed
-    trained = {v: train_and_evaluate.submit(str(root), v, slots, fresh, known) for v in variants}
+    trained = {
+        v: train_and_evaluate.submit(str(root), v, slots, known, bool(upstream)) for v in variants
+    }
     wait(list(trained.values()))
     failed = [v for v, f in trained.items() if not f.state.is_completed()]
     if failed:  # nothing is registered unless every variant trained and evaluated

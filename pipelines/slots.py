@@ -14,13 +14,20 @@ taken once its slots are held and passed as ``CUDA_VISIBLE_DEVICES``.
 
 The limits live on the Prefect API (the ephemeral one by default, or a server
 shared by several flow runs and workers, which then share the GPUs fairly).
+A stage refused a slot there polls again after Prefect's ``Retry-After`` (up to
+30 s, from the limit's average occupancy), so the flow's own stages first queue
+in-process (:func:`hold`): each starts the moment the one before it lets go, and
+only runs of other flows are waited for by polling.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
+import logging
 import os
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,6 +74,49 @@ def plan(
     if parallel == "auto":
         parallel = max(1, len(ids) // max(nproc, 1)) if on_gpu else 1
     return Slots(int(parallel), ids, on_gpu, max(nproc, 1))
+
+
+_gates: dict[int, threading.BoundedSemaphore] = {}
+_gates_lock = threading.Lock()
+
+
+def _gate(parallel: int) -> threading.BoundedSemaphore:
+    """This process's queue for ``parallel`` stages at once (the flow's tasks are
+    threads of it)."""
+    with _gates_lock:
+        return _gates.setdefault(parallel, threading.BoundedSemaphore(parallel))
+
+
+@contextlib.contextmanager
+def hold(slots: Slots, stage: str, log: logging.Logger | logging.LoggerAdapter) -> Iterator[None]:
+    """Hold one stage's slots: this flow's turn (in-process), then the Prefect
+    limits shared with other runs, saying so when those are all taken."""
+    from prefect.concurrency.sync import concurrency
+
+    with _gate(slots.parallel), contextlib.ExitStack() as held:
+        if busy := _taken(slots):
+            log.info("%s waits for a slot: %s (held by other runs)", stage, busy)
+        held.enter_context(concurrency(STAGES_LIMIT, occupy=1, strict=True))
+        if slots.on_gpu:
+            held.enter_context(concurrency(GPU_LIMIT, occupy=slots.gpus_per_stage, strict=True))
+        yield
+
+
+def _taken(slots: Slots) -> str:
+    """The limits this stage needs that are full right now ("" if none or not known)."""
+    from prefect import get_client
+
+    need = {STAGES_LIMIT: 1} | ({GPU_LIMIT: slots.gpus_per_stage} if slots.on_gpu else {})
+    full = []
+    try:
+        with get_client(sync_client=True) as client:
+            for name, n in need.items():
+                limit = client.read_global_concurrency_limit_by_name(name)
+                if limit.active_slots + n > limit.limit:
+                    full.append(f"{name} {limit.active_slots} of {limit.limit}")
+    except Exception:  # only a message: the acquisition itself reports real errors
+        return ""
+    return ", ".join(full)
 
 
 def ensure_limits(slots: Slots) -> int:

@@ -13,7 +13,7 @@ figures, with the machine and package versions.
 Rows: 1 R-CNN vs Fast R-CNN (VGG16); 2 truncated SVD (fc6 1024, fc7 256);
 3 selective search fast vs quality; 4 SS + Fast R-CNN vs Faster R-CNN (VGG16);
 5 the mask branch's share (ResNet-50-FPN, 800/1333, 100 detections);
-6 rcnnops vs torchvision's detectors, and the single-map RoIAlign;
+6 rcnnops vs torchvision's detectors;
 7 where ``rcnnops run``'s orchestration time goes.
 """
 

@@ -6,9 +6,9 @@ rcnnops' ``faster_rcnn`` / ``mask_rcnn`` under the parity architectures of
 ``rcnnops.presets`` (the ``torchvision-reference`` / ``finetune-coco`` networks)
 holding the same state dict: inference per photo at 800/1333 (eval mode, the
 same detections), and a training iteration (batch 2, fixed targets, SGD step),
-interleaved. Then the single-map RoIAlign (``roi_align_sampled``, grid_sample)
-against ``torchvision.ops.roi_align``, forward + backward, at the box head's and
-the mask head's sizes.
+interleaved. (This row also timed rcnnops' own single-map RoIAlign, written with
+``grid_sample``, against ``torchvision.ops.roi_align`` at the heads' sizes: it was
+1.41x / 1.24x slower there and has been removed; rcnnops uses torchvision's op.)
 """
 
 from __future__ import annotations
@@ -17,13 +17,11 @@ import statistics
 
 import torch
 from torchvision.models import detection as tvd
-from torchvision.ops import roi_align
 
 from benchmarks.common import ab, timed
-from benchmarks.paper.common import Ctx, iqr, load, ms, spread
+from benchmarks.paper.common import Ctx, iqr, load, spread
 
 TRAIN_ITERATIONS = 3  # the first a warm-up: R-50-FPN steps take ~30-60 s on 2 CPU cores
-ROI_REPEATS = 12
 LIMIT = 1.05  # rcnnops / torchvision must not exceed this
 
 
@@ -114,52 +112,6 @@ def _detector_rows(ctx: Ctx, name: str) -> tuple[list[dict], dict]:
     return rows, {"ratios": ratios, "same_detections": same, "iterations": iterations - 1}
 
 
-def _roi_align_rows() -> list[dict]:
-    from rcnnops.models.roi import roi_align_sampled
-
-    torch.manual_seed(0)
-    rows = []
-    # 800x1333 at stride 16 (a single-map backbone): the box head's 512 sampled RoIs per
-    # image for 2 images, 7x7; the mask head's 128 positive RoIs, 14x14; sampling 2.
-    for head, rois, size in (("box head", 1024, 7), ("mask head", 256, 14)):
-        x = torch.randn(2, 256, 50, 84)
-        xy = torch.rand(rois, 2) * torch.tensor([1000.0, 600.0])
-        wh = torch.rand(rois, 2) * 300 + 8
-        boxes = torch.cat([xy, xy + wh], 1)
-        per_image = list(boxes.chunk(2))
-
-        def ours(_, x=x, per_image=per_image, size=size):
-            xg = x.detach().requires_grad_()
-            roi_align_sampled(xg, per_image, (size, size), 1 / 16, 2).sum().backward()
-
-        def theirs(_, x=x, per_image=per_image, size=size):
-            xg = x.detach().requires_grad_()
-            roi_align(xg, per_image, (size, size), 1 / 16, 2, aligned=False).sum().backward()
-
-        with torch.no_grad():
-            diff = float(
-                (roi_align_sampled(x, per_image, (size, size), 1 / 16, 2)
-                 - roi_align(x, per_image, (size, size), 1 / 16, 2, aligned=False)).abs().max()
-            )  # fmt: skip
-        times = ab({"torchvision.ops.roi_align": theirs, "grid_sample": ours}, range(ROI_REPEATS))
-        per = [
-            o / t
-            for o, t in zip(times["grid_sample"], times["torchvision.ops.roi_align"], strict=True)
-        ]
-        rows.append(
-            {
-                "RoIAlign, forward + backward": f"{head}: {rois} RoIs, {size}x{size}",
-                "torchvision ms": ms(times["torchvision.ops.roi_align"]),
-                "torchvision spread": spread(times["torchvision.ops.roi_align"]),
-                "grid_sample ms": ms(times["grid_sample"]),
-                "grid_sample spread": spread(times["grid_sample"]),
-                "grid_sample / torchvision": statistics.median(per),
-                "max abs difference": diff,
-            }
-        )
-    return rows
-
-
 def run(ctx: Ctx) -> dict:
     rows, targets, notes = [], [], []
     for name in (
@@ -183,33 +135,16 @@ def run(ctx: Ctx) -> dict:
             f"iterations (one warm-up each); same detections per photo: "
             f"{'yes' if info['same_detections'] else 'NO'} ({t:.0f} s)"
         )
-    roi_rows = _roi_align_rows()
-    for r in roi_rows:
-        targets.append(
-            {
-                "name": f"grid_sample RoIAlign / torchvision.ops.roi_align, fwd+bwd, "
-                f"{r['RoIAlign, forward + backward']}",
-                "value": r["grid_sample / torchvision"],
-                "target": "< 1 (else remove it)",
-                "holds": r["grid_sample / torchvision"] < 1.0,
-            }
-        )
     detector_cols = list(rows[0])
     return {
         "title": "6. Peer: rcnnops vs torchvision's detectors, same photos, same weights",
         "paper": "-",
-        "tables": [
-            {"columns": detector_cols, "rows": rows},
-            {"columns": list(roi_rows[0]), "rows": roi_rows},
-        ],
         "columns": detector_cols,
-        "rows": rows + roi_rows,
+        "rows": rows,
         "targets": targets,
         "notes": notes
         + [
             "from-scratch configuration on both sides (weights=None: trainable BatchNorm, "
             "every backbone stage trained); training: 2 photos, 3 fixed boxes each, SGD",
-            f"RoIAlign: {ROI_REPEATS - 1} timed repeats (one warm-up) on a [2, 256, 50, 84] "
-            "map (800x1333 at stride 16), sampling ratio 2, torchvision's aligned=False",
         ],
     }

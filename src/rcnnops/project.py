@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from rcnnops.errors import UserError
@@ -41,12 +43,14 @@ def dvc(
     capture: bool = False,
     timeout: float | None = None,
     extra_env: dict[str, str] | None = None,
+    on_line: Callable[[str], None] | None = None,
 ) -> subprocess.CompletedProcess:
     """Run ``dvc ARGS`` in ``project`` with this interpreter (``extra_env`` added
     to its environment).
 
-    Without ``capture`` the output streams through (progress stays visible) and
-    its last lines go into the :class:`StageError` raised on failure.
+    Without ``capture`` the output streams through (progress stays visible), each
+    finished line goes to ``on_line``, and the last lines go into the
+    :class:`StageError` raised on failure.
     """
     # --wait-for-lock: the flow runs stages of several variants at once; DVC
     # releases its repo lock while a stage's command runs and takes it briefly
@@ -59,7 +63,7 @@ def dvc(
         out = (proc.stdout or "") + (proc.stderr or "")
     else:
         # Stream raw bytes so progress bars (carriage returns) stay live; keep a tail.
-        tail = bytearray()
+        tail, line = bytearray(), bytearray()
         with subprocess.Popen(
             cmd, cwd=project, env=env(extra_env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         ) as p:
@@ -72,6 +76,11 @@ def dvc(
                     sys.stdout.write(chunk.decode(errors="replace"))
                 sys.stdout.flush()
                 tail = (tail + chunk)[-16384:]
+                if on_line is not None:
+                    *done, rest = (line + chunk).split(b"\n")
+                    for ln in done:
+                        on_line(ln.decode(errors="replace").rstrip("\r"))
+                    line = bytearray(rest[-16384:])  # progress bars: no newline for long
             code = p.wait(timeout=timeout)
         out = tail.decode(errors="replace").replace("\r", "\n")
         proc = subprocess.CompletedProcess(cmd, code, out, "")
@@ -178,23 +187,31 @@ def is_stale(project: Path, stage: str) -> bool:
     return bool(json.loads(proc.stdout or "{}"))
 
 
+_RAN = re.compile(r"^Running stage '(.+)':$")
+
+
 def repro(
     project: Path,
-    stage: str,
+    stages: str | Sequence[str],
     force: bool = False,
     extra_env: dict[str, str] | None = None,
-    known_stale: bool = False,
-) -> bool:
-    """``dvc repro --single-item STAGE`` (the flow orders stages itself).
+) -> list[str]:
+    """``dvc repro --single-item STAGE...``: one DVC process runs the stages in the
+    order given (the flow orders stages itself), each only if it is stale.
 
-    Returns True when the stage ran, False when DVC found it up to date.
-    ``known_stale``: the caller already knows (from :func:`status`) that it is,
-    which saves a ``dvc status`` call (about a second and a half)."""
-    stale = force or known_stale or is_stale(project, stage)
-    if stale:
-        args = ("repro", "--single-item", stage, *(["--force"] if force else []))
-        dvc(project, *args, extra_env=extra_env)
-    return stale
+    Returns the stages that ran (DVC's "Running stage" lines), in order; the
+    others DVC found up to date. One process for several stages saves DVC's start
+    and its look at the project (a second or two each)."""
+    stages = [stages] if isinstance(stages, str) else list(stages)
+    ran: list[str] = []
+
+    def seen(line: str) -> None:
+        if (m := _RAN.match(line)) and m.group(1) in stages:
+            ran.append(m.group(1))
+
+    args = ("repro", "--single-item", *stages, *(["--force"] * force))
+    dvc(project, *args, extra_env=extra_env, on_line=seen)
+    return ran
 
 
 def status(project: Path) -> dict:

@@ -260,3 +260,28 @@ def test_slots_a_killed_run_left_held_are_reclaimed(harness, tmp_path, monkeypat
             proc.wait()
         assert slots.reclaim_leaked_slots(client, lock) == 1 and held() == 0
         os.close(slots._flows_fd)
+
+
+def test_a_stage_says_when_other_runs_hold_every_slot(harness):
+    """A stage that must wait for another run's stage says so, naming the limit
+    and how full it is; with a slot free it says nothing."""
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+
+    from pipelines import slots
+
+    plan = slots.plan(1, "cpu", gpu_ids=())
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(slots.STAGES_LIMIT, 1)
+        client.update_global_concurrency_limit(
+            slots.STAGES_LIMIT, GlobalConcurrencyLimitUpdate(active_slots=0)
+        )
+        assert slots._taken(plan) == ""
+        client.update_global_concurrency_limit(
+            slots.STAGES_LIMIT, GlobalConcurrencyLimitUpdate(active_slots=1)
+        )
+        try:
+            assert slots._taken(plan) == "rcnnops-stages 1 of 1"
+        finally:
+            client.update_global_concurrency_limit(
+                slots.STAGES_LIMIT, GlobalConcurrencyLimitUpdate(active_slots=0)
+            )

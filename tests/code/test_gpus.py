@@ -5,6 +5,7 @@ recorded instead of running ``dvc repro``. The lease tests run in ``make test``;
 the flow tests (a Prefect test server, ~45 s) in the scale suite (``-m scale``,
 part of ``make test-ci``)."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -120,7 +121,12 @@ class Recorder:
         self.two_started = threading.Event()
         self.lock = threading.Lock()
 
-    def __call__(self, project, stage, force=False, extra_env=None, known_stale=False):
+    def __call__(self, project, stages, force=False, extra_env=None):
+        for stage in stages:
+            self._one(stage, extra_env)
+        return list(stages)
+
+    def _one(self, stage, extra_env):
         with self.lock:  # start order and start times agree
             start = time.monotonic()
             self.started += stage.startswith("train@")
@@ -138,7 +144,6 @@ class Recorder:
                 self.barrier.wait()  # BrokenBarrierError: fewer ran at once than expected
             time.sleep(self.seconds)
         self._record(stage, extra_env, start)
-        return True
 
     def _record(self, stage, env, start):
         gpus_seen = (env or {}).get("CUDA_VISIBLE_DEVICES", "")
@@ -170,6 +175,40 @@ def _overlap(a: dict, b: dict) -> bool:
 
 
 VARIANTS = ["rcnn", "fast_rcnn", "faster_rcnn", "mask_rcnn"]
+
+
+def test_one_stage_at_a_time_queues_in_the_flow_not_on_prefect(harness, tmp_path, monkeypatch):
+    """On a CPU (one stage at a time) the flow's own stages queue in-process: a
+    stage asks Prefect's limit for its slot only once the one before it has given
+    its slot back, so none of them polls Prefect (whose Retry-After is the limit's
+    average occupancy, up to 30 s) for a slot its own flow holds."""
+    import prefect.concurrency.sync
+
+    real, inside, asked_while_inside = prefect.concurrency.sync.concurrency, [], []
+    lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def recording(*args, **kwargs):
+        with lock:  # how many of the flow's stages were asking for or holding a slot
+            asked_while_inside.append(len(inside))
+            inside.append(1)
+        try:
+            with real(*args, **kwargs):
+                yield
+        finally:
+            with lock:
+                inside.pop()
+
+    monkeypatch.setattr(prefect.concurrency.sync, "concurrency", recording)
+    rec = Recorder(seconds=1.0)
+    monkeypatch.setattr(dvcproj, "repro", rec)
+    plan = slots.plan("auto", "cpu", gpu_ids=())
+    states = _run_stages(tmp_path, VARIANTS[:3], plan)
+    assert all(s.is_completed() for s in states)
+    trains = rec.trains()
+    assert len(trains) == 3
+    assert not any(_overlap(a, b) for a in trains for b in trains if a is not b)
+    assert asked_while_inside == [0, 0, 0]
 
 
 @pytest.mark.scale

@@ -162,39 +162,3 @@ def test_compress_refuses_a_box_head_without_fc_layers():
     model = build_model("rcnn", 3, {"warp_size": 16, "context": 1, "width": 8} | TINY_HEAD)
     with pytest.raises(ValueError, match=r"RCNN's box head \(CropNet\) has no FC layer"):
         compress(model, 8)
-
-
-@pytest.mark.parametrize("sampling_ratio", [1, 2])
-def test_our_roi_align_equals_torchvision_values_and_gradients(sampling_ratio):
-    from torchvision.ops import roi_align
-
-    from rcnnops.models.roi import RoIAlign
-
-    g = torch.Generator().manual_seed(0)
-    feats = torch.randn(2, 5, 9, 11, generator=g, dtype=torch.float64)
-    boxes = [
-        torch.tensor(
-            [
-                [0.0, 0.0, 40.0, 36.0],  # the whole image (stride 4)
-                [3.3, 7.9, 5.1, 9.0],  # smaller than a feature pixel
-                [-6.0, -6.0, 10.0, 10.0],  # partly outside: border and zero regions
-                [30.0, 20.0, 60.0, 50.0],  # past the right and bottom edges
-            ],
-            dtype=torch.float64,
-        ),
-        torch.zeros((0, 4), dtype=torch.float64),  # an image without boxes
-    ]
-    image_sizes = [(36, 44), (36, 44)]
-    ours = RoIAlign("0", 7, sampling_ratio)
-    ref = roi_pooler(["0", "1"][:1], 7, "align", sampling_ratio)
-    assert isinstance(ref, RoIAlign)  # single map: our op is the one models use
-    a_in = feats.clone().requires_grad_(True)
-    b_in = feats.clone().requires_grad_(True)
-    a = ours({"0": a_in}, boxes, image_sizes)
-    b = roi_align(b_in, [boxes[0]], (7, 7), 0.25, sampling_ratio, aligned=False)
-    assert a.shape == (4, 5, 7, 7)
-    torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
-    w = torch.randn(a.shape, generator=g, dtype=torch.float64)
-    (a * w).sum().backward()
-    (b * w).sum().backward()
-    torch.testing.assert_close(a_in.grad, b_in.grad, rtol=0, atol=1e-12)

@@ -1,8 +1,6 @@
 """``python -m rcnnops.cli``: the stage and registry commands (torchrun starts
 ``train`` this way). The full ``rcnnops`` command adds ``run`` and ``schedule``."""
 
-import sys
+from rcnnops.cli import exit_now, main
 
-from rcnnops.cli import main
-
-sys.exit(main())
+exit_now(main())

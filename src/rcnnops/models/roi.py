@@ -11,7 +11,6 @@ import math
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection.faster_rcnn import FastRCNNConvFCHead, TwoMLPHead
 from torchvision.models.detection.roi_heads import RoIHeads
@@ -49,78 +48,6 @@ def _single_map_scale(x: torch.Tensor, image_sizes: list[tuple[int, int]]) -> fl
     return 2.0 ** round(math.log2(scale))
 
 
-def roi_align_sampled(
-    x: torch.Tensor,
-    boxes: list[torch.Tensor],
-    output_size: tuple[int, int],
-    spatial_scale: float,
-    sampling_ratio: int,
-) -> torch.Tensor:
-    """RoIAlign with torchvision's semantics (``aligned=False``, a fixed
-    ``sampling_ratio`` >= 1) computed with ``grid_sample``.
-
-    Each output bin averages ``sampling_ratio**2`` bilinear samples at regular
-    points inside it (no quantisation); coordinates within one pixel outside
-    the map read the border, farther ones read 0, as in torchvision's kernel.
-    The result equals ``torchvision.ops.roi_align`` to float rounding, but the
-    backward pass is a vectorised ``grid_sample`` backward instead of a
-    single-threaded scatter: about 2x faster forward + backward on a CPU.
-    ``boxes``: one ``[R_i, 4]`` xyxy tensor per image; returns ``[sum R_i, C, *output_size]``.
-
-    Computed in fp32 whatever the features' dtype and any autocast around it (as
-    torchvision's op is under autocast): in bf16 a sampling coordinate near 100 px
-    would be rounded to the nearest 0.5 px, in fp16 near 1000 px to 0.5 px too.
-    """
-    # fp32 (or fp64 when given it): no op below is one autocast runs in a lower dtype.
-    x = x.to(torch.promote_types(x.dtype, torch.float32))
-    n, c, h, w = x.shape
-    ph, pw = output_size
-    sr = sampling_ratio
-    out = []
-    for i, b in enumerate(boxes):
-        r = len(b)
-        if r == 0:
-            out.append(x.new_zeros((0, c, ph, pw)))
-            continue
-        b = b.to(x.dtype) * spatial_scale  # boxes in x's (fp32) dtype too
-        bw = (b[:, 2] - b[:, 0]).clamp(min=1.0)
-        bh = (b[:, 3] - b[:, 1]).clamp(min=1.0)
-        tx = (torch.arange(pw * sr, device=x.device, dtype=x.dtype) + 0.5) / (pw * sr)
-        ty = (torch.arange(ph * sr, device=x.device, dtype=x.dtype) + 0.5) / (ph * sr)
-        xs = b[:, 0:1] + tx[None] * bw[:, None]  # [r, pw * sr] sample x, feature pixels
-        ys = b[:, 1:2] + ty[None] * bh[:, None]
-        gx = xs * (2.0 / max(w - 1, 1)) - 1.0  # align_corners=True: pixel k at -1 + 2k/(w-1)
-        gy = ys * (2.0 / max(h - 1, 1)) - 1.0
-        size = (r, ph * sr, pw * sr)
-        grid = torch.stack((gx[:, None, :].expand(size), gy[:, :, None].expand(size)), dim=-1)
-        grid = grid.reshape(1, r * ph * sr, pw * sr, 2)
-        o = F.grid_sample(x[i : i + 1], grid, "bilinear", "border", align_corners=True)
-        o = o.view(c, r, ph * sr, pw * sr).transpose(0, 1)
-        inside_y = ((ys >= -1.0) & (ys <= h)).to(o.dtype)
-        inside_x = ((xs >= -1.0) & (xs <= w)).to(o.dtype)
-        o = o * (inside_y[:, None, :, None] * inside_x[:, None, None, :])
-        out.append(F.avg_pool2d(o, sr) if sr > 1 else o)
-    return torch.cat(out)
-
-
-class RoIAlign(MultiScaleRoIAlign):
-    """RoIAlign over a single feature map (:func:`roi_align_sampled`); same call
-    and output as ``MultiScaleRoIAlign``, of which it is a subclass because
-    torchvision's heads type-check it."""
-
-    def __init__(self, featmap_name: str, output_size: int, sampling_ratio: int) -> None:
-        if sampling_ratio < 1:
-            raise ValueError(f"sampling_ratio must be >= 1 here, got {sampling_ratio}")
-        super().__init__([featmap_name], output_size, sampling_ratio=sampling_ratio)
-        self.featmap_name = featmap_name
-
-    def forward(self, features, boxes, image_sizes):
-        x = features[self.featmap_name]
-        return roi_align_sampled(
-            x, boxes, self.output_size, _single_map_scale(x, image_sizes), self.sampling_ratio
-        )
-
-
 ROI_OPS = ("align", "pool")
 
 
@@ -129,14 +56,11 @@ def roi_pooler(
 ) -> nn.Module:
     """RoIAlign (bilinear, Mask R-CNN) or RoIPool (max, Fast/Faster R-CNN papers).
 
-    RoIAlign picks the FPN level per box by its size; RoIPool needs a single map.
-    On a single map (the small backbone) RoIAlign is :class:`RoIAlign`, torchvision's
-    op computed faster on CPUs. An FPN's extra ``pool`` level feeds the RPN only
-    (as in torchvision's detectors): RoIs are pooled from the other levels.
+    RoIAlign (torchvision's op) picks the FPN level per box by its size; RoIPool
+    needs a single map. An FPN's extra ``pool`` level feeds the RPN only (as in
+    torchvision's detectors): RoIs are pooled from the other levels.
     """
     names = [n for n in names if n != "pool"]
-    if op == "align" and len(names) == 1 and sampling_ratio >= 1:
-        return RoIAlign(names[0], output_size, sampling_ratio)
     if op == "align":
         return MultiScaleRoIAlign(
             featmap_names=names, output_size=output_size, sampling_ratio=sampling_ratio

@@ -6,10 +6,9 @@ What is exported is the network torchvision's detectors export: one image
 input), ``labels [N]`` (1..K), ``scores [N]`` (and ``masks [N, 1, H, W]``
 probabilities for Mask R-CNN) out, after the model's own resizing, NMS and score
 threshold. Before export the model is put in torchvision's exportable form,
-numerically the same: the single-map RoIAlign becomes torchvision's op (ours
-equals it to float rounding), the autocast-only fp32 anchors and hooks are
-dropped (no-ops in fp32), and the class is torchvision's ``FasterRCNN`` /
-``MaskRCNN`` (ours only adds a check that no proposals are passed).
+numerically the same: the autocast-only fp32 anchors and hooks are dropped
+(no-ops in fp32), and the class is torchvision's ``FasterRCNN`` / ``MaskRCNN``
+(ours only adds a check that no proposals are passed).
 
 - TorchScript: ``torch.jit.script`` (torchvision's detectors are scriptable,
   tracing would freeze the detection count); every backbone here scripts.
@@ -73,21 +72,14 @@ def exportable(model: nn.Module) -> nn.Module:
     """A copy of ``model`` in torchvision's exportable form (see the module docstring)."""
     from torchvision.models.detection import faster_rcnn, mask_rcnn
     from torchvision.models.detection.anchor_utils import AnchorGenerator
-    from torchvision.ops import MultiScaleRoIAlign
 
-    from rcnnops.models import roi
     from rcnnops.models.proposals import Fp32Anchors
 
     model = copy.deepcopy(model).eval()
     for module in list(model.modules()):
         module._forward_hooks.clear()  # the fp32 casts of models/fp32.py: no-ops in fp32
         for name, child in list(module.named_children()):
-            if isinstance(child, roi.RoIAlign):
-                pooler = MultiScaleRoIAlign(
-                    [child.featmap_name], child.output_size, child.sampling_ratio
-                )
-                setattr(module, name, pooler)
-            elif isinstance(child, Fp32Anchors):
+            if isinstance(child, Fp32Anchors):
                 setattr(module, name, AnchorGenerator(child.sizes, child.aspect_ratios))
     base = mask_rcnn.MaskRCNN if isinstance(model, mask_rcnn.MaskRCNN) else faster_rcnn.FasterRCNN
     model.__class__ = base
