@@ -135,7 +135,9 @@ def run(ctx: Ctx) -> dict:
             f"one `rcnnops run` of a fresh project ({SMALL['generate.num_train']} training "
             f"images, 1 epoch per variant), {total:.0f} s in all, on {os.cpu_count()} cores; "
             "the timestamped log is benchmarks/.work/paper/overhead.log",
-            "DVC around stages: `dvc repro` starting, hashing dependencies and outputs, "
-            "writing dvc.lock and the cache for each of the 11 stages",
+            "DVC around stages: `dvc repro` starting (one for generate + prepare, one for "
+            "proposals, one per variant for train + evaluate), hashing dependencies and "
+            "outputs, writing dvc.lock and the cache for each of the 11 stages, and the wait "
+            "for each variant's stage slot",
         ],
     }
