@@ -181,6 +181,29 @@ def command(project: Path, *args: str, env_extra: dict | None = None, watch=None
     return took
 
 
+def timed_run(
+    project: Path, *args: str, log: Path | None = None
+) -> tuple[float, list[tuple[float, str]]]:
+    """Run ``rcnnops ARGS`` in ``project`` like :func:`command`, its output read line
+    by line: ``(seconds, [(t, line), ...])``, ``t`` from the start. ``log``: where the
+    timestamped lines are written (as ``[t] line``)."""
+    env = project_env(project) | {"PYTHONUNBUFFERED": "1"}
+    cmd = [str(Path(sys.executable).parent / "rcnnops"), *args]
+    start, lines = time.perf_counter(), []
+    with subprocess.Popen(
+        cmd, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as proc:
+        for line in proc.stdout:
+            lines.append((time.perf_counter() - start, line.rstrip("\n")))
+    took = time.perf_counter() - start
+    if log is not None:
+        log.write_text("\n".join(f"[{t:8.2f}] {s}" for t, s in lines))
+    if proc.returncode:
+        tail = "\n".join(line for _, line in lines[-30:])
+        raise RuntimeError(f"`rcnnops {' '.join(args)}` failed in {project}:\n{tail}")
+    return took, lines
+
+
 def load_params(project: Path):
     from rcnnops.config import load_params as load
 

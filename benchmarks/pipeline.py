@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import shutil
 
-from benchmarks.common import Context, command, new_project, stage_times
-from benchmarks.paper.overhead import breakdown, timed_run
+from benchmarks.common import Context, command, new_project, stage_times, timed_run
+from benchmarks.paper.overhead import breakdown
 
 TARGET = 0.10  # issue 17: orchestration at most 10 % of the quick project's stage time
 
@@ -21,8 +21,7 @@ TARGET = 0.10  # issue 17: orchestration at most 10 % of the quick project's sta
 def run(ctx: Context) -> dict:
     flow = new_project(ctx.work / "pipeline_flow", {})
     shutil.copy(ctx.project / "params.yaml", flow / "params.yaml")  # the bench project's
-    full, lines = timed_run(flow, "run")
-    (flow / "bench.log").write_text("\n".join(f"[{t:8.2f}] {s}" for t, s in lines))
+    full, lines = timed_run(flow, "run", log=flow / "bench.log")
     _, inside = breakdown(lines, full)  # the stage commands' own time within that run
     stages = stage_times(ctx.project)
     by_hand = sum(stages.values())

@@ -1,6 +1,10 @@
 """Orchestration (Prefect only): the retraining flow, schedules, concurrency
 slots, and the `rcnnops` command that starts them."""
 
+from __future__ import annotations
+
+import threading
+
 
 def patient_ephemeral_api(seconds: int = 120) -> None:
     """Give Prefect's ephemeral API up to ``seconds`` to start (its default, 20 s,
@@ -13,14 +17,13 @@ def patient_ephemeral_api(seconds: int = 120) -> None:
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", str(seconds))
 
 
-def start_ephemeral_api():
+def start_ephemeral_api() -> threading.Thread:
     """Start Prefect's ephemeral API in a background thread, so that its server
     process (about 8 s to come up on a 2-core machine) starts while the flow's
     modules import; join the returned thread before running the flow. Nothing
     to do when a Prefect server is configured (``PREFECT_API_URL``). A failure
     is left for the flow's own start, which retries and reports it."""
     import contextlib
-    import threading
 
     def start() -> None:
         from prefect.settings import PREFECT_API_URL

@@ -109,11 +109,9 @@ def train_and_evaluate(
         return []
     root, env = Path(project), slots.threads()
     with ExitStack() as held:
-        held.enter_context(stage_slots.hold(slots, f"train@{variant}", get_run_logger()))
+        held.enter_context(stage_slots.hold(slots, stages[0], get_run_logger()))
         if slots.on_gpu:
-            leased = held.enter_context(
-                gpus.lease(slots.gpus_per_stage, f"train@{variant}", slots.gpu_ids)
-            )
+            leased = held.enter_context(gpus.lease(slots.gpus_per_stage, stages[0], slots.gpu_ids))
             env["CUDA_VISIBLE_DEVICES"] = ",".join(leased)
             get_run_logger().info("train@%s, evaluate@%s on GPU %s", variant, variant, leased)
         ran = dvcproj.repro(root, stages, extra_env=env)

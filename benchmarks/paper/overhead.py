@@ -16,12 +16,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
-import time
-from pathlib import Path
 
-from benchmarks.common import REPO, new_project, project_env
+from benchmarks.common import REPO, new_project, timed_run
 from benchmarks.paper.common import Ctx
 
 SMALL = {  # bench-quick's settings (benchmarks.setup.QUICK) on fewer images
@@ -33,23 +29,6 @@ SMALL = {  # bench-quick's settings (benchmarks.setup.QUICK) on fewer images
 }
 _TASK_END = re.compile(r"Task run '([a-z-]+)-[0-9a-f]+' - Finished in state")
 _FLOW_START = re.compile(r"Beginning flow run")
-
-
-def timed_run(project: Path, *args: str) -> tuple[float, list[tuple[float, str]]]:
-    """``rcnnops ARGS`` in ``project``: (seconds, [(t, line), ...])."""
-    env = project_env(project) | {"PYTHONUNBUFFERED": "1"}
-    cmd = [str(Path(sys.executable).parent / "rcnnops"), *args]
-    start, lines = time.perf_counter(), []
-    with subprocess.Popen(
-        cmd, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    ) as proc:
-        for line in proc.stdout:
-            lines.append((time.perf_counter() - start, line.rstrip("\n")))
-    took = time.perf_counter() - start
-    if proc.returncode:
-        tail = "\n".join(line for _, line in lines[-30:])
-        raise RuntimeError(f"`rcnnops {' '.join(args)}` failed in {project}:\n{tail}")
-    return took, lines
 
 
 def breakdown(lines: list[tuple[float, str]], total: float) -> tuple[dict, float]:
@@ -90,8 +69,7 @@ def breakdown(lines: list[tuple[float, str]], total: float) -> tuple[dict, float
 
 def run(ctx: Ctx) -> dict:
     project = new_project(ctx.work / "overhead", SMALL)
-    total, lines = timed_run(project, "run")
-    (ctx.work / "overhead.log").write_text("\n".join(f"[{t:8.2f}] {s}" for t, s in lines))
+    total, lines = timed_run(project, "run", log=ctx.work / "overhead.log")
     parts, commands = breakdown(lines, total)
     overhead = total - commands
     rows = [{"part": k, "seconds": v, "share of overhead": v / overhead} for k, v in parts.items()]
