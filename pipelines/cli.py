@@ -37,19 +37,18 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not args.force and (summary := _up_to_date(args)):
             print(summary)
             return 0
-        from pipelines import flush_logs, patient_ephemeral_api, start_ephemeral_api
+        from pipelines.local_api import local_api
 
-        patient_ephemeral_api()
-        api = start_ephemeral_api()  # Prefect: only when there is work
-        from pipelines.retrain import retrain
+        with local_api():  # Prefect: only when there is work
+            from pipelines import flush_logs
+            from pipelines.retrain import retrain
 
-        api.join()
-        try:
-            decisions = retrain(
-                project=".", variants=args.variants or None, push_to_remote=not args.no_push
-            )
-        finally:
-            flush_logs()
+            try:
+                decisions = retrain(
+                    project=".", variants=args.variants or None, push_to_remote=not args.no_push
+                )
+            finally:
+                flush_logs()
     for d in decisions:
         outcome = "champion" if d["promoted"] else "kept previous champion"
         print(f"{d['name']} v{d['version']}: {outcome} ({d['reason']})")

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipelines import gpus as gpu_leases
+from pipelines import local_api
 
 STAGES_LIMIT = "rcnnops-stages"
 GPU_LIMIT = "gpu"
@@ -130,8 +131,8 @@ def ensure_limits(slots: Slots) -> int:
         client.upsert_global_concurrency_limit_by_name(STAGES_LIMIT, slots.parallel)
         if slots.on_gpu:
             client.upsert_global_concurrency_limit_by_name(GPU_LIMIT, slots.gpus)
-        if PREFECT_API_URL.value():  # a Prefect server: its repossessor expires leases
-            return 0
+        if PREFECT_API_URL.value() and not local_api.running():
+            return 0  # a Prefect server: its repossessor expires leases
         return reclaim_leaked_slots(client, Path(PREFECT_HOME.value()) / FLOWS_LOCK)
 
 

@@ -1,0 +1,167 @@
+"""Prefect's temporary local API for one ``rcnnops run``, started at once.
+
+With no ``PREFECT_API_URL`` configured, a flow needs Prefect's "ephemeral" API:
+a server process on 127.0.0.1 for the life of the run, on the SQLite database
+in ``$PREFECT_HOME``. Prefect starts it lazily, from the flow's own process,
+after importing the whole server there (about 4 s of CPU on 2 cores) only to
+spawn a process that imports it again. Here the same server (the same uvicorn
+command and environment Prefect uses) is spawned before Prefect is imported,
+so it comes up while the flow's modules load, and the flow runs against it
+through ``PREFECT_API_URL`` in Prefect's settings context (no Prefect UI link is
+printed: the temporary server serves no UI).
+
+When Prefect's settings (environment, profile, ``prefect.toml``) name an API,
+or ephemeral mode is switched off, the speculatively started server is stopped
+and Prefect's own resolution applies unchanged. The server process gets
+``SIGTERM`` if this process dies (Linux ``PR_SET_PDEATHSIG``), so a killed run
+leaves no server behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+PORT_TAKEN = 3  # uvicorn's exit code when it cannot bind
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# The server's entry point: on Linux it first asks for SIGTERM when its parent
+# dies (PR_SET_PDEATHSIG; exits at once if the parent is already gone), then runs
+# uvicorn as ``python -m uvicorn`` would.
+_SERVE = """
+import ctypes, os, runpy, signal, sys
+parent = int(sys.argv.pop(1))
+if sys.platform.startswith("linux"):
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+    if os.getppid() != parent:
+        sys.exit(0)
+sys.argv[0] = "uvicorn"
+runpy.run_module("uvicorn", run_name="__main__", alter_sys=True)
+"""
+
+
+class LocalAPI:
+    """A Prefect API server process on 127.0.0.1; :meth:`wait` until it answers."""
+
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.process = self._spawn()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/api"
+
+    def _spawn(self) -> subprocess.Popen:
+        spec = importlib.util.find_spec("prefect")
+        assert spec is not None and spec.origin is not None
+        env = os.environ | {
+            "PREFECT_UI_ENABLED": "0",
+            "PREFECT__SERVER_EPHEMERAL": "1",
+            "PREFECT__SERVER_FINAL": "1",
+        }
+        argv = [sys.executable, "-c", _SERVE, str(os.getpid())]
+        argv += ["--app-dir", str(Path(spec.origin).parents[1])]
+        argv += ["--factory", "prefect.server.api.server:create_app"]
+        argv += ["--host", "127.0.0.1", "--port", str(self.port)]
+        argv += ["--log-level", "error", "--lifespan", "on"]
+        return subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL)
+
+    def wait(self, timeout: float) -> None:
+        """Until ``/health`` answers; a port taken meanwhile is retried on another.
+        Raises ``RuntimeError`` naming the server's exit code or the timeout."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            code = self.process.poll()
+            if code == PORT_TAKEN:
+                self.port = _free_port()
+                self.process = self._spawn()
+            elif code is not None:
+                raise RuntimeError(
+                    f"Prefect's local API server exited with code {code} before answering "
+                    f"(its output is above); set PREFECT_API_URL to use a running server"
+                )
+            if self._healthy():
+                return
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(
+            f"Prefect's local API server did not answer within {timeout:.0f} s "
+            "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); set PREFECT_API_URL "
+            "to use a running server"
+        )
+
+    def _healthy(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as answer:
+                return answer.status == 200
+        except OSError:  # refused, reset, timed out, an HTTP error status
+            return False
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+_running: LocalAPI | None = None
+
+
+def running() -> bool:
+    """Whether this process's flow runs on a temporary local API (ours)."""
+    return _running is not None
+
+
+@contextlib.contextmanager
+def local_api(startup_timeout: float = 120) -> Iterator[str | None]:
+    """Run the enclosed flow on a temporary local Prefect API unless Prefect's
+    settings name one; yields the URL in use (``None``: Prefect's own choice).
+
+    Enter it before Prefect is imported: the server starts first, Prefect's
+    settings are read while it comes up. A
+    ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS`` in the environment
+    overrides ``startup_timeout``."""
+    global _running
+    api = None if os.environ.get("PREFECT_API_URL") else LocalAPI()
+    try:
+        from prefect.settings import (
+            PREFECT_API_URL,
+            PREFECT_SERVER_ALLOW_EPHEMERAL_MODE,
+            PREFECT_UI_URL,
+            temporary_settings,
+        )
+
+        if api is not None and (
+            PREFECT_API_URL.value() or not PREFECT_SERVER_ALLOW_EPHEMERAL_MODE.value()
+        ):
+            api.stop()
+            api = None
+        if api is None:
+            yield None
+            return
+        timeout = os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")
+        api.wait(float(timeout) if timeout else startup_timeout)
+        _running = api
+        with temporary_settings({PREFECT_API_URL: api.url, PREFECT_UI_URL: ""}):
+            yield api.url
+    finally:
+        _running = None
+        if api is not None:
+            api.stop()

@@ -1,0 +1,110 @@
+"""The temporary local Prefect API of ``rcnnops run`` (:mod:`pipelines.local_api`):
+a real server process on 127.0.0.1 that the flow runs against, stopped with the
+run, and never left behind by a killed run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from pipelines.local_api import local_api
+
+
+def _gone(pid: int, within: float) -> bool:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.fixture(scope="module")
+def prefect_home(tmp_path_factory):
+    """One Prefect home (database) for the module: a new one costs ~15 s of migrations."""
+    return tmp_path_factory.mktemp("prefect")
+
+
+@pytest.fixture
+def unconfigured(prefect_home, monkeypatch):
+    """No API named anywhere, as on a fresh machine (even after the test harness)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(prefect_home))
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        yield prefect_home
+
+
+def test_a_flow_runs_on_the_local_api_which_stops_with_it(unconfigured):
+    from prefect import flow, task
+    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+
+    import pipelines.local_api as module
+
+    @task
+    def api_in_a_task() -> str | None:
+        return PREFECT_API_URL.value()
+
+    @flow
+    def probe() -> list:
+        return [api_in_a_task(), api_in_a_task.submit().result(), PREFECT_UI_URL.value()]
+
+    with local_api() as url:
+        server = module._running.process
+        assert url == f"http://127.0.0.1:{module._running.port}/api" and module.running()
+        assert httpx.get(f"{url}/health").status_code == 200
+        assert probe() == [url, url, ""]  # every thread on it; no UI link to a temporary server
+    assert server.poll() is not None and not module.running()
+    assert PREFECT_API_URL.value() is None
+
+
+def test_a_configured_api_is_used_and_nothing_is_started(harness, monkeypatch):
+    """Under a Prefect server named in the settings (here the test harness's), the
+    speculatively started server is stopped and Prefect's choice stands."""
+    from prefect.settings import PREFECT_API_URL
+
+    import pipelines.local_api as module
+
+    spawned = []
+    real = module.LocalAPI._spawn
+    monkeypatch.setattr(
+        module.LocalAPI, "_spawn", lambda self: spawned.append(real(self)) or spawned[-1]
+    )
+    configured = PREFECT_API_URL.value()
+    with local_api() as url:
+        assert url is None and not module.running()
+        assert PREFECT_API_URL.value() == configured
+    assert len(spawned) == 1 and spawned[0].poll() is not None
+
+
+def test_a_killed_run_leaves_no_server_behind(unconfigured):
+    script = (
+        "import sys, time\n"
+        "import pipelines.local_api as m\n"
+        "with m.local_api() as url:\n"
+        "    print(m._running.process.pid, flush=True); time.sleep(120)\n"
+    )
+    run = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        server = int(run.stdout.readline())
+    finally:
+        run.kill()
+        run.wait()
+    assert _gone(server, within=15), f"the local API server (pid {server}) outlived its run"
+
+
+def test_a_server_that_cannot_start_is_an_error_naming_the_way_out(unconfigured, monkeypatch):
+    import pipelines.local_api as module
+
+    monkeypatch.setattr(module, "_SERVE", "import sys; sys.exit(7)")
+    with pytest.raises(RuntimeError, match="exited with code 7.*PREFECT_API_URL"), local_api():
+        pass
+    assert not module.running()
