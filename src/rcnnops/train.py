@@ -174,6 +174,7 @@ def _log_weights(report: LoadReport, out_dir: Path) -> None:
             "pretrained.loaded": len(report.loaded),
             "pretrained.reinitialised": len(report.reinitialised),
             "pretrained.unused": len(report.unused),
+            "pretrained.by_name": len(report.by_name),
         }
     )
     tracking.log_artifact(write_report(report, out_dir / "weights.json"), "training")
@@ -213,7 +214,7 @@ def _run(params: Params, variant: str, world: World, device: torch.device, progr
     model = build_model(variant, data.labels.num_classes + 1, vp.model)
     weights = None
     if vp.model.get("pretrained"):  # before any training: a missing file stops here
-        weights = load_pretrained(model, vp.model["pretrained"])
+        weights = load_pretrained(model, vp.model["pretrained"], data.labels.names)
         if world.main:
             print(weights.summary())
     precision = resolve_amp(vp.amp, device).name

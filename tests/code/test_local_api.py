@@ -26,21 +26,21 @@ def _gone(pid: int, within: float) -> bool:
     return False
 
 
-@pytest.fixture(scope="module")
-def prefect_home(tmp_path_factory):
-    """One Prefect home (database) for the module: a new one costs ~15 s of migrations."""
-    return tmp_path_factory.mktemp("prefect")
-
-
 @pytest.fixture
-def unconfigured(prefect_home, monkeypatch):
-    """No API named anywhere, as on a fresh machine (even after the test harness)."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+def unconfigured(harness, monkeypatch):
+    """No API named anywhere, as on a fresh machine. The server it gets uses the
+    test harness's database (already migrated: a new one costs ~15 s)."""
+    from prefect.settings import (
+        PREFECT_API_URL,
+        PREFECT_SERVER_DATABASE_CONNECTION_URL,
+        temporary_settings,
+    )
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    monkeypatch.setenv("PREFECT_HOME", str(prefect_home))
+    database = PREFECT_SERVER_DATABASE_CONNECTION_URL.value()
+    monkeypatch.setenv("PREFECT_SERVER_DATABASE_CONNECTION_URL", database)
     with temporary_settings(restore_defaults={PREFECT_API_URL}):
-        yield prefect_home
+        yield
 
 
 def test_a_flow_runs_on_the_local_api_which_stops_with_it(unconfigured):

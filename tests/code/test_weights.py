@@ -172,3 +172,54 @@ def test_unknown_weights_name_and_missing_file(torch_home, tmp_path):
         load_pretrained(model, "torchvision:NoSuch_Weights.V9")
     with pytest.raises(WeightsError, match="pretrained weights file not found"):
         load_pretrained(model, tmp_path / "nope.pth")
+
+
+PREDICTOR_ROWS = [  # (tensor, rows per class)
+    ("roi_heads.box_predictor.cls_score.weight", 1),
+    ("roi_heads.box_predictor.cls_score.bias", 1),
+    ("roi_heads.box_predictor.bbox_pred.weight", 4),
+    ("roi_heads.box_predictor.bbox_pred.bias", 4),
+    ("roi_heads.mask_predictor.mask_fcn_logits.weight", 1),
+    ("roi_heads.mask_predictor.mask_fcn_logits.bias", 1),
+]
+
+
+def test_coco_weights_keep_the_rows_of_the_classes_they_share_by_name(torch_home, tmp_path):
+    """Fine-tuning COCO weights on people, widgets and dogs: every class predictor
+    (scores, box deltas, masks) starts with COCO's background, person and dog rows;
+    the widget's rows are the builder's. A local file has no category list: its
+    predictors are re-initialised whole."""
+    torch.manual_seed(0)
+    state = tvm.detection.maskrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict()
+    name = "MaskRCNN_ResNet50_FPN_Weights.COCO_V1"
+    spec = place(name, state)
+    coco = get_weight(name).meta["categories"]
+    person, dog = coco.index("person"), coco.index("dog")
+    _, arch, _ = TORCHVISION_DETECTORS["maskrcnn_resnet50_fpn"]
+    model = build_model("mask_rcnn", 4, arch | {"pretrained": spec})
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+
+    report = load_pretrained(model, spec, ["Person", "widget", "dog"])
+
+    got = model.state_dict()
+    for key, per in PREDICTOR_ROWS:
+
+        def row(t, i, per=per):
+            return t[i * per : (i + 1) * per]
+
+        assert got[key].shape[0] == 4 * per
+        assert torch.equal(row(got[key], 0), row(state[key], 0)), key  # background
+        assert torch.equal(row(got[key], 1), row(state[key], person)), key
+        assert torch.equal(row(got[key], 2), row(fresh[key], 2)), key  # widget: new
+        assert torch.equal(row(got[key], 3), row(state[key], dog)), key
+    assert sorted(report.by_name) == sorted(k for k, _ in PREDICTOR_ROWS)
+    assert not report.reinitialised and set(report.by_name) <= set(report.loaded)
+    assert report.by_name["roi_heads.box_predictor.cls_score.weight"] == (
+        "2 of 3 classes from the file's (Person, dog); new, from the builder: widget"
+    )
+    assert "rows by class name: 2 of 3 classes" in report.summary()
+
+    local = tmp_path / "coco.pt"
+    torch.save(state, local)
+    again = load_pretrained(build_model("mask_rcnn", 4, arch), local, ["person", "widget", "dog"])
+    assert not again.by_name and sorted(again.reinitialised) == sorted(k for k, _ in PREDICTOR_ROWS)

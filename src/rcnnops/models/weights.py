@@ -16,12 +16,20 @@ predictor for another number of classes; detection layers a classification
 file does not have), and which of the file's tensors are not used and why (a
 classifier's head). Anything else that does not fit is an error naming the
 tensors, never a silent skip.
+
+A torchvision detector's class predictors for another set of classes keep the
+rows of the classes both share, matched by name against the weights' own
+category list (``person``, ``dog``, ... for COCO_V1): fine-tuning COCO weights
+on photos of people and dogs starts from COCO's person and dog outputs, and
+only the classes COCO lacks start from the builder's initialisation. The
+report lists which classes were matched.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,6 +58,7 @@ class LoadReport:
     file: str
     loaded: list[str] = field(default_factory=list)
     reinitialised: dict[str, str] = field(default_factory=dict)  # model tensor -> why
+    by_name: dict[str, str] = field(default_factory=dict)  # predictor -> classes matched
     unused: dict[str, str] = field(default_factory=dict)  # file tensor -> why
 
     def summary(self) -> str:
@@ -58,7 +67,12 @@ class LoadReport:
             f"pretrained {self.source} ({self.file}): {len(self.loaded)} tensors loaded, "
             f"{len(self.reinitialised)} re-initialised, {len(self.unused)} of the file unused"
         ]
-        for title, entries in (("re-initialised", self.reinitialised), ("unused", self.unused)):
+        parts = (
+            ("rows by class name", self.by_name),
+            ("re-initialised", self.reinitialised),
+            ("unused", self.unused),
+        )
+        for title, entries in parts:
             for why, keys in _group(entries).items():
                 lines.append(f"  {title}: {why}: {_names(keys)}")
         return "\n".join(lines)
@@ -69,6 +83,7 @@ class LoadReport:
             "file": self.file,
             "loaded": self.loaded,
             "reinitialised": self.reinitialised,
+            "by_name": self.by_name,
             "unused": self.unused,
         }
 
@@ -137,16 +152,21 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_pretrained(model: nn.Module, spec: str | Path) -> LoadReport:
+def load_pretrained(
+    model: nn.Module, spec: str | Path, classes: Sequence[str] | None = None
+) -> LoadReport:
     """Load ``spec`` (see the module docstring) into ``model``; the report says what
-    happened to every tensor. :class:`WeightsError` when the file does not fit."""
+    happened to every tensor. ``classes``: the model's class names (labels 1..K),
+    to keep the predictor rows of the classes a torchvision detector's weights
+    share with it. :class:`WeightsError` when the file does not fit."""
     path = resolve(str(spec))
     state = read_state_dict(path)
     report = LoadReport(str(spec), str(path))
     own = model.state_dict()
     body = getattr(model, "classification_body", BODY)
     if any(k.split(".")[0] in DETECTOR_MODULES for k in state):
-        mapped = _detector(state, own, report)
+        matcher = ClassRows(categories(str(spec)), classes)
+        mapped = _detector(state, own, report, matcher)
     else:
         mapped = _classifier(state, own, report, body)
     _check_missing(own, mapped, report, body)
@@ -155,14 +175,60 @@ def load_pretrained(model: nn.Module, spec: str | Path) -> LoadReport:
     return report
 
 
-def _detector(state: dict, own: dict, report: LoadReport) -> dict:
-    """A detector's tensors under the same names; predictors for another number of
-    classes are re-initialised; tensors of parts this variant lacks are unused."""
+def categories(spec: str) -> list[str] | None:
+    """The class of each output row of a torchvision detector's weights (its
+    ``meta["categories"]``, background first); ``None`` for a local file."""
+    if not spec.startswith(PREFIX):
+        return None
+    from torchvision.models import get_weight
+
+    return list(get_weight(spec.removeprefix(PREFIX)).meta.get("categories", [])) or None
+
+
+@dataclass(frozen=True)
+class ClassRows:
+    """Predictor rows of the classes a file and a model share, by name.
+
+    ``file``: the file's output classes (row order, background first);
+    ``model``: the model's class names for labels 1..K (row 0 is background)."""
+
+    file: list[str] | None
+    model: Sequence[str] | None
+    NOT_CLASSES = ("__background__", "N/A")  # COCO_V1's placeholders
+
+    def take(self, value: torch.Tensor, init: torch.Tensor) -> tuple[torch.Tensor, str] | None:
+        """``init`` with the shared classes' rows taken from ``value`` (1 row per
+        class for scores and masks, 4 for box deltas), and what was matched; ``None``
+        when nothing is shared or the shapes are not per-class rows."""
+        if not self.file or not self.model:
+            return None
+        per, extra = divmod(value.shape[0], len(self.file))
+        if extra or per == 0 or init.shape != (per * (len(self.model) + 1), *value.shape[1:]):
+            return None
+        index = {n.lower(): i for i, n in enumerate(self.file) if n not in self.NOT_CLASSES}
+        pairs = [(j, index[c.lower()]) for j, c in enumerate(self.model, 1) if c.lower() in index]
+        if not pairs:
+            return None
+        out = init.clone()
+        for j, i in [(0, 0), *pairs]:  # background's row too
+            out[j * per : (j + 1) * per] = value[i * per : (i + 1) * per]
+        shared = [self.model[j - 1] for j, _ in pairs]
+        new = [c for c in self.model if c.lower() not in index]
+        why = f"{len(shared)} of {len(self.model)} classes from the file's ({_names(shared)})"
+        return out, why + (f"; new, from the builder: {_names(new)}" if new else "")
+
+
+def _detector(state: dict, own: dict, report: LoadReport, matcher: ClassRows) -> dict:
+    """A detector's tensors under the same names; predictors for other classes keep
+    the rows of the classes shared by name (see :class:`ClassRows`) or are
+    re-initialised; tensors of parts this variant lacks are unused."""
     mapped, wrong = {}, []
     have = {k.split(".")[0] for k in own}
     for key, value in state.items():
         if key in own and own[key].shape == value.shape:
             mapped[key] = value
+        elif key in own and key.startswith(PREDICTORS) and (rows := matcher.take(value, own[key])):
+            mapped[key], report.by_name[key] = rows
         elif key in own and key.startswith(PREDICTORS):
             report.reinitialised[key] = (
                 f"class predictor for {own[key].shape[0]} outputs (the file has {value.shape[0]})"
