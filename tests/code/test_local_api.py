@@ -85,6 +85,7 @@ def test_a_configured_api_is_used_and_nothing_is_started(harness, monkeypatch):
     assert len(spawned) == 1 and spawned[0].poll() is not None
 
 
+@pytest.mark.scale  # a second flow process and server (~10 s): in the scale suite CI runs
 def test_a_killed_run_leaves_no_server_behind(unconfigured):
     script = (
         "import sys, time\n"
