@@ -1,8 +1,6 @@
 """Orchestration (Prefect only): the retraining flow, schedules, concurrency
 slots, and the `rcnnops` command that starts them."""
 
-from __future__ import annotations
-
 
 def patient_ephemeral_api(seconds: int = 120) -> None:
     """Give Prefect's ephemeral API up to ``seconds`` to start (its default, 20 s,

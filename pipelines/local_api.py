@@ -30,6 +30,8 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from pipelines import patient_ephemeral_api
+
 PORT_TAKEN = 3  # uvicorn's exit code when it cannot bind
 
 
@@ -130,15 +132,16 @@ def running() -> bool:
 
 
 @contextlib.contextmanager
-def local_api(startup_timeout: float = 120) -> Iterator[str | None]:
+def local_api() -> Iterator[str | None]:
     """Run the enclosed flow on a temporary local Prefect API unless Prefect's
     settings name one; yields the URL in use (``None``: Prefect's own choice).
 
     Enter it before Prefect is imported: the server starts first, Prefect's
-    settings are read while it comes up. A
-    ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS`` in the environment
-    overrides ``startup_timeout``."""
+    settings are read while it comes up. It is given
+    ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS`` to answer (see
+    :func:`pipelines.patient_ephemeral_api`)."""
     global _running
+    patient_ephemeral_api()
     api = None if os.environ.get("PREFECT_API_URL") else LocalAPI()
     try:
         from prefect.settings import (
@@ -156,8 +159,7 @@ def local_api(startup_timeout: float = 120) -> Iterator[str | None]:
         if api is None:
             yield None
             return
-        timeout = os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS")
-        api.wait(float(timeout) if timeout else startup_timeout)
+        api.wait(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
         _running = api
         with temporary_settings({PREFECT_API_URL: api.url, PREFECT_UI_URL: ""}):
             yield api.url
