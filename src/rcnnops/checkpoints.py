@@ -1,5 +1,7 @@
 """Training checkpoints: ``epoch_NNNN.pt`` files, written atomically, from which an
-interrupted training resumes when its fingerprint (params + data + code) matches.
+interrupted training resumes when its fingerprint (params + data + code) matches;
+what one holds (weights, solver, every rank's generators, :class:`Progress`) and
+how the training loop (:mod:`rcnnops.engine`) saves and restores it across ranks.
 
 The folder is deliberately not a DVC output (DVC would delete it before a rerun).
 """
@@ -10,12 +12,19 @@ import hashlib
 import os
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+from torch import nn
 
+from rcnnops import distributed
+from rcnnops.distributed import World
 from rcnnops.models.io import CheckpointError, describe_load_error
+
+if TYPE_CHECKING:
+    from rcnnops.solver import FitConfig, Solver
 
 
 def code_hash() -> str:
@@ -141,3 +150,111 @@ def set_rng_state(checkpoint: dict, rank: int, device: torch.device) -> None:
         torch.cuda.set_rng_state(cuda[rank] if rank < len(cuda) else cuda[0], device)
     elif cuda and rank == 0:
         print("the checkpoint was made on CUDA: resuming on the CPU is not bit-exact")
+
+
+@dataclass
+class Progress:
+    """Where training is: what a checkpoint stores besides weights and solver."""
+
+    epoch: int = 0
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+    steps_log: list[dict] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+    best: dict[str, Any] = field(default_factory=dict)  # epoch, value, model, stale
+
+    def improve(self, record: dict, model: nn.Module, key: str) -> None:
+        """Remember the weights of the best validated epoch by ``key`` (higher is
+        better) and count the validations since it."""
+        value = record.get(key)
+        if value is None:
+            return
+        if "value" not in self.best or value > self.best["value"]:
+            weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+            self.best = {"epoch": record["epoch"], "value": value, "model": weights, "stale": 0}
+        else:
+            self.best["stale"] += 1
+
+
+def resume_state(checkpoints: Checkpoints, fingerprint: str, world: World) -> dict | None:
+    """Rank 0 picks the checkpoint to resume from (None: start fresh) and every
+    rank gets its state, so all resume from the same one."""
+    state = None
+    if world.main:
+        found = checkpoints.latest_good()
+        if found is not None:
+            path, state = found
+            if state["fingerprint"] == fingerprint:
+                print(f"resuming from {path} (epoch {state['epoch']})")
+            else:
+                print(
+                    f"{checkpoints.folder}: checkpoints are from other params, data or code; "
+                    "training from scratch"
+                )
+                checkpoints.clear()
+                state = None
+    return distributed.broadcast(state, world)
+
+
+def restore(
+    state: dict | None,
+    model: nn.Module,
+    solver: Solver,
+    cfg: FitConfig,
+    world: World,
+    extra: dict,
+    device: torch.device,
+) -> Progress:
+    """Load a checkpoint's weights, solver, RNG and progress; or seed a fresh start
+    the same way whatever was there before."""
+    if state is None:
+        torch.manual_seed(cfg.seed + world.rank)  # ranks draw different flips and samples
+        return Progress(extra=extra)
+    model.load_state_dict(state["model"])
+    solver.opt.load_state_dict(state["optimizer"])
+    solver.sched.load_state_dict(state["scheduler"])
+    solver.scaler.load_state_dict(state["scaler"])
+    set_rng_state(state, world.rank, device)
+    return Progress(
+        state["epoch"],
+        state["step"],
+        state["history"],
+        state.get("steps_log", []),
+        state.get("extra", extra),
+        state.get("best", {}),
+    )
+
+
+def save_state(
+    checkpoints: Checkpoints,
+    p: Progress,
+    model: nn.Module,
+    solver: Solver,
+    fingerprint: str,
+    device: torch.device,
+    world: World,
+) -> None:
+    """Rank 0 saves weights, solver, every rank's RNGs (CPU, and CUDA on a GPU) and
+    the progress; no rank runs ahead of the checkpoint it would resume from."""
+    rngs = distributed.gather(rng_state(device), world)
+    if world.main:
+        cpu_rngs = [r["cpu"] for r in rngs]
+        state = {
+            "model": model.state_dict(),
+            "optimizer": solver.opt.state_dict(),
+            "scheduler": solver.sched.state_dict(),
+            "scaler": solver.scaler.state_dict(),
+            "rng": cpu_rngs[0],
+            **({"rng_ranks": cpu_rngs} if world.distributed else {}),
+            **({"cuda_rng_ranks": [r["cuda"] for r in rngs]} if "cuda" in rngs[0] else {}),
+            "precision": solver.precision.name,
+            "epoch": p.epoch,
+            "step": p.step,
+            "history": p.history,
+            "steps_log": p.steps_log,
+            "fingerprint": fingerprint,
+            "extra": p.extra,
+            "best": p.best,
+        }
+        checkpoints.save(state, p.epoch)
+    distributed.barrier(world)

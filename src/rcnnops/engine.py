@@ -12,7 +12,7 @@ import math
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from tqdm import tqdm
 
 from rcnnops import distributed
-from rcnnops.checkpoints import Checkpoints, rng_state, set_rng_state
+from rcnnops.checkpoints import Checkpoints, Progress, restore, resume_state, save_state
 from rcnnops.data.dataset import collate
 from rcnnops.distributed import World
 from rcnnops.errors import UserError
@@ -40,30 +40,6 @@ def split_proposals(targets: list[dict]) -> list | None:
     if not targets or "proposals" not in targets[0]:
         return None
     return [t.pop("proposals") for t in targets]
-
-
-@dataclass
-class Progress:
-    """Where training is: what a checkpoint stores besides weights and solver."""
-
-    epoch: int = 0
-    step: int = 0
-    history: list[dict] = field(default_factory=list)
-    steps_log: list[dict] = field(default_factory=list)
-    extra: dict[str, Any] = field(default_factory=dict)
-    best: dict[str, Any] = field(default_factory=dict)  # epoch, value, model, stale
-
-    def improve(self, record: dict, model: nn.Module, key: str) -> None:
-        """Remember the weights of the best validated epoch by ``key`` (higher is
-        better) and count the validations since it."""
-        value = record.get(key)
-        if value is None:
-            return
-        if "value" not in self.best or value > self.best["value"]:
-            weights = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-            self.best = {"epoch": record["epoch"], "value": value, "model": weights, "stale": 0}
-        else:
-            self.best["stale"] += 1
 
 
 def _sampler(dataset: Dataset, cfg: FitConfig, world: World) -> DistributedSampler:
@@ -92,55 +68,6 @@ def _to(device: torch.device, images: list, targets: list) -> tuple[list, list]:
     images = [im.to(device, non_blocking=True) for im in images]
     targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
     return images, targets
-
-
-def _resume_state(checkpoints: Checkpoints, fingerprint: str, world: World) -> dict | None:
-    """Rank 0 picks the checkpoint to resume from (None: start fresh) and every
-    rank gets its state, so all resume from the same one."""
-    state = None
-    if world.main:
-        found = checkpoints.latest_good()
-        if found is not None:
-            path, state = found
-            if state["fingerprint"] == fingerprint:
-                print(f"resuming from {path} (epoch {state['epoch']})")
-            else:
-                print(
-                    f"{checkpoints.folder}: checkpoints are from other params, data or code; "
-                    "training from scratch"
-                )
-                checkpoints.clear()
-                state = None
-    return distributed.broadcast(state, world)
-
-
-def _restore(
-    state: dict | None,
-    model: nn.Module,
-    solver: Solver,
-    cfg: FitConfig,
-    world: World,
-    extra: dict,
-    device: torch.device,
-) -> Progress:
-    """Load a checkpoint's weights, solver, RNG and progress; or seed a fresh start
-    the same way whatever was there before."""
-    if state is None:
-        torch.manual_seed(cfg.seed + world.rank)  # ranks draw different flips and samples
-        return Progress(extra=extra)
-    model.load_state_dict(state["model"])
-    solver.opt.load_state_dict(state["optimizer"])
-    solver.sched.load_state_dict(state["scheduler"])
-    solver.scaler.load_state_dict(state["scaler"])
-    set_rng_state(state, world.rank, device)
-    return Progress(
-        state["epoch"],
-        state["step"],
-        state["history"],
-        state.get("steps_log", []),
-        state.get("extra", extra),
-        state.get("best", {}),
-    )
 
 
 def _sync_bn(model: nn.Module, cfg: FitConfig, device: torch.device, world: World) -> None:
@@ -262,34 +189,6 @@ def _end_epoch(
         )
 
 
-def _checkpoint(run: _Run, p: Progress, model: nn.Module, fingerprint: str) -> None:
-    """Rank 0 saves weights, solver, every rank's RNGs (CPU, and CUDA on a GPU) and
-    the progress; no rank
-    runs ahead of the checkpoint it would resume from."""
-    rngs = distributed.gather(rng_state(run.device), run.world)
-    if run.world.main:
-        cpu_rngs = [r["cpu"] for r in rngs]
-        state = {
-            "model": model.state_dict(),
-            "optimizer": run.solver.opt.state_dict(),
-            "scheduler": run.solver.sched.state_dict(),
-            "scaler": run.solver.scaler.state_dict(),
-            "rng": cpu_rngs[0],
-            **({"rng_ranks": cpu_rngs} if run.world.distributed else {}),
-            **({"cuda_rng_ranks": [r["cuda"] for r in rngs]} if "cuda" in rngs[0] else {}),
-            "precision": run.solver.precision.name,
-            "epoch": p.epoch,
-            "step": p.step,
-            "history": p.history,
-            "steps_log": p.steps_log,
-            "fingerprint": fingerprint,
-            "extra": p.extra,
-            "best": p.best,
-        }
-        run.checkpoints.save(state, p.epoch)
-    distributed.barrier(run.world)
-
-
 def fit(
     model: nn.Module,
     train_set: Dataset,
@@ -323,8 +222,8 @@ def fit(
     sampler = _sampler(train_set, cfg, world)
     iters = math.ceil(len(sampler) / cfg.batch_size)
     solver = Solver.build(model, cfg, iters, device)
-    state = _resume_state(checkpoints, fingerprint, world)
-    p = _restore(state, model, solver, cfg, world, dict(extra_state or {}), device)
+    state = resume_state(checkpoints, fingerprint, world)
+    p = restore(state, model, solver, cfg, world, dict(extra_state or {}), device)
     run = _Run(_wrap(model, device, world), solver, cfg, device, world, checkpoints, log)
     while p.epoch < cfg.epochs and not _stop_early(run, p):
         run.net.train()
@@ -339,7 +238,7 @@ def fit(
         sums, speed = _train_epoch(run, p, _loader(train_set, cfg, sampler, device), bar_args)
         _end_epoch(run, p, model, sums, speed, iters, validate)
         p.epoch += 1
-        _checkpoint(run, p, model, fingerprint)
+        save_state(checkpoints, p, model, solver, fingerprint, device, world)
     return {
         "epochs": p.epoch,
         "steps": p.step,
