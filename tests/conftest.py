@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -135,6 +137,33 @@ def tiny_project(tmp_path) -> Path:
     )
     (proj / "params.yaml").write_text(TINY_PARAMS)
     return proj
+
+
+@pytest.fixture(scope="session")
+def _empty_mlflow_db(tmp_path_factory) -> Path:
+    """An empty MLflow SQLite store, migrated once: MLflow's migrations cost about
+    2.5 s for every new store."""
+    from mlflow.tracking import MlflowClient
+
+    db = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    MlflowClient(tracking_uri=f"sqlite:///{db}").search_experiments()
+    return db
+
+
+@pytest.fixture
+def mlflow_db(_empty_mlflow_db, tmp_path, monkeypatch) -> Path:
+    """A new MLflow SQLite store at ``tmp_path/mlflow.db`` and ``MLFLOW_TRACKING_URI``
+    pointing at it: a copy of the migrated empty one, its default experiment's
+    artifacts under ``tmp_path`` as a store made there would have them."""
+    db = tmp_path / "mlflow.db"
+    shutil.copyfile(_empty_mlflow_db, db)
+    with contextlib.closing(sqlite3.connect(db)) as con, con:
+        con.execute(
+            "UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0",
+            (str(tmp_path / "mlruns" / "0"),),
+        )
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
+    return db
 
 
 @pytest.fixture(scope="session")

@@ -27,11 +27,10 @@ METRICS = {
 
 
 @pytest.fixture
-def project(tiny_prepared, tmp_path, monkeypatch):
+def project(tiny_prepared, mlflow_db, tmp_path, monkeypatch):
     """Prepared data, a trained+evaluated faster_rcnn (files only) and a mask_rcnn
     champion in a real MLflow store; the cwd is the project."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     params = yaml.safe_load(TINY_PARAMS)
     params["variants"] = ["faster_rcnn", "mask_rcnn"]
     params["prepare"]["out"] = "prepared"

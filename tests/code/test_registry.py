@@ -8,9 +8,8 @@ NAME = "rcnnops-faster_rcnn"
 
 
 @pytest.fixture
-def store(tmp_path, monkeypatch):
+def store(mlflow_db, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     tracking.setup("gate-test")
     client = tracking.client()
     client.create_registered_model(NAME)

@@ -13,9 +13,8 @@ EXP = "gate-test"
 
 
 @pytest.fixture
-def store(tmp_path, monkeypatch):
+def store(mlflow_db, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     tracking.setup(EXP)
     client = tracking.client()
     client.create_registered_model(NAME)
