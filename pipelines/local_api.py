@@ -8,7 +8,8 @@ spawn a process that imports it again. Here the same server (the same uvicorn
 command and environment Prefect uses) is spawned before Prefect is imported,
 so it comes up while the flow's modules load, and the flow runs against it
 through ``PREFECT_API_URL`` in Prefect's settings context (no Prefect UI link is
-printed: the temporary server serves no UI).
+printed: the temporary server serves no UI; and no flow-run heartbeats, which
+let a lasting server notice a crashed run: this one stops with the run).
 
 When Prefect's settings (environment, profile, ``prefect.toml``) name an API,
 or ephemeral mode is switched off, the speculatively started server is stopped
@@ -27,7 +28,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pipelines import patient_ephemeral_api
@@ -132,20 +133,25 @@ def running() -> bool:
 
 
 @contextlib.contextmanager
-def local_api() -> Iterator[str | None]:
+def local_api(meanwhile: Callable[[], object] | None = None) -> Iterator[str | None]:
     """Run the enclosed flow on a temporary local Prefect API unless Prefect's
     settings name one; yields the URL in use (``None``: Prefect's own choice).
 
     Enter it before Prefect is imported: the server starts first, Prefect's
-    settings are read while it comes up. It is given
+    settings are read while it comes up. ``meanwhile`` is called then too (this
+    process waits idle for the server otherwise: work such as imports the flow
+    needs later costs nothing there). The server is given
     ``PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS`` to answer (see
     :func:`pipelines.patient_ephemeral_api`)."""
     global _running
     patient_ephemeral_api()
     api = None if os.environ.get("PREFECT_API_URL") else LocalAPI()
     try:
+        if meanwhile is not None:
+            meanwhile()
         from prefect.settings import (
             PREFECT_API_URL,
+            PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
             PREFECT_SERVER_ALLOW_EPHEMERAL_MODE,
             PREFECT_UI_URL,
             temporary_settings,
@@ -161,7 +167,15 @@ def local_api() -> Iterator[str | None]:
             return
         api.wait(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
         _running = api
-        with temporary_settings({PREFECT_API_URL: api.url, PREFECT_UI_URL: ""}):
+        # No flow-run heartbeats: they tell a lasting server that a run is alive,
+        # and this one ends with the run (their thread also holds the flow's end
+        # up to 1 s, the granularity of its sleep).
+        local = {
+            PREFECT_API_URL: api.url,
+            PREFECT_UI_URL: "",
+            PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None,
+        }
+        with temporary_settings(local):
             yield api.url
     finally:
         _running = None

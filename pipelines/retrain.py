@@ -85,11 +85,17 @@ def repro(
 @task(name="tracking-store", retries=3, retry_delay_seconds=[2, 5, 10])
 def tracking_store(project: str, experiment: str) -> str:
     """Create (or migrate) the tracking store and the experiment once, before
-    stages that log to it start, possibly several at once."""
+    stages that log to it start, possibly several at once; runs beside the data
+    stages."""
     from rcnnops import tracking
 
     tracking.check_reachable(tracking.tracking_uri(Path(project)))
-    return tracking.setup(experiment, Path(project))
+    experiment_id = tracking.setup(experiment, Path(project))
+    # The register tasks' modules (torchvision, MLflow's pyfunc: a few seconds)
+    # load here, beside the data stages, not between training and registering.
+    import rcnnops.registry  # noqa: F401
+
+    return experiment_id
 
 
 @task(name="train-evaluate")
@@ -269,6 +275,9 @@ def _retrain(root: Path, variants: list[str] | None, push_to_remote: bool) -> li
             f"training or evaluation failed for {', '.join(failed)}; nothing was registered "
             "or promoted (see the task logs above; rerun resumes from the last checkpoint)"
         )
+    # DVC's push of the outputs runs beside the registry's work (neither touches
+    # what the other reads or writes); the run waits for it before finishing.
+    pushed = push.submit(str(root)) if push_to_remote else None
     decisions = []
     for v in variants:
         reg = register(params, v)
@@ -276,8 +285,6 @@ def _retrain(root: Path, variants: list[str] | None, push_to_remote: bool) -> li
             decisions.append(promote(params, v, reg["version"]))
         else:
             decisions.append(unchanged(reg))
-    if push_to_remote:
-        push(str(root))
     create_markdown_artifact(
         _summary(decisions),
         key="rcnnops-promotion",
@@ -288,6 +295,8 @@ def _retrain(root: Path, variants: list[str] | None, push_to_remote: bool) -> li
         key="rcnnops-compare",
         description="Variants compared: latest run and champion (metrics, cost, lineage)",
     )
+    if pushed is not None:
+        pushed.result()  # its error (after its retries), if it failed
     from prefect.runtime import flow_run
 
     run_state.record(root, variants, remote, push_to_remote, decisions, flow_run.get_name() or "")

@@ -16,13 +16,15 @@ The limits live on the Prefect API (the ephemeral one by default, or a server
 shared by several flow runs and workers, which then share the GPUs fairly).
 A stage refused a slot there polls again after Prefect's ``Retry-After`` (up to
 30 s, from the limit's average occupancy), so the flow's own stages first queue
-in-process (:func:`hold`): each starts the moment the one before it lets go, and
-only runs of other flows are waited for by polling.
+in-process (:func:`hold`): each starts the moment the one before it ends, on the
+Prefect slots that one hands over, and only runs of other flows are waited for
+by polling.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import fcntl
 import logging
 import os
@@ -91,16 +93,143 @@ def _gate(parallel: int) -> threading.BoundedSemaphore:
 @contextlib.contextmanager
 def hold(slots: Slots, stage: str, log: logging.Logger | logging.LoggerAdapter) -> Iterator[None]:
     """Hold one stage's slots: this flow's turn (in-process), then the Prefect
-    limits shared with other runs, saying so when those are all taken."""
-    from prefect.concurrency.sync import concurrency
+    limits shared with other runs, saying so when those are all taken.
 
-    with _gate(slots.parallel), contextlib.ExitStack() as held:
-        if busy := _taken(slots):
-            log.info("%s waits for a slot: %s (held by other runs)", stage, busy)
-        held.enter_context(concurrency(STAGES_LIMIT, occupy=1, strict=True))
-        if slots.on_gpu:
-            held.enter_context(concurrency(GPU_LIMIT, occupy=slots.gpus_per_stage, strict=True))
+    A stage that ends while another of this flow's stages waits for its turn
+    hands its Prefect slots over instead of giving them back (see
+    :class:`_Handover`): consecutive stages ask Prefect once."""
+    limits = ((STAGES_LIMIT, 1),) + (((GPU_LIMIT, slots.gpus_per_stage),) if slots.on_gpu else ())
+    key = (slots.parallel, limits)
+    gate = _gate(slots.parallel)
+    _handover.expect(key)
+    try:
+        gate.acquire()
+    except BaseException:
+        _handover.expect(key, -1)
+        raise
+    held = None
+    try:
+        held = _handover.take(key)
+        if held is None:
+            if busy := _taken(slots):
+                log.info("%s waits for a slot: %s (held by other runs)", stage, busy)
+            held = _Held(limits)
         yield
+    finally:
+        if held is not None:
+            _handover.give(key, held)  # before the next stage gets its turn
+        gate.release()
+
+
+class _Held:
+    """Prefect concurrency slots held by a thread of their own, so that the stage
+    that took them can hand them to the next one.
+
+    The thread holds Prefect's ``concurrency`` context (which renews the lease)
+    until :meth:`release`. A failed lease renewal is logged by Prefect and the
+    stage goes on (a training is not killed for an API outage; the limit may then
+    be exceeded until the stage ends)."""
+
+    def __init__(self, limits: tuple[tuple[str, int], ...]) -> None:
+        self._ready, self._release = threading.Event(), threading.Event()
+        self._error: BaseException | None = None
+        context = contextvars.copy_context()  # Prefect's settings (the API in use)
+        self._thread = threading.Thread(
+            target=context.run, args=(self._hold, limits), name="rcnnops-slots", daemon=True
+        )
+        self._thread.start()
+        try:
+            while not self._ready.wait(0.5):  # a wait a cancelled task can leave
+                pass
+        except BaseException:
+            self._release.set()  # given back as soon as they come
+            raise
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
+
+    def _hold(self, limits: tuple[tuple[str, int], ...]) -> None:
+        from prefect.concurrency.sync import concurrency
+
+        try:
+            with contextlib.ExitStack() as held:
+                for name, occupy in limits:
+                    held.enter_context(
+                        concurrency(
+                            name, occupy=occupy, strict=True, raise_on_lease_renewal_failure=False
+                        )
+                    )
+                self._ready.set()
+                self._release.wait()
+        except BaseException as e:
+            if not self._ready.is_set():
+                self._error = e
+            else:  # giving back failed: the limit's lease expiry (or reclaim) frees it
+                logging.getLogger(__name__).warning("giving back concurrency slots failed: %s", e)
+        finally:
+            self._ready.set()
+
+    def release(self) -> None:
+        self._release.set()
+        self._thread.join()
+
+
+class _Handover:
+    """This process's Prefect slots passed from a stage that ends to the next of
+    its stages waiting for the same limits, instead of given back and asked for
+    again.
+
+    Asking again right after a stage ends often meets the server's SQLite busy
+    with the ended task's records: Prefect's API then answers 503 and its client
+    retries after 2 s, then 4 s more (seen as 2-7 s gaps between stages). Another
+    run waiting for the limit polls at intervals of up to 30 s, so giving the slot
+    back only to take it again a moment later did not give it a turn either. A
+    slot parked for a waiter that never takes it is given back after
+    ``IDLE_SECONDS``."""
+
+    IDLE_SECONDS = 10.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: dict[tuple, int] = {}
+        self._idle: dict[tuple, list[_Held]] = {}
+
+    def expect(self, key: tuple, n: int = 1) -> None:
+        """A stage waits for its turn (``n=-1``: it stopped waiting without one)."""
+        with self._lock:
+            self._waiting[key] = self._waiting.get(key, 0) + n
+
+    def take(self, key: tuple) -> _Held | None:
+        """The turn came: slots handed over, if any."""
+        with self._lock:
+            self._waiting[key] -= 1
+            idle = self._idle.get(key)
+            return idle.pop() if idle else None
+
+    def give(self, key: tuple, held: _Held) -> None:
+        """A stage ended: park its slots for a waiting stage, or give them back."""
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            keep = self._waiting.get(key, 0) > len(idle)
+            if keep:
+                idle.append(held)
+        if not keep:
+            held.release()
+            return
+        timer = threading.Timer(self.IDLE_SECONDS, self._expire, (key, held))
+        timer.daemon = True
+        timer.start()
+
+    def _expire(self, key: tuple, held: _Held) -> None:
+        with self._lock:
+            idle = self._idle.get(key, [])
+            if held not in idle:
+                return  # taken
+            idle.remove(held)
+        held.release()
+
+
+_handover = _Handover()
 
 
 def _taken(slots: Slots) -> str:

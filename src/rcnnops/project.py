@@ -1,8 +1,11 @@
 """The project folder and DVC: initialise, configure the default remote, run stages.
 
-DVC owns files and caching; this module only drives its command line (``dvc
+DVC owns files and caching; this module drives its command line (``dvc
 repro`` is not in ``dvc.api``) with the running interpreter, so the stage
-commands find the same ``rcnnops`` and packages.
+commands find the same ``rcnnops`` and packages. Initialising and configuring
+(``dvc init``, ``dvc config``, ``dvc remote add``) use DVC's ``Repo.init`` and
+``Config`` in this process instead: the commands are thin wrappers of them, and
+each command's start costs about a second.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import os
 import re
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from rcnnops.errors import UserError
@@ -118,10 +121,26 @@ def _git_toplevel(project: Path) -> Path | None:
     return None if ignored.returncode == 0 else top
 
 
+def _config(project: Path):
+    """DVC's configuration of ``project`` (all levels, as ``dvc config`` reads
+    them), in this process: DVC's own ``Config``, which its config commands edit."""
+    from dvc.config import Config
+
+    return Config(dvc_dir=str(Path(project).resolve() / ".dvc"))
+
+
+def _flat(conf: dict, prefix: str = "") -> Iterator[tuple[str, str]]:
+    for key, value in conf.items():
+        if isinstance(value, dict):
+            yield from _flat(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", str(value)
+
+
 def dvc_config(project: Path) -> dict[str, str]:
-    """DVC's merged configuration (``dvc config --list``: paths made absolute)."""
-    proc = dvc(project, "config", "--list", capture=True, check=False)
-    return dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
+    """DVC's merged configuration as ``section.key`` -> value (``dvc config --list``
+    plus DVC's defaults; folders absolute)."""
+    return dict(_flat(_config(project)))
 
 
 def remote_url(project: Path, remote: str) -> str:
@@ -143,8 +162,7 @@ def ensure_dvc(project: Path, remote: str | None = DEFAULT_REMOTE_DIR) -> list[s
     if not (project / ".dvc").is_dir():
         top = _git_toplevel(project)
         flags = [] if top == project else (["--subdir"] if top else ["--no-scm"])
-        dvc(project, "init", "-q", *flags)
-        dvc(project, "config", "core.analytics", "false")
+        _init(project, flags)
         done.append("initialised DVC" + (f" ({' '.join(flags)})" if flags else ""))
     config = dvc_config(project)
     default = config.get("core.remote")
@@ -154,11 +172,45 @@ def ensure_dvc(project: Path, remote: str | None = DEFAULT_REMOTE_DIR) -> list[s
     want = remote_url(project, remote or DEFAULT_REMOTE_DIR)
     if current != want:
         name = DEFAULT_REMOTE_NAME if want == str(project / DEFAULT_REMOTE_DIR) else TEAM_REMOTE
-        dvc(project, "remote", "add", "--local", "-d", "-f", name, want)
+        _set_default_remote(project, name, want)
         done.append(f"default DVC remote '{name}' -> {redact(want)}")
     if "://" not in want:
         Path(want).mkdir(parents=True, exist_ok=True)
     return done
+
+
+def _init(project: Path, flags: list[str]) -> None:
+    """``dvc init [--subdir|--no-scm]`` and ``dvc config core.analytics false``,
+    in this process (DVC's start costs about a second per command)."""
+    import logging
+
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    log = logging.getLogger("dvc")
+    level = log.level
+    log.setLevel(logging.WARNING)  # as `dvc init -q`
+    try:
+        Repo.init(str(project), no_scm="--no-scm" in flags, subdir="--subdir" in flags).close()
+        with _config(project).edit("repo") as conf:
+            conf["core"]["analytics"] = False
+    except DvcException as e:
+        raise StageError(f"`dvc init {' '.join(flags)}` failed in {project}: {e}") from e
+    finally:
+        log.setLevel(level)
+
+
+def _set_default_remote(project: Path, name: str, url: str) -> None:
+    """``dvc remote add --local -d -f NAME URL``."""
+    from dvc.exceptions import DvcException
+
+    try:
+        with _config(project).edit("local") as conf:
+            conf["remote"][name] = {"url": url}
+            conf["core"]["remote"] = name
+    except DvcException as e:
+        problem = f"cannot set DVC remote '{name}' to {url} in {project}: {e}"
+        raise StageError(redact(problem)) from e
 
 
 def _remove_empty_tree(folder: Path) -> None:

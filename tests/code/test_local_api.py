@@ -45,7 +45,7 @@ def unconfigured(harness, monkeypatch):
 
 def test_a_flow_runs_on_the_local_api_which_stops_with_it(unconfigured):
     from prefect import flow, task
-    from prefect.settings import PREFECT_API_URL, PREFECT_UI_URL
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, PREFECT_UI_URL
 
     import pipelines.local_api as module
 
@@ -57,11 +57,14 @@ def test_a_flow_runs_on_the_local_api_which_stops_with_it(unconfigured):
     def probe() -> list:
         return [api_in_a_task(), api_in_a_task.submit().result(), PREFECT_UI_URL.value()]
 
-    with local_api() as url:
+    called = []
+    with local_api(meanwhile=lambda: called.append(module._running)) as url:
         server = module._running.process
         assert url == f"http://127.0.0.1:{module._running.port}/api" and module.running()
+        assert called == [None]  # while the server started, before the run used it
         assert httpx.get(f"{url}/health").status_code == 200
         assert probe() == [url, url, ""]  # every thread on it; no UI link to a temporary server
+        assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() is None  # nobody to watch them
     assert server.poll() is not None and not module.running()
     assert PREFECT_API_URL.value() is None
 
