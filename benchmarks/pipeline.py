@@ -26,8 +26,8 @@ def run(ctx: Context) -> dict:
     full, lines = timed_run(flow, "run", log=flow / "bench.log")
     _, inside = breakdown(lines, full)  # the stage commands' own time within that run
     stages = stage_times(ctx.project)
-    # By hand again, after the run (A/B/A): this VM's speed drifts by 20-30 % over
-    # minutes, so one by-hand sum taken before the run is not its baseline.
+    # By hand again, after the run (A/B/A): this VM's speed drifts by 10 % or more
+    # within minutes, so one by-hand sum taken before the run is not its baseline.
     after = build(Context(ctx.work / "pipeline_by_hand_after", ctx.quick))
     before_s, after_s = sum(stages.values()), sum(after.values())
     by_hand = (before_s + after_s) / 2
@@ -73,7 +73,7 @@ def run(ctx: Context) -> dict:
                 else "default params (the same work as `make run`)"
             ),
             "stage commands by hand, before / after the run: "
-            + ", ".join(f"{k} {v:.1f} / {after.get(k, 0.0):.1f} s" for k, v in stages.items()),
+            + ", ".join(f"{k} {v:.1f} / {after[k]:.1f} s" for k, v in stages.items()),
             "overhead = the run against the mean of the two by-hand sums",
             "within the run: each stage command's time from DVC's `> rcnnops ...` line to its "
             "`Updating lock file` line (the timestamped log is pipeline_flow/bench.log); the "

@@ -11,6 +11,7 @@ each command's start costs about a second.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import subprocess
@@ -182,8 +183,6 @@ def ensure_dvc(project: Path, remote: str | None = DEFAULT_REMOTE_DIR) -> list[s
 def _init(project: Path, flags: list[str]) -> None:
     """``dvc init [--subdir|--no-scm]`` and ``dvc config core.analytics false``,
     in this process (DVC's start costs about a second per command)."""
-    import logging
-
     from dvc.exceptions import DvcException
     from dvc.repo import Repo
 
