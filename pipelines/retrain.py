@@ -91,9 +91,15 @@ def tracking_store(project: str, experiment: str) -> str:
 
     tracking.check_reachable(tracking.tracking_uri(Path(project)))
     experiment_id = tracking.setup(experiment, Path(project))
-    # The register tasks' modules (torchvision, MLflow's pyfunc: a few seconds)
-    # load here, beside the data stages, not between training and registering.
+    # What the last tasks would load first (a few seconds in all) loads here, beside
+    # the data stages, not between training and registering: the registry's modules
+    # (torchvision, MLflow's pyfunc), MLflow's map of installed packages (built by
+    # the first model it logs) and matplotlib (the comparison's picture).
     import rcnnops.registry  # noqa: F401
+    from rcnnops import plots, pyfunc
+
+    pyfunc.warm_up()
+    plots.pyplot()
 
     return experiment_id
 
@@ -254,21 +260,24 @@ def _retrain(root: Path, variants: list[str] | None, push_to_remote: bool) -> li
     if stale and params.pipeline.pull and (root / "dvc.lock").is_file():
         stale = pull(str(root))
     known = tuple(stale)
-    # The tracking store is made (a new SQLite file costs ~10 s of migrations) while
-    # the data stages run: none of them logs to it, training does.
-    store = tracking_store.submit(str(root), params.register.experiment) if stale else None
-    upstream = version_data(str(root), params, known)["ran"]
-    if USES_PROPOSALS & set(variants):
-        upstream += repro(str(root), ["proposals"], known, bool(upstream))
     slots = stage_slots.plan(params.pipeline.parallel, params.train.device, params.train.nproc)
-    if store is not None:
-        if reclaimed := stage_slots.ensure_limits(slots):
-            print(f"reclaimed {reclaimed} concurrency slot(s) that a killed run left held")
-        store.result()  # its error (after its retries), if it failed
-    trained = {
-        v: train_and_evaluate.submit(str(root), v, slots, known, bool(upstream)) for v in variants
-    }
-    wait(list(trained.values()))
+    with ExitStack() as reserved:
+        # While the data stages run (none logs to MLflow or takes a stage slot): the
+        # tracking store is made (a new SQLite file costs seconds of migrations) and
+        # the first training's stage slots are taken.
+        store = tracking_store.submit(str(root), params.register.experiment) if stale else None
+        first = reserved.enter_context(stage_slots.reserve(slots)) if stale else None
+        upstream = version_data(str(root), params, known)["ran"]
+        if USES_PROPOSALS & set(variants):
+            upstream += repro(str(root), ["proposals"], known, bool(upstream))
+        if store is not None and first is not None:
+            first.result()  # the limits' error, if preparing them failed
+            store.result()  # its error (after its retries), if it failed
+        trained = {
+            v: train_and_evaluate.submit(str(root), v, slots, known, bool(upstream))
+            for v in variants
+        }
+        wait(list(trained.values()))
     failed = [v for v, f in trained.items() if not f.state.is_completed()]
     if failed:  # nothing is registered unless every variant trained and evaluated
         raise RuntimeError(

@@ -79,6 +79,11 @@ def plan(
     return Slots(int(parallel), ids, on_gpu, max(nproc, 1))
 
 
+def _limits(slots: Slots) -> tuple[tuple[str, int], ...]:
+    """The Prefect limits one stage occupies, and how many slots of each."""
+    return ((STAGES_LIMIT, 1),) + (((GPU_LIMIT, slots.gpus_per_stage),) if slots.on_gpu else ())
+
+
 _gates: dict[int, threading.BoundedSemaphore] = {}
 _gates_lock = threading.Lock()
 
@@ -98,7 +103,7 @@ def hold(slots: Slots, stage: str, log: logging.Logger | logging.LoggerAdapter) 
     A stage that ends while another of this flow's stages waits for its turn
     hands its Prefect slots over instead of giving them back (see
     :class:`_Handover`): consecutive stages ask Prefect once."""
-    limits = ((STAGES_LIMIT, 1),) + (((GPU_LIMIT, slots.gpus_per_stage),) if slots.on_gpu else ())
+    limits = _limits(slots)
     key = (slots.parallel, limits)
     gate = _gate(slots.parallel)
     _handover.expect(key)
@@ -119,6 +124,72 @@ def hold(slots: Slots, stage: str, log: logging.Logger | logging.LoggerAdapter) 
         if held is not None:
             _handover.give(key, held)  # before the next stage gets its turn
         gate.release()
+
+
+class Reservation:
+    """The first stage's Prefect slots, asked for in the background (see
+    :func:`reserve`); :meth:`result` raises what preparing the limits raised."""
+
+    def __init__(self, slots: Slots) -> None:
+        self._key = (slots.parallel, _limits(slots))
+        self._error: BaseException | None = None
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._held: _Held | None = None
+        _handover.coming(self._key, self._done)
+        context = contextvars.copy_context()  # Prefect's settings and the flow run
+        thread = threading.Thread(
+            target=context.run, args=(self._take, slots), name="rcnnops-slots-reserve", daemon=True
+        )
+        thread.start()
+
+    def _take(self, slots: Slots) -> None:
+        try:
+            if reclaimed := ensure_limits(slots):
+                print(f"reclaimed {reclaimed} concurrency slot(s) that a killed run left held")
+            held = _Held(_limits(slots))
+        except BaseException as e:  # the first stage asks for itself (and meets it too)
+            self._error = e
+            _handover.arrived(self._key, None, self._done)
+            return
+        with self._lock:  # parked, or (the run is past needing it) given back
+            if not self._abandoned:
+                self._held = held
+                _handover.arrived(self._key, held, self._done)
+                return
+        _handover.arrived(self._key, None, self._done)
+        held.release()
+
+    def result(self) -> None:
+        """Wait for the limits to be prepared; raise their error, if any."""
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+
+    def give_back(self) -> None:
+        """Give the slots back if no stage took them (nothing to train, or the
+        run failed before training); a reservation still waiting for Prefect gives
+        them back as soon as they come."""
+        with self._lock:
+            self._abandoned = True
+            held = self._held
+        if held is not None and _handover.withdraw(self._key, held):
+            held.release()
+
+
+@contextlib.contextmanager
+def reserve(slots: Slots) -> Iterator[Reservation]:
+    """Prepare the limits (:func:`ensure_limits`) and take the first stage's Prefect
+    slots now, in the background, while the data stages run: the first training
+    then starts on them without asking the API. Asking right after a task ends
+    often meets the server's SQLite busy recording it (503, then the client's 2 s
+    retry: see :class:`_Handover`). Slots no stage took are given back at exit."""
+    reservation = Reservation(slots)
+    try:
+        yield reservation
+    finally:
+        reservation.give_back()
 
 
 class _Held:
@@ -193,6 +264,30 @@ class _Handover:
         self._lock = threading.Lock()
         self._waiting: dict[tuple, int] = {}
         self._idle: dict[tuple, list[_Held]] = {}
+        self._coming: dict[tuple, threading.Event] = {}  # a reservation being taken
+
+    def coming(self, key: tuple, done: threading.Event) -> None:
+        """A reservation (:class:`Reservation`) is being taken for ``key``."""
+        with self._lock:
+            self._coming[key] = done
+
+    def arrived(self, key: tuple, held: _Held | None, done: threading.Event) -> None:
+        """The reservation is held (parked for the first stage) or failed (None)."""
+        with self._lock:
+            if held is not None:
+                self._idle.setdefault(key, []).append(held)
+            if self._coming.get(key) is done:
+                del self._coming[key]
+        done.set()
+
+    def withdraw(self, key: tuple, held: _Held) -> bool:
+        """Take parked slots back out (True if they were still parked)."""
+        with self._lock:
+            idle = self._idle.get(key, [])
+            if held in idle:
+                idle.remove(held)
+                return True
+            return False
 
     def expect(self, key: tuple, n: int = 1) -> None:
         """A stage waits for its turn (``n=-1``: it stopped waiting without one)."""
@@ -200,9 +295,13 @@ class _Handover:
             self._waiting[key] = self._waiting.get(key, 0) + n
 
     def take(self, key: tuple) -> _Held | None:
-        """The turn came: slots handed over, if any."""
+        """The turn came: slots handed over (or reserved), if any."""
         with self._lock:
             self._waiting[key] -= 1
+            coming = self._coming.get(key)
+        if coming is not None:
+            coming.wait()  # else the stage would ask Prefect for the slots reserved for it
+        with self._lock:
             idle = self._idle.get(key)
             return idle.pop() if idle else None
 

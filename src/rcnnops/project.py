@@ -266,6 +266,16 @@ def repro(
 
 
 def status(project: Path) -> dict:
-    """``dvc status --json``: stale stages and why."""
-    proc = dvc(project, "status", "--json", capture=True)
-    return json.loads(proc.stdout or "{}")
+    """``dvc status --json``: stale stages and why; in this process, through the
+    same ``Repo.status`` the command calls under the repo's lock (the command's
+    start costs about half a second)."""
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo, lock_repo
+
+    try:
+        # _wait_for_lock: what `dvc --wait-for-lock` sets (queue behind a running
+        # `dvc repro` instead of failing at once)
+        with Repo(str(Path(project).resolve()), _wait_for_lock=True) as repo, lock_repo(repo):
+            return repo.status()
+    except DvcException as e:
+        raise StageError(redact(f"`dvc status` failed in {project}: {e}")) from e

@@ -216,6 +216,55 @@ def test_one_stage_at_a_time_queues_in_the_flow_not_on_prefect(harness, tmp_path
         assert client.read_global_concurrency_limit_by_name(slots.STAGES_LIMIT).active_slots == 0
 
 
+def test_the_first_stage_starts_on_slots_reserved_beside_the_data_stages(
+    harness, tmp_path, monkeypatch
+):
+    """The flow takes the first training's slot while the data stages run (asked
+    for right after a task ends, it often met the server's SQLite busy: a 503 and
+    the client's 2 s retry between stages): Prefect is asked once, before any
+    stage starts, and the slot is given back when the last one ends. A
+    reservation no stage takes (nothing to train) is given back at exit."""
+    import prefect.concurrency.sync
+    from prefect import get_client
+
+    real, asked = prefect.concurrency.sync.concurrency, []
+
+    @contextlib.contextmanager
+    def recording(*args, **kwargs):
+        asked.append(time.monotonic())
+        with real(*args, **kwargs):
+            yield
+
+    monkeypatch.setattr(prefect.concurrency.sync, "concurrency", recording)
+    rec = Recorder(seconds=0.5)
+    monkeypatch.setattr(dvcproj, "repro", rec)
+    plan = slots.plan("auto", "cpu", gpu_ids=())
+
+    def active() -> int:
+        with get_client(sync_client=True) as client:
+            return client.read_global_concurrency_limit_by_name(slots.STAGES_LIMIT).active_slots
+
+    @flow(name="reserved-first")
+    def stages(variants: list[str]) -> list:
+        with slots.reserve(plan) as first:
+            first.result()
+            held_before_stages = active()
+            futures = [train_and_evaluate.submit(str(tmp_path), v, plan) for v in variants]
+            wait(futures)
+        return [held_before_stages] + [f.state.is_completed() for f in futures]
+
+    from pipelines.retrain import train_and_evaluate
+
+    assert stages(VARIANTS[:3]) == [1, True, True, True]
+    assert len(rec.trains()) == 3
+    assert len(asked) == 1 and asked[0] < min(r["start"] for r in rec.runs)
+    assert active() == 0
+
+    asked.clear()
+    assert stages([]) == [1]  # reserved, not taken: given back
+    assert len(asked) == 1 and active() == 0
+
+
 @pytest.mark.scale
 def test_four_gpus_four_variants_one_distinct_gpu_each(harness, tmp_path, monkeypatch):
     """``parallel: auto`` with 4 GPUs: four stages at once, each on its own GPU,
