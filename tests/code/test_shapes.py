@@ -50,3 +50,18 @@ def test_some_images_have_no_objects(tmp_path):
     out = generate(TINY.model_copy(update=dict(out=str(tmp_path / "e"), empty_fraction=1.0)))
     coco = json.loads((out / "annotations" / "instances_train.json").read_text())
     assert coco["annotations"] == [] and len(coco["images"]) == TINY.num_train
+
+
+def test_annotation_files_are_what_json_dumps_of_the_whole_dataset_writes(tiny_raw, tmp_path):
+    """The COCO files are written record by record as they are made (memory flat
+    in the image count); they are byte for byte ``json.dumps`` of the whole dict,
+    as when the dict was built first, so no dataset hash changed. Also with an
+    empty annotation list, and no spool file is left beside them."""
+    empty = generate(TINY.model_copy(update=dict(out=str(tmp_path / "e"), empty_fraction=1.0)))
+    for root in (tiny_raw, empty):
+        files = sorted(p.name for p in (root / "annotations").iterdir())
+        assert files == ["instances_train.json", "instances_val.json"]
+        for name in files:
+            text = (root / "annotations" / name).read_text()
+            assert json.dumps(json.loads(text)) == text
+    assert '"annotations": []' in (empty / "annotations" / "instances_train.json").read_text()

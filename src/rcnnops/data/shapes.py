@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import cv2
@@ -158,36 +159,64 @@ def _annotation(obj: dict, ann_id: int, image_id: int, cat_ids: list[int]) -> di
     }
 
 
+class _RecordList:
+    """One JSON array written as its records come, as ``json.dumps`` would write it
+    inside the whole document (``[a, b]``)."""
+
+    def __init__(self, f) -> None:
+        self.f, self.count = f, 0
+
+    def add(self, record: dict) -> None:
+        self.f.write(("[" if self.count == 0 else ", ") + json.dumps(record))
+        self.count += 1
+
+    def close(self) -> None:
+        self.f.write("[]" if self.count == 0 else "]")
+
+
 def generate_split(
     p: GenerateParams, split: str, num: int, seed: int, out: Path, first_id: int = 1
-) -> dict:
-    """Write ``num`` images to ``out/<split>/`` and return the COCO dict for them."""
+) -> tuple[int, int]:
+    """Write ``num`` images to ``out/<split>/`` and their COCO file to
+    ``out/annotations/instances_<split>.json``; returns (images, annotations).
+
+    Records go to the file as they are made (the annotations through a spool file
+    beside it, since COCO lists them after the images), so memory stays flat
+    however many images there are; the file is byte for byte what ``json.dumps``
+    of the whole COCO dict writes."""
     rng = np.random.default_rng(seed)
     (out / split).mkdir(parents=True, exist_ok=True)
     cat_ids = list(range(1, len(p.classes) + 1))
-    coco: dict = {
-        "info": {"description": f"rcnnops shapes ({split})", "version": "1"},
-        "licenses": [],
-        "images": [],
-        "annotations": [],
-        "categories": [
-            {"id": cid, "name": name, "supercategory": "shape"}
-            for cid, name in zip(cat_ids, p.classes, strict=True)
-        ],
-    }
-    ann_id = first_id
-    for k in tqdm(range(num), desc=f"generate {split}", unit="img", leave=False):
-        image_id = first_id + k
-        img, objects = render_image(rng, p, empty=rng.random() < p.empty_fraction)
-        name = f"{image_id:06d}.png"
-        cv2.imwrite(str(out / split / name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
-        coco["images"].append(
-            {"id": image_id, "file_name": name, "width": p.image_size, "height": p.image_size}
-        )
-        for obj in objects:
-            coco["annotations"].append(_annotation(obj, ann_id, image_id, cat_ids))
-            ann_id += 1
-    return coco
+    info = {"description": f"rcnnops shapes ({split})", "version": "1"}
+    categories = [
+        {"id": cid, "name": name, "supercategory": "shape"}
+        for cid, name in zip(cat_ids, p.classes, strict=True)
+    ]
+    path = out / "annotations" / f"instances_{split}.json"
+    spool = path.with_name(path.name + ".annotations")
+    with open(path, "w") as f, open(spool, "w+") as spooled:
+        f.write(f'{{"info": {json.dumps(info)}, "licenses": [], "images": ')
+        images, annotations = _RecordList(f), _RecordList(spooled)
+        ann_id = first_id
+        for k in tqdm(range(num), desc=f"generate {split}", unit="img", leave=False):
+            image_id = first_id + k
+            img, objects = render_image(rng, p, empty=rng.random() < p.empty_fraction)
+            name = f"{image_id:06d}.png"
+            cv2.imwrite(str(out / split / name), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+            images.add(
+                {"id": image_id, "file_name": name, "width": p.image_size, "height": p.image_size}
+            )
+            for obj in objects:
+                annotations.add(_annotation(obj, ann_id, image_id, cat_ids))
+                ann_id += 1
+        images.close()
+        annotations.close()
+        f.write(', "annotations": ')
+        spooled.seek(0)
+        shutil.copyfileobj(spooled, f)
+        f.write(f', "categories": {json.dumps(categories)}}}')
+    spool.unlink()
+    return images.count, annotations.count
 
 
 def generate(p: GenerateParams) -> Path:
@@ -201,6 +230,5 @@ def generate(p: GenerateParams) -> Path:
             "val": (p.num_val, p.seed * 2 + 1, 1 + p.num_train),
         }
         for split, (num, seed, first) in splits.items():
-            coco = generate_split(p, split, num, seed, tmp, first_id=first)
-            (tmp / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco))
+            generate_split(p, split, num, seed, tmp, first_id=first)
     return out
