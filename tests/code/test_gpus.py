@@ -351,7 +351,13 @@ def test_gpu_check_rehearsed_on_the_cpu(tmp_path):
     assert table[0].startswith("| variant | device | precision | img/s train | ms/img inference")
     variants = [row.split("|")[1].strip() for row in table[1:]]
     assert variants == ["rcnn", "fast_rcnn", "faster_rcnn", "mask_rcnn", "faster_rcnn served"]
+    import torch
+
+    from rcnnops.precision import resolve_amp
+
+    # amp: auto on this CPU: bf16 where it has AVX512-BF16 or AMX, else fp32
+    expected = resolve_amp("auto", torch.device("cpu")).name
     for row in table[1:5]:
         cells = [c.strip() for c in row.split("|")[1:-1]]
-        assert cells[1].startswith("cpu") and cells[2] == "fp32"
+        assert cells[1].startswith("cpu") and cells[2] == expected
         assert float(cells[3]) > 0 and float(cells[4]) > 0 and float(cells[5]) > 0
