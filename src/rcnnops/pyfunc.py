@@ -136,9 +136,11 @@ def warm_up() -> None:
     checks the model's requirements against the environment through a map of every
     installed distribution's files, built once per process (about 2.5 s here). The
     flow calls this beside the data stages, not between training and registering.
-    Only an optimisation: if MLflow's (private) helper moved, the first log pays."""
+    Only an optimisation, so it never fails: if MLflow's (private) helper moved or
+    raises (MLflow's own caller tolerates that too), the first log pays."""
     try:
         from mlflow.utils.requirements_utils import _init_packages_to_modules_map
-    except ImportError:
+
+        _init_packages_to_modules_map()
+    except Exception:  # noqa: BLE001 - a warm-up; the real call reports real errors
         return
-    _init_packages_to_modules_map()
