@@ -1,0 +1,210 @@
+"""Prefect concurrency slots held across stages: a thread holds them (:class:`Held`),
+a stage that ends hands them to the next of the flow's stages (:class:`Handover`),
+and the first stage's are taken ahead, while the data stages run
+(:class:`Reservation`). :mod:`pipelines.slots` decides which limits a stage needs
+and when it runs; this module only keeps the slots.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import threading
+from collections.abc import Callable
+
+
+class Held:
+    """Prefect concurrency slots held by a thread of their own, so that the stage
+    that took them can hand them to the next one.
+
+    The thread holds Prefect's ``concurrency`` context (which renews the lease)
+    until :meth:`release`. A failed lease renewal is logged by Prefect and the
+    stage goes on (a training is not killed for an API outage; the limit may then
+    be exceeded until the stage ends)."""
+
+    def __init__(self, limits: tuple[tuple[str, int], ...]) -> None:
+        self._ready, self._release = threading.Event(), threading.Event()
+        self._error: BaseException | None = None
+        context = contextvars.copy_context()  # Prefect's settings (the API in use)
+        self._thread = threading.Thread(
+            target=context.run, args=(self._hold, limits), name="rcnnops-slots", daemon=True
+        )
+        self._thread.start()
+        try:
+            while not self._ready.wait(0.5):  # a wait a cancelled task can leave
+                pass
+        except BaseException:
+            self._release.set()  # given back as soon as they come
+            raise
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
+
+    def _hold(self, limits: tuple[tuple[str, int], ...]) -> None:
+        from prefect.concurrency.sync import concurrency
+
+        try:
+            with contextlib.ExitStack() as held:
+                for name, occupy in limits:
+                    held.enter_context(
+                        concurrency(
+                            name, occupy=occupy, strict=True, raise_on_lease_renewal_failure=False
+                        )
+                    )
+                self._ready.set()
+                self._release.wait()
+        except BaseException as e:
+            if not self._ready.is_set():
+                self._error = e
+            else:  # giving back failed: the limit's lease expiry (or reclaim) frees it
+                logging.getLogger(__name__).warning("giving back concurrency slots failed: %s", e)
+        finally:
+            self._ready.set()
+
+    def release(self) -> None:
+        self._release.set()
+        self._thread.join()
+
+
+class Handover:
+    """This process's Prefect slots passed from a stage that ends to the next of
+    its stages waiting for the same limits, instead of given back and asked for
+    again.
+
+    Asking again right after a stage ends often meets the server's SQLite busy
+    with the ended task's records: Prefect's API then answers 503 and its client
+    retries after 2 s, then 4 s more (seen as 2-7 s gaps between stages). Another
+    run waiting for the limit polls at intervals of up to 30 s, so giving the slot
+    back only to take it again a moment later did not give it a turn either. A
+    slot parked for a waiter that never takes it is given back after
+    ``IDLE_SECONDS``."""
+
+    IDLE_SECONDS = 10.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiting: dict[tuple, int] = {}
+        self._idle: dict[tuple, list[Held]] = {}
+        self._coming: dict[tuple, threading.Event] = {}  # a reservation being taken
+
+    def coming(self, key: tuple, done: threading.Event) -> None:
+        """A reservation (:class:`Reservation`) is being taken for ``key``."""
+        with self._lock:
+            self._coming[key] = done
+
+    def arrived(self, key: tuple, held: Held | None, done: threading.Event) -> None:
+        """The reservation is held (parked for the first stage) or failed (None)."""
+        with self._lock:
+            if held is not None:
+                self._idle.setdefault(key, []).append(held)
+            if self._coming.get(key) is done:
+                del self._coming[key]
+        done.set()
+
+    def withdraw(self, key: tuple, held: Held) -> bool:
+        """Take parked slots back out (True if they were still parked)."""
+        with self._lock:
+            idle = self._idle.get(key, [])
+            if held in idle:
+                idle.remove(held)
+                return True
+            return False
+
+    def expect(self, key: tuple, n: int = 1) -> None:
+        """A stage waits for its turn (``n=-1``: it stopped waiting without one)."""
+        with self._lock:
+            self._waiting[key] = self._waiting.get(key, 0) + n
+
+    def take(self, key: tuple) -> Held | None:
+        """The turn came: slots handed over (or reserved), if any."""
+        with self._lock:
+            self._waiting[key] -= 1
+            coming = self._coming.get(key)
+        if coming is not None:
+            coming.wait()  # else the stage would ask Prefect for the slots reserved for it
+        with self._lock:
+            idle = self._idle.get(key)
+            return idle.pop() if idle else None
+
+    def give(self, key: tuple, held: Held) -> None:
+        """A stage ended: park its slots for a waiting stage, or give them back."""
+        with self._lock:
+            idle = self._idle.setdefault(key, [])
+            keep = self._waiting.get(key, 0) > len(idle)
+            if keep:
+                idle.append(held)
+        if not keep:
+            held.release()
+            return
+        timer = threading.Timer(self.IDLE_SECONDS, self._expire, (key, held))
+        timer.daemon = True
+        timer.start()
+
+    def _expire(self, key: tuple, held: Held) -> None:
+        with self._lock:
+            idle = self._idle.get(key, [])
+            if held not in idle:
+                return  # taken
+            idle.remove(held)
+        held.release()
+
+
+class Reservation:
+    """The first stage's Prefect slots for ``key``, asked for in the background
+    after ``prepare()`` (see :func:`pipelines.slots.reserve`); :meth:`result`
+    raises what preparing the limits raised."""
+
+    def __init__(
+        self, key: tuple, limits: tuple[tuple[str, int], ...], prepare: Callable[[], object]
+    ) -> None:
+        self._key = key
+        self._error: BaseException | None = None
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._held: Held | None = None
+        handover.coming(self._key, self._done)
+        context = contextvars.copy_context()  # Prefect's settings and the flow run
+        thread = threading.Thread(
+            target=context.run,
+            args=(self._take, limits, prepare),
+            name="rcnnops-slots-reserve",
+            daemon=True,
+        )
+        thread.start()
+
+    def _take(self, limits: tuple[tuple[str, int], ...], prepare: Callable[[], object]) -> None:
+        try:
+            prepare()
+            held = Held(limits)
+        except BaseException as e:  # the first stage asks for itself (and meets it too)
+            self._error = e
+            handover.arrived(self._key, None, self._done)
+            return
+        with self._lock:  # parked, or (the run is past needing it) given back
+            if not self._abandoned:
+                self._held = held
+                handover.arrived(self._key, held, self._done)
+                return
+        handover.arrived(self._key, None, self._done)
+        held.release()
+
+    def result(self) -> None:
+        """Wait for the limits to be prepared; raise their error, if any."""
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+
+    def give_back(self) -> None:
+        """Give the slots back if no stage took them (nothing to train, or the
+        run failed before training); a reservation still waiting for Prefect gives
+        them back as soon as they come."""
+        with self._lock:
+            self._abandoned = True
+            held = self._held
+        if held is not None and handover.withdraw(self._key, held):
+            held.release()
+
+
+handover = Handover()
