@@ -10,6 +10,7 @@ each command's start costs about a second.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
+from rcnnops import dvc_launcher
 from rcnnops.errors import UserError
 from rcnnops.redact import redact
 
@@ -67,26 +69,7 @@ def dvc(
         out = (proc.stdout or "") + (proc.stderr or "")
     else:
         # Stream raw bytes so progress bars (carriage returns) stay live; keep a tail.
-        tail, line = bytearray(), bytearray()
-        with subprocess.Popen(
-            cmd, cwd=project, env=env(extra_env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-        ) as p:
-            assert p.stdout is not None
-            sink = getattr(sys.stdout, "buffer", None)
-            while chunk := p.stdout.read1(4096):
-                if sink is not None:
-                    sink.write(chunk)
-                else:
-                    sys.stdout.write(chunk.decode(errors="replace"))
-                sys.stdout.flush()
-                tail = (tail + chunk)[-16384:]
-                if on_line is not None:
-                    *done, rest = (line + chunk).split(b"\n")
-                    for ln in done:
-                        on_line(ln.decode(errors="replace").rstrip("\r"))
-                    line = bytearray(rest[-16384:])  # progress bars: no newline for long
-            code = p.wait(timeout=timeout)
-        out = tail.decode(errors="replace").replace("\r", "\n")
+        code, out = _stream(cmd, project, env(extra_env), timeout, on_line)
         proc = subprocess.CompletedProcess(cmd, code, out, "")
     if check and proc.returncode != 0:
         errors = [ln for ln in out.splitlines() if "error" in ln.lower()]
@@ -230,6 +213,47 @@ def pull(project: Path) -> None:
     for new in set(project.iterdir()) - before:
         if new.is_dir() and not new.is_symlink():
             _remove_empty_tree(new)
+
+
+def _stream(
+    cmd: list[str],
+    project: Path,
+    environ: dict[str, str],
+    timeout: float | None,
+    on_line: Callable[[str], None] | None,
+) -> tuple[int, str]:
+    """Run ``cmd`` (``python -m dvc ...``) with its output passed through to ours;
+    returns its exit code and its output's tail. Forked by the running DVC
+    launcher (:mod:`rcnnops.dvc_launcher`) when there is one and no timeout."""
+    cwd = Path(project).resolve()
+    forked = None if timeout is not None else dvc_launcher.spawn(cmd[3:], cwd, environ)
+    with contextlib.ExitStack() as running:
+        if forked is not None:
+            p = forked
+            running.enter_context(p.stdout)
+        else:  # on leaving: its pipe closed, the process waited for
+            p = running.enter_context(
+                subprocess.Popen(
+                    cmd, cwd=cwd, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+                )
+            )
+        assert p.stdout is not None
+        tail, line = bytearray(), bytearray()
+        sink = getattr(sys.stdout, "buffer", None)
+        while chunk := p.stdout.read1(4096):
+            if sink is not None:
+                sink.write(chunk)
+            else:
+                sys.stdout.write(chunk.decode(errors="replace"))
+            sys.stdout.flush()
+            tail = (tail + chunk)[-16384:]
+            if on_line is not None:
+                *done, rest = (line + chunk).split(b"\n")
+                for ln in done:
+                    on_line(ln.decode(errors="replace").rstrip("\r"))
+                line = bytearray(rest[-16384:])  # progress bars: no newline for long
+        code = forked.wait() if forked is not None else p.wait(timeout=timeout)
+    return code, tail.decode(errors="replace").replace("\r", "\n")
 
 
 def is_stale(project: Path, stage: str) -> bool:
