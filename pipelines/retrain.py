@@ -198,25 +198,15 @@ def unchanged(reg: dict) -> dict:
     }
 
 
-@task(name="compare-picture")
-def picture(p: Params, variants: list[str]) -> str | None:
-    """reports/compare/side_by_side.png: the variants' predictions on the same
-    validation images (None: no predictions). Reads the evaluations only, so it is
-    drawn beside registration."""
-    from rcnnops import compare as cmp
-
-    plot = cmp.side_by_side(p, variants)
-    return None if plot is None else str(plot)
-
-
 @task(name="compare", retries=2, retry_delay_seconds=[2, 5])
-def compare(p: Params, variants: list[str], plot: str | None) -> str:
-    """The variants' comparison (latest run and champion) as Markdown; logs it and
-    the picture (see :func:`picture`) to MLflow when they changed."""
+def compare(p: Params, variants: list[str]) -> str:
+    """The variants' comparison (latest run and champion) as Markdown; also draws
+    reports/compare/side_by_side.png and logs both to MLflow when they changed."""
     from rcnnops import compare as cmp
 
     rows = cmp.collect(p, variants)
-    run_id = cmp.log_to_mlflow(p.register.experiment, rows, Path(plot) if plot else None)
+    plot = cmp.side_by_side(p, variants)
+    run_id = cmp.log_to_mlflow(p.register.experiment, rows, plot)
     get_run_logger().info(
         "comparison: %d row(s), picture %s, MLflow %s",
         len(rows),
@@ -297,11 +287,9 @@ def _retrain(root: Path, variants: list[str] | None, push_to_remote: bool) -> li
             f"training or evaluation failed for {', '.join(failed)}; nothing was registered "
             "or promoted (see the task logs above; rerun resumes from the last checkpoint)"
         )
-    # DVC's push of the outputs and the comparison's picture run beside the
-    # registry's work (none touches what another reads or writes); the run waits
-    # for the push before finishing.
+    # DVC's push of the outputs runs beside the registry's work (neither touches
+    # what the other reads or writes); the run waits for it before finishing.
     pushed = push.submit(str(root)) if push_to_remote else None
-    drawn = picture.submit(params, variants)  # beside registration too
     decisions = []
     for v in variants:
         reg = register(params, v)
@@ -315,7 +303,7 @@ def _retrain(root: Path, variants: list[str] | None, push_to_remote: bool) -> li
         description="Promotion decisions of this retraining run",
     )
     create_markdown_artifact(
-        compare(params, variants, drawn.result()),
+        compare(params, variants),
         key="rcnnops-compare",
         description="Variants compared: latest run and champion (metrics, cost, lineage)",
     )

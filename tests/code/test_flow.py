@@ -14,6 +14,7 @@ from prefect import get_client
 from prefect.flow_engine import run_flow
 
 from pipelines import schedule
+from rcnnops import dvc_launcher
 from rcnnops import project as dvcproj
 
 VARIANTS = ["rcnn", "fast_rcnn", "faster_rcnn", "mask_rcnn"]
@@ -85,8 +86,17 @@ def test_flow_end_to_end_then_noop_then_param_change(harness, tiny_project, monk
     monkeypatch.chdir(tiny_project)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     set_params(tiny_project / "params.yaml", LEARNS)
+    forks, spawn = [], dvc_launcher.spawn
+
+    def recording(*args):
+        forks.append(forked := spawn(*args))
+        return forked
+
+    monkeypatch.setattr(dvc_launcher, "spawn", recording)
     decisions = retrain(project=str(tiny_project))
     assert [d["name"] for d in decisions] == [f"rcnnops-{v}" for v in VARIANTS]
+    if dvc_launcher.supported():  # data, proposals, a variant each, push: forked
+        assert [type(f) for f in forks] == [dvc_launcher.Forked] * (2 + len(VARIANTS) + 1)
     assert all(d["version"] == "1" and d["promoted"] for d in decisions)
     recall = json.loads((tiny_project / "reports/proposals/metrics.json").read_text())
     assert 0.0 < recall["val"]["recall@0.5/2000"] <= 1.0
