@@ -11,8 +11,9 @@ are those of ``python -m dvc``; only the import is not paid again.
 
 Linux only (``fork``, file descriptors passed over a Unix socket). Elsewhere, or
 when the launcher is not running or has died, :func:`spawn` returns None and the
-caller starts ``python -m dvc`` as a process. The launcher exits when the
-process that started it closes its end of the socket (or dies).
+caller starts ``python -m dvc`` as a process; ``RCNNOPS_DVC_LAUNCHER=0`` asks for
+that too. The launcher exits when the process that started it closes its end of
+the socket (or dies).
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ _KILLED = -1  # the fork ended without reporting its exit code (killed by a sign
 
 
 def supported() -> bool:
-    return sys.platform.startswith("linux") and hasattr(socket, "send_fds")
+    """Whether DVC commands can be forked here (and are not switched off)."""
+    wanted = os.environ.get("RCNNOPS_DVC_LAUNCHER", "1") != "0"
+    return wanted and sys.platform.startswith("linux") and hasattr(socket, "send_fds")
 
 
 class Forked:

@@ -14,7 +14,9 @@ import pytest
 from rcnnops import dvc_launcher
 from rcnnops import project as dvcproj
 
-pytestmark = pytest.mark.skipif(not dvc_launcher.supported(), reason="Linux only (fork)")
+pytestmark = pytest.mark.skipif(
+    not dvc_launcher.supported(), reason="forking DVC commands: Linux only, or switched off"
+)
 
 SAY = (
     "python -c \"import os, sys; open('{out}', 'w').write(os.environ['GREETING'] + ' ' + "
@@ -138,3 +140,11 @@ def test_the_launcher_stops_when_its_caller_lets_go(dvc_project):
         assert forked.wait() == 0
     assert launcher.process.wait(timeout=5) == 0
     assert dvc_launcher.spawn(["--version"], dvc_project, dvcproj.env()) is None
+
+
+def test_switched_off_dvc_commands_run_as_processes(dvc_project, forks, monkeypatch):
+    monkeypatch.setenv("RCNNOPS_DVC_LAUNCHER", "0")
+    with dvc_launcher.running(dvcproj.env()) as launcher:
+        assert launcher is None
+        assert dvcproj.repro(dvc_project, "hello", extra_env={"GREETING": "hi"}) == ["hello"]
+    assert forks == [None]
