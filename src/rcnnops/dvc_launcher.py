@@ -33,8 +33,9 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO, NoReturn
 
-# What ``dvc repro`` / ``dvc push`` import beyond ``dvc.cli`` (measured with
-# ``python -X importtime``); a module missing from another DVC version is skipped.
+# What ``dvc repro`` and ``dvc push`` import beyond ``dvc.cli`` (the modules their
+# first run in a process added to ``sys.modules``, DVC 3.67); a module missing from
+# another DVC version is skipped.
 _PRELOAD = (
     "dvc.cli",
     "dvc.cli.parser",
@@ -49,8 +50,16 @@ _PRELOAD = (
     "dvc.output",
     "dvc.dependency",
     "dvc.lock",
+    "dvc.rwlock",
+    "dvc.cachemgr",
+    "dvc.data_cloud",
+    "dvc.scm",
+    "dvc._debug",
     "dvc_data.hashfile",
     "dvc_data.index",
+    "dvc_render",
+    "scmrepo.git",
+    "scmrepo.noscm",
 )
 _INT = struct.Struct("!i")
 _KILLED = -1  # the fork ended without reporting its exit code (killed by a signal)

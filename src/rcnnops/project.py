@@ -61,7 +61,8 @@ def dvc(
     # --wait-for-lock: the flow runs stages of several variants at once; DVC
     # releases its repo lock while a stage's command runs and takes it briefly
     # before and after, so concurrent `dvc repro`s queue there instead of failing.
-    cmd = [sys.executable, "-m", "dvc", "--wait-for-lock", *args]
+    argv = ["--wait-for-lock", *args]
+    cmd = _command(argv)
     if capture:
         proc = subprocess.run(
             cmd, cwd=project, env=env(extra_env), text=True, timeout=timeout, capture_output=True
@@ -69,7 +70,7 @@ def dvc(
         out = (proc.stdout or "") + (proc.stderr or "")
     else:
         # Stream raw bytes so progress bars (carriage returns) stay live; keep a tail.
-        code, out = _stream(cmd, project, env(extra_env), timeout, on_line)
+        code, out = _stream(argv, project, env(extra_env), timeout, on_line)
         proc = subprocess.CompletedProcess(cmd, code, out, "")
     if check and proc.returncode != 0:
         errors = [ln for ln in out.splitlines() if "error" in ln.lower()]
@@ -215,18 +216,24 @@ def pull(project: Path) -> None:
             _remove_empty_tree(new)
 
 
+def _command(argv: list[str]) -> list[str]:
+    """``dvc ARGV`` with this interpreter (the stage commands find the same packages)."""
+    return [sys.executable, "-m", "dvc", *argv]
+
+
 def _stream(
-    cmd: list[str],
+    argv: list[str],
     project: Path,
     environ: dict[str, str],
     timeout: float | None,
     on_line: Callable[[str], None] | None,
 ) -> tuple[int, str]:
-    """Run ``cmd`` (``python -m dvc ...``) with its output passed through to ours;
-    returns its exit code and its output's tail. Forked by the running DVC
-    launcher (:mod:`rcnnops.dvc_launcher`) when there is one and no timeout."""
+    """Run ``dvc ARGV`` with its output passed through to ours; returns its exit code
+    and its output's tail. Forked by the running DVC launcher
+    (:mod:`rcnnops.dvc_launcher`) when there is one and no timeout, else a
+    ``python -m dvc`` process."""
     cwd = Path(project).resolve()
-    forked = None if timeout is not None else dvc_launcher.spawn(cmd[3:], cwd, environ)
+    forked = None if timeout is not None else dvc_launcher.spawn(argv, cwd, environ)
     with contextlib.ExitStack() as running:
         if forked is not None:
             p = forked
@@ -234,7 +241,11 @@ def _stream(
         else:  # on leaving: its pipe closed, the process waited for
             p = running.enter_context(
                 subprocess.Popen(
-                    cmd, cwd=cwd, env=environ, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+                    _command(argv),
+                    cwd=cwd,
+                    env=environ,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
                 )
             )
         assert p.stdout is not None
