@@ -155,6 +155,12 @@ class Reservation:
     after ``prepare()`` (see :func:`pipelines.slots.reserve`); :meth:`result`
     raises what preparing the limits raised."""
 
+    # How long a reservation given back while still being taken is waited for (its
+    # slots are then given back at once). Taking a free slot takes well under a
+    # second, up to 6 s when the server's SQLite is busy; a limit another run holds
+    # can take any time, and then nothing was taken to give back.
+    SETTLE_SECONDS = 10.0
+
     def __init__(
         self, key: tuple, limits: tuple[tuple[str, int], ...], prepare: Callable[[], object]
     ) -> None:
@@ -166,13 +172,13 @@ class Reservation:
         self._held: Held | None = None
         handover.coming(self._key, self._done)
         context = contextvars.copy_context()  # Prefect's settings and the flow run
-        thread = threading.Thread(
+        self._thread = threading.Thread(
             target=context.run,
             args=(self._take, limits, prepare),
             name="rcnnops-slots-reserve",
             daemon=True,
         )
-        thread.start()
+        self._thread.start()
 
     def _take(self, limits: tuple[tuple[str, int], ...], prepare: Callable[[], object]) -> None:
         try:
@@ -198,12 +204,16 @@ class Reservation:
 
     def give_back(self) -> None:
         """Give the slots back if no stage took them (nothing to train, or the
-        run failed before training); a reservation still waiting for Prefect gives
-        them back as soon as they come."""
+        run failed before training). A reservation still being taken is waited for
+        (up to ``SETTLE_SECONDS``) and gives them back as they come: while the run
+        is still on, since the run's Prefect client is closed after it, and slots
+        given back then would stay taken until their lease expired."""
         with self._lock:
             self._abandoned = True
             held = self._held
-        if held is not None and handover.withdraw(self._key, held):
+        if held is None:
+            self._thread.join(self.SETTLE_SECONDS)
+        elif handover.withdraw(self._key, held):
             held.release()
 
 

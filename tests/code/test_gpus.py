@@ -264,6 +264,29 @@ def test_the_first_stage_starts_on_slots_reserved_beside_the_data_stages(
     assert stages([]) == [1]  # reserved, not taken: given back
     assert len(asked) == 1 and active() == 0
 
+    # A run that fails before its reservation arrived (a bad dataset fails fast)
+    # gives the slot back before it ends, not after its Prefect client closed
+    # (the slot would then stay taken until its lease expired).
+    given_back = threading.Event()
+
+    @contextlib.contextmanager
+    def slow(*args, **kwargs):
+        time.sleep(1.0)
+        with real(*args, **kwargs):
+            yield
+        given_back.set()
+
+    monkeypatch.setattr(prefect.concurrency.sync, "concurrency", slow)
+
+    @flow(name="fails-before-training")
+    def fails() -> None:
+        with slots.reserve(plan):
+            raise ValueError("bad data")
+
+    with pytest.raises(ValueError, match="bad data"):
+        fails()
+    assert given_back.is_set() and active() == 0
+
 
 @pytest.mark.scale
 def test_four_gpus_four_variants_one_distinct_gpu_each(harness, tmp_path, monkeypatch):
