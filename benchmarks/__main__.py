@@ -153,8 +153,9 @@ def markdown(doc: dict) -> str:
     ]
     for s in doc["sections"]:
         for t in s.get("targets", []):
+            shown = f"{t['value']:.1f} {t['unit']}" if t.get("unit") else _target_value(t["value"])
             out.append(
-                f"| {s['title'].split('.')[0]} | {t['name']} | {_target_value(t['value'])} | "
+                f"| {s['title'].split('.')[0]} | {t['name']} | {shown} | "
                 f"{t['target']} | {_holds(t['holds'])} |"
             )
     for s in doc["sections"]:
@@ -231,6 +232,14 @@ def main(argv: list[str] | None = None) -> int:
         "(benchmarks/paper: VGG16, ResNet-50-FPN at 800/1333, torchvision side by side; "
         "writes paper.md/json; `python -m benchmarks --paper --help` for its options)",
     )
+    ap.add_argument(
+        "--pipeline-runs",
+        type=int,
+        default=0,
+        metavar="N",
+        help="repetitions of the pipeline row, each a fresh `rcnnops run` followed by the "
+        "stage commands by hand (default: 3 with --quick, else 1)",
+    )
     ap.add_argument("--case", help=argparse.SUPPRESS)  # internal: run one comparison
     ap.add_argument("--case-out", type=Path, help=argparse.SUPPRESS)
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -239,7 +248,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return paper.main([a for a in argv if a != "--paper"])
     args = ap.parse_args(argv)
-    ctx = Context(args.work.resolve(), args.quick)
+    if args.pipeline_runs < 0:
+        ap.error("--pipeline-runs: 0 (the default for the mode) or more")
+    ctx = Context(args.work.resolve(), args.quick, args.pipeline_runs)
     if args.case:
         run_case(args.case, ctx, args.case_out)
         return 0
@@ -281,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
             str(case_out),
             "--work",
             str(ctx.work),
+            "--pipeline-runs",
+            str(ctx.pipeline_runs),
         ] + (["--quick"] if ctx.quick else [])
         proc = subprocess.run(cmd, cwd=REPO)
         if case_out.exists():
@@ -300,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "command": "python -m benchmarks"
         + (" --quick" if ctx.quick else "")
-        + (f" --only {args.only}" if args.only else ""),
+        + (f" --only {args.only}" if args.only else "")
+        + (f" --pipeline-runs {args.pipeline_runs}" if args.pipeline_runs else ""),
         "quick": ctx.quick,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "minutes": (time.perf_counter() - started) / 60,

@@ -36,6 +36,7 @@ class Context:
 
     work: Path
     quick: bool
+    pipeline_runs: int = 0  # the pipeline row's repetitions (0: its default for the mode)
 
     @property
     def project(self) -> Path:

@@ -61,7 +61,7 @@ def _import_flow_modules() -> None:
     the flow's process needs: the flow and Prefect, torch (the version-data task
     reads the prepared manifest with it, between two stages) and DVC's repository
     modules (the first tasks set DVC up and ask it what changed, in this process).
-    The registry's own imports load in the tracking-store task, beside the data
+    The registry's own imports load in the warm-up task, beside the data
     stages."""
     import dvc.repo.status  # noqa: F401
     import dvc.stage  # noqa: F401

@@ -91,18 +91,20 @@ def tracking_store(project: str, experiment: str) -> str:
     from rcnnops import tracking
 
     tracking.check_reachable(tracking.tracking_uri(Path(project)))
-    experiment_id = tracking.setup(experiment, Path(project))
-    # What the last tasks would load first (a few seconds in all) loads here, beside
-    # the data stages, not between training and registering: the registry's modules
-    # (torchvision, MLflow's pyfunc), MLflow's map of installed packages (built by
-    # the first model it logs) and matplotlib (the comparison's picture).
-    import rcnnops.registry  # noqa: F401
-    from rcnnops import plots, pyfunc
+    return tracking.setup(experiment, Path(project))
 
-    pyfunc.warm_up()
+
+@task(name="warm-up")
+def warm_up(variants: list[str]) -> None:
+    """Load now what the last tasks would load first (a few seconds in all), beside
+    the data stages and the first training, not between training and registering:
+    see :func:`rcnnops.registry.warm_up`, and matplotlib for the comparison's
+    picture. Only an optimisation: the flow waits for it before registering, and
+    nothing it meets fails the run."""
+    from rcnnops import plots, registry
+
+    registry.warm_up(variants)
     plots.pyplot()
-
-    return experiment_id
 
 
 @task(name="train-evaluate")
@@ -266,9 +268,11 @@ def _retrain(root: Path, variants: list[str] | None, push_to_remote: bool) -> li
     slots = stage_slots.plan(params.pipeline.parallel, params.train.device, params.train.nproc)
     with ExitStack() as reserved:
         # While the data stages run (none logs to MLflow or takes a stage slot): the
-        # tracking store is made (a new SQLite file costs seconds of migrations) and
-        # the first training's stage slots are taken.
+        # tracking store is made (a new SQLite file costs seconds of migrations), the
+        # first training's stage slots are taken, and the registry's modules load
+        # (not awaited before training: a run without proposals has no time to spare).
         store = tracking_store.submit(str(root), params.register.experiment) if stale else None
+        warm = warm_up.submit(variants) if stale else None
         first = reserved.enter_context(stage_slots.reserve(slots)) if stale else None
         upstream = version_data(str(root), params, known)["ran"]
         if USES_PROPOSALS & set(variants):
@@ -290,6 +294,8 @@ def _retrain(root: Path, variants: list[str] | None, push_to_remote: bool) -> li
     # DVC's push of the outputs runs beside the registry's work (neither touches
     # what the other reads or writes); the run waits for it before finishing.
     pushed = push.submit(str(root)) if push_to_remote else None
+    if warm is not None:
+        warm.wait()  # done long ago unless training was short
     decisions = []
     for v in variants:
         reg = register(params, v)

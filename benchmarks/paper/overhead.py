@@ -4,7 +4,10 @@
 images), its output timestamped line by line; each stretch of wall time between
 two finished Prefect tasks is charged to the task that finished, and inside the
 stage tasks the stage commands' own time (from DVC's ``> rcnnops ...`` line to
-its ``Updating lock file``) is split off. What is left is the orchestration:
+its ``Updating lock file``) is split off. Tasks that run beside others (the
+tracking store and the warm-up beside the data stages, ``dvc push`` beside
+registration) are charged nothing: what the run waits for them shows in the
+task that waited. What is left is the orchestration:
 Python and Prefect start, DVC's work around each stage, the MLflow tracking
 store, registration and promotion, the comparison, ``dvc push``, shutdown.
 The share against bench-quick's stage time is read from benchmarks/results.json
@@ -28,6 +31,7 @@ SMALL = {  # bench-quick's settings (benchmarks.setup.QUICK) on fewer images
     "train.*.warmup_iters": 10,
 }
 _TASK_END = re.compile(r"Task run '([a-z-]+)-[0-9a-f]+' - Finished in state")
+BESIDE = frozenset({"tracking-store", "warm-up", "dvc-push"})  # not on the run's path
 _FLOW_START = re.compile(r"Beginning flow run")
 
 
@@ -46,7 +50,7 @@ def breakdown(lines: list[tuple[float, str]], total: float) -> tuple[dict, float
         elif line.startswith("Updating lock file") and cmd_start is not None:
             task_commands += t - cmd_start
             cmd_start = None
-        elif m := _TASK_END.search(line):
+        elif (m := _TASK_END.search(line)) and m.group(1) not in BESIDE:
             name = m.group(1)
             key = {
                 "dvc-repro": "DVC around stages",
@@ -54,11 +58,9 @@ def breakdown(lines: list[tuple[float, str]], total: float) -> tuple[dict, float
                 "train-evaluate": "DVC around stages",
                 "dvc-status": "dvc status",
                 "ensure-dvc": "DVC repo / remote check",
-                "tracking-store": "MLflow tracking store (create / open)",
                 "register": "MLflow: log model + register (per variant)",
                 "promote": "MLflow: promotion gate (per variant)",
                 "compare": "comparison table + side-by-side plot",
-                "dvc-push": "dvc push",
             }.get(name, name)
             parts[key] = parts.get(key, 0.0) + (t - last) - task_commands
             commands += task_commands

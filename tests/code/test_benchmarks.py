@@ -68,8 +68,12 @@ def test_markdown_lists_targets_tables_and_failures():
         "seconds": 3.0,
     }
     bad = {"title": "6. coco_eval", "error": "Traceback ...\nValueError: boom", "seconds": 1.0}
+    ok["targets"].append(
+        {"name": "overhead", "value": 7.4321, "unit": "%", "target": "<= 10 %", "holds": True}
+    )
     md = markdown(_doc([ok, bad]))
     assert "| 8 | no-op rerun | 12.3 s | <= 10 s | **does not hold** |" in md
+    assert "| 8 | overhead | 7.4 % | <= 10 % | holds |" in md
     assert "| no-op | 12.3 |" in md
     assert "- a note" in md
     assert "**failed:**" in md and "ValueError: boom" in md
@@ -119,6 +123,8 @@ def test_paper_photos_are_the_annotated_ones_up_to_the_count(tmp_path):
 
 
 def test_overhead_breakdown_charges_each_stretch_to_the_task_that_ended_it():
+    """... and nothing to the tasks that ran beside others (the tracking store and the
+    warm-up beside the data stages, dvc push beside registration)."""
     from benchmarks.paper.overhead import breakdown
 
     log = [
@@ -126,8 +132,11 @@ def test_overhead_breakdown_charges_each_stretch_to_the_task_that_ended_it():
         (5.0, "12:00:01 | INFO | Task run 'ensure-dvc-1a2' - Finished in state Completed()"),
         (6.0, "Running stage 'prepare':"),
         (7.0, "> rcnnops prepare"),
+        (8.0, "12:00:04 | INFO | Task run 'tracking-store-e58' - Finished in state Completed()"),
+        (9.0, "12:00:05 | INFO | Task run 'warm-up-a1b' - Finished in state Completed()"),
         (10.0, "Updating lock file 'dvc.lock'"),
         (11.5, "12:00:08 | INFO | Task run 'dvc-repro-3b4' - Finished in state Completed()"),
+        (12.5, "12:00:09 | INFO | Task run 'dvc-push-00f' - Finished in state Completed()"),
         (13.0, "12:00:09 | INFO | Task run 'register-5c6' - Finished in state Completed()"),
         (14.0, "12:00:10 | INFO | Task run 'register-7d8' - Finished in state Completed()"),
     ]

@@ -41,7 +41,7 @@ __all__ = [
     "load_pyfunc", "lock_path", "metric_value", "model_name", "model_uri", "promote",
     "promote_variant", "register", "register_variant", "registry_lock", "resolve",
     "rollback", "rollback_variant", "run_metric", "serving_settings", "version_with_hash",
-    "versions",
+    "versions", "warm_up",
 ]  # fmt: skip
 
 
@@ -82,6 +82,29 @@ def promote_variant(
         actor=actor,
         experiment=params.register.experiment,
     )
+
+
+def warm_up(variants: list[str]) -> None:
+    """Do now what registering ``variants`` in this process would first do then:
+    MLflow's map of installed packages (:func:`rcnnops.pyfunc.warm_up`), and the
+    modules MLflow's check of each logged model runs (it loads the pyfunc and
+    predicts its input example): the detector, selective search (OpenCV, about
+    0.5 s to load) for the variants that take proposals, pycocotools' masks for
+    Mask R-CNN. Only an optimisation: a module that fails to load here fails
+    registration with its own error later."""
+    import contextlib
+    import importlib
+
+    from rcnnops import pyfunc
+    from rcnnops.config import USES_PROPOSALS
+
+    pyfunc.warm_up()
+    modules = ["rcnnops.detect", "rcnnops.models.io"]
+    modules += ["rcnnops.proposals.selective_search"] * bool(USES_PROPOSALS & set(variants))
+    modules += ["rcnnops.data.masks"] * ("mask_rcnn" in variants)
+    for name in modules:
+        with contextlib.suppress(Exception):
+            importlib.import_module(name)
 
 
 def rollback_variant(params: Any, variant: str, actor: str | None = None) -> Rollback:
