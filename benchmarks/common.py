@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -182,20 +183,103 @@ def command(project: Path, *args: str, env_extra: dict | None = None, watch=None
     return took
 
 
+STAGE_COMMAND = re.compile(r"\brcnnops (generate|prepare|proposals|train|evaluate)\b")
+
+
+class CpuWatch:
+    """CPU seconds (user + system) of a process tree, split between the stage
+    commands (``rcnnops generate|prepare|proposals|train|evaluate`` and everything
+    they start) and the rest (the flow's process, Prefect's server, DVC's
+    processes): the rest's, counted separately while a stage command is alive.
+    Sampled every ``interval`` s, so a process's last fraction of an interval
+    before it ends is not counted (short-lived ones such as ``git`` are missed)."""
+
+    def __init__(self, pid: int, interval: float = 0.5) -> None:
+        import psutil
+
+        self._psutil, self._root, self.interval = psutil, psutil.Process(pid), interval
+        self._roles: dict[int, str] = {}
+        self._cpu: dict[int, float] = {}
+        self.during_stages = self.outside_stages = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _role(self, proc) -> str:
+        if proc.pid not in self._roles:
+            try:
+                own = STAGE_COMMAND.search(" ".join(proc.cmdline()))
+                parent = proc.ppid()
+            except self._psutil.Error:
+                return "gone"
+            up = self._roles.get(parent, "other")
+            self._roles[proc.pid] = "stage" if own or up == "stage" else "other"
+        return self._roles[proc.pid]
+
+    def _sample(self) -> None:
+        try:
+            procs = [self._root, *self._root.children(recursive=True)]
+        except self._psutil.Error:
+            return
+        stage_alive, other_delta = False, 0.0
+        for proc in sorted(procs, key=_started):  # a parent before its children
+            role = self._role(proc)
+            try:
+                times = proc.cpu_times()
+            except self._psutil.Error:
+                continue
+            cpu = times.user + times.system
+            if role == "stage":
+                stage_alive = True
+            else:
+                other_delta += cpu - self._cpu.get(proc.pid, 0.0)
+            self._cpu[proc.pid] = cpu
+        if stage_alive:
+            self.during_stages += other_delta
+        else:
+            self.outside_stages += other_delta
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self._sample()
+
+    def stop(self) -> dict[str, float]:
+        self._stop.set()
+        self._thread.join()
+        stage = sum(c for pid, c in self._cpu.items() if self._roles.get(pid) == "stage")
+        return {
+            "stage_commands": stage,
+            "rest_while_stages_ran": self.during_stages,
+            "rest_otherwise": self.outside_stages,
+        }
+
+
+def _started(proc) -> float:
+    try:
+        return proc.create_time()
+    except Exception:  # noqa: BLE001 - gone since it was listed: last
+        return float("inf")
+
+
 def timed_run(
-    project: Path, *args: str, log: Path | None = None
+    project: Path, *args: str, log: Path | None = None, cpu: dict | None = None
 ) -> tuple[float, list[tuple[float, str]]]:
     """Run ``rcnnops ARGS`` in ``project`` like :func:`command`, its output read line
     by line: ``(seconds, [(t, line), ...])``, ``t`` from the start. ``log``: where the
-    timestamped lines are written (as ``[t] line``)."""
+    timestamped lines are written (as ``[t] line``). ``cpu``: a dict filled with
+    :class:`CpuWatch`'s figures for the run's processes."""
     env = project_env(project) | {"PYTHONUNBUFFERED": "1"}
     cmd = [str(Path(sys.executable).parent / "rcnnops"), *args]
     start, lines = time.perf_counter(), []
     with subprocess.Popen(
         cmd, cwd=project, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     ) as proc:
+        watch = CpuWatch(proc.pid) if cpu is not None else None
         for line in proc.stdout:
             lines.append((time.perf_counter() - start, line.rstrip("\n")))
+        proc.wait()
+        if watch is not None:
+            cpu.update(watch.stop())
     took = time.perf_counter() - start
     if log is not None:
         log.write_text("\n".join(f"[{t:8.2f}] {s}" for t, s in lines))

@@ -6,11 +6,15 @@ The bench project was built by running the stage commands by hand
 (``rcnnops generate``, ``prepare``, ``proposals``, ``train`` and ``evaluate``
 per variant), each timed. Here ``rcnnops run`` does the same work in a fresh
 project with the same params, then the stage commands run by hand once more,
-and so on: run, by hand, run, by hand (A/B/A/B). Each run's baseline is the
-mean of the by-hand sums just before and just after it: this VM's speed drifts
-by 10 % or more within minutes. The target is judged on the median run; the
-spread of the runs is printed. Then the last run's project is run again with
-nothing changed.
+and so on: run, by hand, run, by hand (A/B/A/B), each run against the mean of
+the by-hand sums just before and just after it.
+
+This VM's speed drifts by 10 % or more within minutes, as much as the target, so
+the target is judged on what each run adds to its own stage commands, which
+does not carry that drift: the wall time outside the stage commands, plus the
+CPU time the run's other processes used while a stage command ran (at most what
+they took from it). Medians over the runs, with their spread. Then the last
+run's project is run again with nothing changed.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ def _one(ctx: Context, i: int, before: dict[str, float]) -> dict:
     (``before``: the by-hand stage times just before the run)."""
     flow = new_project(ctx.work / f"pipeline_flow_{i}", {})
     shutil.copy(ctx.project / "params.yaml", flow / "params.yaml")  # the bench project's
-    full, lines = timed_run(flow, "run", log=flow / "bench.log")
+    cpu: dict[str, float] = {}
+    full, lines = timed_run(flow, "run", log=flow / "bench.log", cpu=cpu)
     parts, inside = breakdown(lines, full)  # the stage commands' own time within the run
     after = build(Context(ctx.work / f"pipeline_by_hand_{i}", ctx.quick))
     by_hand = (sum(before.values()) + sum(after.values())) / 2
@@ -45,6 +50,10 @@ def _one(ctx: Context, i: int, before: dict[str, float]) -> dict:
         "overhead": full / by_hand - 1,
         "inside": inside,
         "parts": parts,
+        "cpu": cpu,
+        # drift-free: the run's own orchestration time, plus what its processes took
+        # from the stage commands' cores at most (their CPU while a stage ran)
+        "estimate": (full - inside + cpu["rest_while_stages_ran"]) / inside,
     }
 
 
@@ -82,13 +91,16 @@ def run(ctx: Context) -> dict:
             "orchestration in the run (s)": r["full"] - r["inside"],
             "stage commands in the run (s)": r["inside"],
             "orchestration in the run (%)": 100 * (r["full"] - r["inside"]) / r["inside"],
+            "its CPU while stages ran (s)": r["cpu"]["rest_while_stages_ran"],
+            "both, of the stage commands' time (%)": 100 * r["estimate"],
         }
         for i, r in enumerate(runs, 1)
     ]
     overhead = statistics.median(r["overhead"] for r in runs)
-    within = statistics.median((r["full"] - r["inside"]) / r["inside"] for r in runs)
+    estimate = statistics.median(r["estimate"] for r in runs)
     orchestration = [r["full"] - r["inside"] for r in runs]
     spread = f"{n} runs, min-max {_range([100 * r['overhead'] for r in runs])} %"
+    drift = [abs(r["after"] - r["before"]) / r["before"] for r in runs]
     parts = {k: [r["parts"].get(k, 0.0) for r in runs] for k in runs[0]["parts"]}
     return {
         "title": "8. Pipeline overhead and no-op rerun",
@@ -97,18 +109,18 @@ def run(ctx: Context) -> dict:
         "rows": rows,
         "targets": [
             {
-                "name": f"orchestration overhead: rcnnops run / the stage commands by hand "
-                f"(median; {spread})",
-                "value": 100 * overhead,
+                "name": "orchestration overhead: (orchestration in the run + its processes' CPU "
+                "while stage commands ran) / the stage commands' time in the run (median; "
+                f"{n} runs, min-max {_range([100 * r['estimate'] for r in runs])} %)",
+                "value": 100 * estimate,
                 "unit": "%",
                 "target": f"<= {100 * TARGET:.0f} %",
-                "holds": overhead <= TARGET,
+                "holds": estimate <= TARGET,
             },
             {
-                "name": "orchestration in the run / its stage commands' own time (median; "
-                f"{n} runs, min-max "
-                f"{_range([100 * (r['full'] - r['inside']) / r['inside'] for r in runs])} %)",
-                "value": 100 * within,
+                "name": f"rcnnops run / the stage commands by hand (median; {spread}; carries "
+                "the VM's drift between the run and the by-hand runs)",
+                "value": 100 * overhead,
                 "unit": "%",
                 "target": "-",
                 "holds": None,
@@ -127,9 +139,19 @@ def run(ctx: Context) -> dict:
                 if ctx.quick
                 else "default params (the same work as `make run`)"
             ),
-            "overhead = each run against the mean of the by-hand sums just before and after "
-            "it (the first 'before' is the bench project's build); the target is judged on "
-            "the median run",
+            "the target is judged on what the run adds to its own stage commands: the wall "
+            "time outside them, plus the CPU time the run's other processes (the flow, "
+            "Prefect's server, DVC) used while a stage command ran, an upper bound on what "
+            "they took from it (sampled every 0.5 s: the CPU of processes shorter than that is "
+            "missed); it does not carry the VM's drift",
+            "against the stage commands by hand: each run against the mean of the by-hand "
+            "sums just before and after it (the first 'before' is the bench project's build); "
+            "those two sums, 4-5 min apart, differed by "
+            f"{_range([100 * d for d in drift])} %",
+            "stage commands' CPU in the runs (s): "
+            + ", ".join(f"{r['cpu']['stage_commands']:.0f}" for r in runs)
+            + "; the run's other processes outside stage commands (s): "
+            + ", ".join(f"{r['cpu']['rest_otherwise']:.1f}" for r in runs),
             "stage commands by hand, before / after the last run: "
             + ", ".join(
                 f"{k} {v:.1f} / {runs[-1]['after_stages'][k]:.1f} s"
