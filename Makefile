@@ -16,7 +16,7 @@ help:
 	@echo "make test-ci    what CI (.ci/run) runs after a fresh install: make test, then make test-scale"
 	@echo "make gpu-check  on a GPU machine: AMP training of every variant, DDP, device leases, serving (< 5 min)"
 	@echo "make bench      benchmarks (the papers' comparisons; writes benchmarks/results.md, .json)"
-	@echo "make bench-quick  the same, short (CPU, < 15 min); or: make bench ARGS=--quick"
+	@echo "make bench-quick  the same, short (CPU, about 22 min); or: make bench ARGS=--quick"
 	@echo "make bench-scale  the cost curve: stages at 400/4000/20000 images, COCO projected (< 30 min)"
 	@echo "make bench-paper  the papers' comparisons at their scale on real photos, vs torchvision (< 40 min)"
 	@echo "make lint       ruff lint + format check"

@@ -1,15 +1,16 @@
 """rcnnops benchmarks: the R-CNN papers' speed/accuracy comparisons on this
 machine and the default data, and where the pipeline's time goes.
 
-    python -m benchmarks [--quick] [--only variants,coco_eval] [--reuse]
+    python -m benchmarks [--quick] [--only variants,coco_eval] [--reuse] [--pipeline-runs N]
 
 First the bench project is built (``benchmarks.setup``: data, proposals, the
 four variants trained and evaluated by the stage commands), then each
 comparison runs in a process of its own, timing its cases interleaved
 (A/B/A/B) on the same inputs and reporting medians and ratios. Writes
 ``benchmarks/results.md`` (tables) and ``benchmarks/results.json`` (the same
-with the machine and package versions). ``--quick`` (CPU, under 15 minutes on
-2 cores) trains short schedules and times fewer images.
+with the machine and package versions). ``--quick`` (CPU, about 22 minutes on
+2 cores, 16 of them the pipeline row's three runs) trains short schedules and
+times fewer images.
 """
 
 from __future__ import annotations

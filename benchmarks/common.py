@@ -201,19 +201,32 @@ class CpuWatch:
         self._roles: dict[int, str] = {}
         self._cpu: dict[int, float] = {}
         self.during_stages = self.outside_stages = 0.0
+        self.during_by_role: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
 
     def _role(self, proc) -> str:
+        """``stage``, or which of the rest: ``flow`` (the command's own process),
+        ``prefect server``, ``dvc`` (the launcher and its forks, or DVC processes),
+        ``other``."""
         if proc.pid not in self._roles:
             try:
-                own = STAGE_COMMAND.search(" ".join(proc.cmdline()))
+                cmdline = " ".join(proc.cmdline())
                 parent = proc.ppid()
             except self._psutil.Error:
                 return "gone"
-            up = self._roles.get(parent, "other")
-            self._roles[proc.pid] = "stage" if own or up == "stage" else "other"
+            if STAGE_COMMAND.search(cmdline) or self._roles.get(parent) == "stage":
+                role = "stage"
+            elif proc.pid == self._root.pid:
+                role = "flow"
+            elif "prefect.server" in cmdline:
+                role = "prefect server"
+            elif "dvc" in cmdline:
+                role = "dvc"
+            else:
+                role = "other"
+            self._roles[proc.pid] = role
         return self._roles[proc.pid]
 
     def _sample(self) -> None:
@@ -221,7 +234,7 @@ class CpuWatch:
             procs = [self._root, *self._root.children(recursive=True)]
         except self._psutil.Error:
             return
-        stage_alive, other_delta = False, 0.0
+        stage_alive, deltas = False, {}
         for proc in sorted(procs, key=_started):  # a parent before its children
             role = self._role(proc)
             try:
@@ -232,12 +245,14 @@ class CpuWatch:
             if role == "stage":
                 stage_alive = True
             else:
-                other_delta += cpu - self._cpu.get(proc.pid, 0.0)
+                deltas[role] = deltas.get(role, 0.0) + cpu - self._cpu.get(proc.pid, 0.0)
             self._cpu[proc.pid] = cpu
         if stage_alive:
-            self.during_stages += other_delta
+            self.during_stages += sum(deltas.values())
+            for role, d in deltas.items():
+                self.during_by_role[role] = self.during_by_role.get(role, 0.0) + d
         else:
-            self.outside_stages += other_delta
+            self.outside_stages += sum(deltas.values())
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
@@ -251,7 +266,7 @@ class CpuWatch:
             "stage_commands": stage,
             "rest_while_stages_ran": self.during_stages,
             "rest_otherwise": self.outside_stages,
-        }
+        } | {f"while stages ran: {k}": v for k, v in sorted(self.during_by_role.items())}
 
 
 def _started(proc) -> float:

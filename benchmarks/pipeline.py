@@ -102,6 +102,8 @@ def run(ctx: Context) -> dict:
     spread = f"{n} runs, min-max {_range([100 * r['overhead'] for r in runs])} %"
     drift = [abs(r["after"] - r["before"]) / r["before"] for r in runs]
     parts = {k: [r["parts"].get(k, 0.0) for r in runs] for k in runs[0]["parts"]}
+    roles = sorted({k for r in runs for k in r["cpu"] if k.startswith("while stages ran: ")})
+    by_role = {k: [r["cpu"].get(k, 0.0) for r in runs] for k in roles}
     return {
         "title": "8. Pipeline overhead and no-op rerun",
         "paper": "-",
@@ -109,6 +111,7 @@ def run(ctx: Context) -> dict:
         "rows": rows,
         "targets": [
             {
+                "key": "overhead",  # read by the --paper mode's row 7
                 "name": "orchestration overhead: (orchestration in the run + its processes' CPU "
                 "while stage commands ran) / the stage commands' time in the run (median; "
                 f"{n} runs, min-max {_range([100 * r['estimate'] for r in runs])} %)",
@@ -150,7 +153,10 @@ def run(ctx: Context) -> dict:
             f"{_range([100 * d for d in drift])} %",
             "stage commands' CPU in the runs (s): "
             + ", ".join(f"{r['cpu']['stage_commands']:.0f}" for r in runs)
-            + "; the run's other processes outside stage commands (s): "
+            + "; the run's other processes' CPU while stage commands ran, by process "
+            "(min-max, s): "
+            + "; ".join(f"{k.split(': ', 1)[1]} {_range(v)}" for k, v in by_role.items())
+            + "; and outside stage commands (s): "
             + ", ".join(f"{r['cpu']['rest_otherwise']:.1f}" for r in runs),
             "stage commands by hand, before / after the last run: "
             + ", ".join(

@@ -192,3 +192,38 @@ def test_paper_mode_has_its_own_help(capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "--images N|DIR" in out and "rcnn_vs_fast" in out
+
+
+def test_cpu_watch_splits_stage_commands_from_the_rest(tmp_path):
+    """The pipeline row's CPU accounting: a stage command (and what it starts) counts as
+    stage work; the rest of the tree counts as orchestration, while a stage command is
+    alive or not. CPU time is burned, not slept, so the figures do not depend on load."""
+    import subprocess
+    import sys
+
+    from benchmarks.common import CpuWatch
+
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < {s}: pass\n"
+    (tmp_path / "worker.py").write_text(burn.format(s=1.0))
+    (tmp_path / "stage.py").write_text(
+        "import subprocess, sys\n"
+        f"subprocess.run([sys.executable, {str(tmp_path / 'worker.py')!r}])\n" + burn.format(s=1.0)
+    )
+    word = "train"  # the stage's command line says `rcnnops train`, the parent's does not
+    (tmp_path / "flow.py").write_text(
+        "import subprocess, sys, threading\n"
+        + burn.format(s=0.6)
+        + "side = threading.Thread(target=lambda: exec("
+        + repr(burn.format(s=0.5))
+        + "))\n"
+        f"stage = subprocess.Popen([sys.executable, {str(tmp_path / 'stage.py')!r}, 'rcnnops', "
+        f"{word!r}])\n"
+        "side.start(); side.join(); stage.wait()\n" + burn.format(s=0.6)
+    )
+    proc = subprocess.Popen([sys.executable, str(tmp_path / "flow.py")])
+    watch = CpuWatch(proc.pid, interval=0.05)
+    proc.wait()
+    cpu = watch.stop()
+    assert cpu["stage_commands"] == pytest.approx(2.0, abs=0.3)  # the stage and its worker
+    assert cpu["rest_while_stages_ran"] == pytest.approx(0.5, abs=0.25)
+    assert cpu["rest_otherwise"] == pytest.approx(1.2, abs=0.35)
