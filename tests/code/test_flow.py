@@ -295,3 +295,32 @@ def test_a_stage_says_when_other_runs_hold_every_slot(harness):
             client.update_global_concurrency_limit(
                 slots.STAGES_LIMIT, GlobalConcurrencyLimitUpdate(active_slots=0)
             )
+
+
+def test_a_failing_warm_up_is_logged_and_fails_nothing(harness, monkeypatch, caplog):
+    """The warm-up only loads ahead what registration loads anyway: if that fails
+    (say matplotlib has no usable backend), the task says so and completes; the
+    task that needs the module reports the real error then."""
+    import logging
+
+    from prefect import flow
+
+    from pipelines import retrain
+    from rcnnops import plots
+
+    def broken():
+        raise RuntimeError("no usable backend")
+
+    monkeypatch.setattr(plots, "pyplot", broken)
+    monkeypatch.setattr(retrain, "get_run_logger", lambda: logging.getLogger("warm-up-test"))
+
+    @flow
+    def warm_only():
+        future = retrain.warm_up.submit(["rcnn"])
+        future.wait()
+        return future.state
+
+    with caplog.at_level(logging.WARNING, logger="warm-up-test"):
+        state = warm_only()
+    assert state.is_completed()
+    assert "warm-up: RuntimeError: no usable backend (loaded when needed instead)" in caplog.text
