@@ -200,8 +200,8 @@ class CpuWatch:
         self._psutil, self._root, self.interval = psutil, psutil.Process(pid), interval
         self._roles: dict[int, str] = {}
         self._cpu: dict[int, float] = {}
-        self.during_stages = self.outside_stages = 0.0
-        self.during_by_role: dict[str, float] = {}
+        self.outside_stages = 0.0
+        self.during_stages: dict[str, float] = {}  # by role
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
@@ -248,9 +248,8 @@ class CpuWatch:
                 deltas[role] = deltas.get(role, 0.0) + cpu - self._cpu.get(proc.pid, 0.0)
             self._cpu[proc.pid] = cpu
         if stage_alive:
-            self.during_stages += sum(deltas.values())
             for role, d in deltas.items():
-                self.during_by_role[role] = self.during_by_role.get(role, 0.0) + d
+                self.during_stages[role] = self.during_stages.get(role, 0.0) + d
         else:
             self.outside_stages += sum(deltas.values())
 
@@ -264,9 +263,10 @@ class CpuWatch:
         stage = sum(c for pid, c in self._cpu.items() if self._roles.get(pid) == "stage")
         return {
             "stage_commands": stage,
-            "rest_while_stages_ran": self.during_stages,
+            "rest_while_stages_ran": sum(self.during_stages.values()),
             "rest_otherwise": self.outside_stages,
-        } | {f"while stages ran: {k}": v for k, v in sorted(self.during_by_role.items())}
+            "while_stages_by_process": dict(sorted(self.during_stages.items())),
+        }
 
 
 def _started(proc) -> float:

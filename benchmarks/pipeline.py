@@ -43,8 +43,6 @@ def _one(ctx: Context, i: int, before: dict[str, float]) -> dict:
     return {
         "project": flow,
         "full": full,
-        "before": sum(before.values()),
-        "after": sum(after.values()),
         "before_stages": before,
         "after_stages": after,
         "overhead": full / by_hand - 1,
@@ -85,8 +83,8 @@ def run(ctx: Context) -> dict:
         {
             "run": str(i),
             "rcnnops run (s)": r["full"],
-            "stage commands by hand, before (s)": r["before"],
-            "by hand, after (s)": r["after"],
+            "stage commands by hand, before (s)": sum(r["before_stages"].values()),
+            "by hand, after (s)": sum(r["after_stages"].values()),
             "overhead (%)": 100 * r["overhead"],
             "orchestration in the run (s)": r["full"] - r["inside"],
             "stage commands in the run (s)": r["inside"],
@@ -100,10 +98,13 @@ def run(ctx: Context) -> dict:
     estimate = statistics.median(r["estimate"] for r in runs)
     orchestration = [r["full"] - r["inside"] for r in runs]
     spread = f"{n} runs, min-max {_range([100 * r['overhead'] for r in runs])} %"
-    drift = [abs(r["after"] - r["before"]) / r["before"] for r in runs]
+    drift = [
+        abs(row["by hand, after (s)"] / row["stage commands by hand, before (s)"] - 1)
+        for row in rows
+    ]
     parts = {k: [r["parts"].get(k, 0.0) for r in runs] for k in runs[0]["parts"]}
-    roles = sorted({k for r in runs for k in r["cpu"] if k.startswith("while stages ran: ")})
-    by_role = {k: [r["cpu"].get(k, 0.0) for r in runs] for k in roles}
+    roles = sorted({k for r in runs for k in r["cpu"]["while_stages_by_process"]})
+    by_role = {k: [r["cpu"]["while_stages_by_process"].get(k, 0.0) for r in runs] for k in roles}
     return {
         "title": "8. Pipeline overhead and no-op rerun",
         "paper": "-",
@@ -155,7 +156,7 @@ def run(ctx: Context) -> dict:
             + ", ".join(f"{r['cpu']['stage_commands']:.0f}" for r in runs)
             + "; the run's other processes' CPU while stage commands ran, by process "
             "(min-max, s): "
-            + "; ".join(f"{k.split(': ', 1)[1]} {_range(v)}" for k, v in by_role.items())
+            + "; ".join(f"{k} {_range(v)}" for k, v in by_role.items())
             + "; and outside stage commands (s): "
             + ", ".join(f"{r['cpu']['rest_otherwise']:.1f}" for r in runs),
             "stage commands by hand, before / after the last run: "
