@@ -25,7 +25,7 @@ import time
 from importlib import metadata
 from pathlib import Path
 
-from benchmarks.common import REPO, Context, fmt, write_section
+from benchmarks.common import REPO, Context, fmt, shown, write_section
 
 COMPARISONS = (
     "variants",
@@ -110,14 +110,6 @@ def _table(section: dict) -> list[str]:
     return lines
 
 
-def _target_value(v) -> str:
-    if isinstance(v, bool):
-        return "yes" if v else "no"
-    if isinstance(v, float):
-        return f"{v:.2f}x" if v > 1 else f"{v:.3f}"
-    return str(v)
-
-
 def _holds(h) -> str:
     return {True: "holds", False: "**does not hold**", None: "reported"}[h]
 
@@ -154,9 +146,8 @@ def markdown(doc: dict) -> str:
     ]
     for s in doc["sections"]:
         for t in s.get("targets", []):
-            shown = f"{t['value']:.1f} {t['unit']}" if t.get("unit") else _target_value(t["value"])
             out.append(
-                f"| {s['title'].split('.')[0]} | {t['name']} | {shown} | "
+                f"| {s['title'].split('.')[0]} | {t['name']} | {shown(t)} | "
                 f"{t['target']} | {_holds(t['holds'])} |"
             )
     for s in doc["sections"]:

@@ -67,7 +67,8 @@ def run(ctx: Context) -> dict:
         "targets": [
             {
                 "name": "same 12 numbers, per-class AP and precision (max abs difference)",
-                "value": f"{worst:.1e}",
+                "value": worst,
+                "unit": "",
                 "target": "identical (within 1e-12)",
                 "holds": identical,
             },

@@ -4,8 +4,12 @@ A comparison module has ``run(ctx: Context) -> dict`` returning a *section*::
 
     {"title": str, "paper": str,            # what the papers report
      "columns": [str, ...], "rows": [{column: value}, ...],
-     "targets": [{"name", "value", "target", "holds"}, ...],   # optional
-     "notes": [str, ...]}                                       # optional
+     "targets": [{"name", "value", "unit", "target", "holds"}, ...],   # optional
+     "notes": [str, ...]}                                               # optional
+
+A target's ``name`` says what it compares, its ``value`` is a number and its
+``unit`` says what of ("x" for a ratio, "%", "s", "AP", "" for a plain number):
+:func:`write_section` refuses anything else.
 
 and is run by ``python -m benchmarks`` in a process of its own.
 """
@@ -116,11 +120,42 @@ def write_section(name: str, title: str, run: Callable[[], dict], out: Path) -> 
     t0 = time.perf_counter()
     try:
         section = run()
+        check_targets(section)
     except Exception:
         section = {"title": title, "error": traceback.format_exc()}
     section["seconds"] = time.perf_counter() - t0
     section["name"] = name
     out.write_text(json.dumps(section, indent=2, default=str))
+
+
+def check_targets(section: dict) -> None:
+    """Raise ``ValueError`` naming the target whose value is not a number or which
+    has no unit (results.json keeps numbers; the tables format them)."""
+    for t in section.get("targets", []):
+        value = t.get("value")
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ValueError(f"target {t.get('name')!r}: value {value!r} is not a number")
+        if not isinstance(t.get("unit"), str):
+            raise ValueError(f'target {t.get("name")!r}: no unit (use "" for a plain number)')
+
+
+def shown(target: dict) -> str:
+    """A target's value for the tables: three significant digits or so, then its
+    unit ("53.1x", "7.43 %", "2.2e-16"). Sections kept from results written before
+    targets had units show their value as it was stored."""
+    value, unit = target["value"], target.get("unit")
+    if unit is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return str(value)
+    size = abs(value)
+    if 0 < size < 1e-3:
+        number = f"{value:.1e}"
+    elif size >= 100:
+        number = f"{value:.0f}"
+    elif size >= 10:
+        number = f"{value:.1f}"
+    else:
+        number = f"{value:.3g}"
+    return number + ("x" if unit == "x" else f" {unit}" if unit else "")
 
 
 # -- the bench project ----------------------------------------------------------------

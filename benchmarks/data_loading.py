@@ -73,7 +73,8 @@ def run(ctx: Context) -> dict:
         "targets": [
             {
                 "name": "loading faster than training (in-process loader)",
-                "value": f"{worst:.1f}x",
+                "value": worst,
+                "unit": "x",
                 "target": "> 1x (not the bottleneck)",
                 "holds": worst > 1.0,
             },

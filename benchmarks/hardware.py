@@ -194,6 +194,7 @@ def run(ctx: Context) -> dict:
                 {
                     "name": f"{variant} bf16 step speed-up",
                     "value": speedup,
+                    "unit": "x",
                     "target": ">= 1.4x (on a CPU with AMX / AVX512-BF16)",
                     "holds": speedup >= 1.4 if hardware_bf16 else None,
                 }

@@ -53,13 +53,15 @@ def run(ctx: Context) -> dict:
         "targets": [
             {
                 "name": "mask overhead, network",
-                "value": f"{100 * net:+.0f} %",
+                "value": 100 * net,
+                "unit": "%",
                 "target": "about +20 % (paper)",
                 "holds": None,
             },
             {
                 "name": "mask overhead, with RLE encoding",
-                "value": f"{100 * full:+.0f} %",
+                "value": 100 * full,
+                "unit": "%",
                 "target": "-",
                 "holds": None,
             },

@@ -78,12 +78,14 @@ def run(ctx: Context) -> dict:
             {
                 "name": f"{workers} workers vs 1",
                 "value": one / many,
+                "unit": "x",
                 "target": f"close to {min(workers, os.cpu_count() or 1)}x on idle cores",
                 "holds": None,
             },
             {
                 "name": "cache vs recompute",
                 "value": (1000 * one / n) / load_ms,
+                "unit": "x",
                 "target": ">> 1",
                 "holds": (1000 * one / n) > load_ms,
             },

@@ -57,10 +57,17 @@ def run(ctx: Context) -> dict:
         "columns": list(rows[0]),
         "rows": rows,
         "targets": [
-            {"name": "end-to-end speedup", "value": a / b, "target": "9.2x (paper)", "holds": None},
+            {
+                "name": "end-to-end speedup",
+                "value": a / b,
+                "unit": "x",
+                "target": "9.2x (paper)",
+                "holds": None,
+            },
             {
                 "name": "proposal speedup",
                 "value": ss_ms / rpn_ms,
+                "unit": "x",
                 "target": "150x (paper)",
                 "holds": None,
             },

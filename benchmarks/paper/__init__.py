@@ -41,7 +41,8 @@ SEARCH_FACTOR = 3  # row 3 searches this many times more photos (recall needs ob
 
 
 def markdown(doc: dict) -> str:
-    from benchmarks.__main__ import _holds, _table, _target_value
+    from benchmarks.__main__ import _holds, _table
+    from benchmarks.common import shown
 
     m = doc["machine"]
     out = [
@@ -70,10 +71,8 @@ def markdown(doc: dict) -> str:
     ]
     for s in doc["sections"]:
         for t in s.get("targets", []):
-            value = t["value"]
-            shown = f"{value:.2f} {t['unit']}" if t.get("unit") else _target_value(value)
             out.append(
-                f"| {s['title'].split('.')[0]} | {t['name']} | {shown} | "
+                f"| {s['title'].split('.')[0]} | {t['name']} | {shown(t)} | "
                 f"{t['target']} | {_holds(t['holds'])} |"
             )
     for s in doc["sections"]:

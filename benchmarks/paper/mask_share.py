@@ -69,6 +69,7 @@ def run(ctx: Ctx) -> dict:
             {
                 "name": "Mask R-CNN / Faster R-CNN - 1, ResNet-50-FPN, 100 detections",
                 "value": share,
+                "unit": "",
                 "target": "about +0.20 (paper, GPU)",
                 "holds": None,
             }

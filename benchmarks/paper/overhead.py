@@ -90,6 +90,7 @@ def run(ctx: Ctx) -> dict:
                 "name": "orchestration overhead / stage time, make bench-quick, median of its "
                 f"runs (results.json, {doc['finished']})",
                 "value": share,
+                "unit": "",
                 "target": "<= 0.10",
                 "holds": share <= 0.10,
             }

@@ -126,6 +126,7 @@ def run(ctx: Ctx) -> dict:
                 {
                     "name": f"rcnnops / torchvision {what}, {name}",
                     "value": value,
+                    "unit": "x",
                     "target": f"<= {LIMIT}",
                     "holds": value <= LIMIT,
                 }

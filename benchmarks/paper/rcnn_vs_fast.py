@@ -92,6 +92,7 @@ def run(ctx: Ctx) -> dict:
             {
                 "name": "R-CNN / Fast R-CNN test time per image, VGG16, 2000 proposals",
                 "value": ratio,
+                "unit": "x",
                 "target": "146x (paper, K40 GPU)",
                 "holds": None,
             }

@@ -82,6 +82,7 @@ def run(ctx: Ctx) -> dict:
             {
                 "name": "selective search quality / fast time",
                 "value": rows[1]["s/img"] / fast,
+                "unit": "x",
                 "target": "-",
                 "holds": None,
             },

@@ -86,12 +86,14 @@ def run(ctx: Ctx) -> dict:
             {
                 "name": "SS + Fast R-CNN / Faster R-CNN per image, VGG16, proposals included",
                 "value": ratio,
+                "unit": "x",
                 "target": "9.2x (paper: SS on a CPU, networks on a K40 GPU)",
                 "holds": None,
             },
             {
                 "name": "selective search's share of SS + Fast R-CNN time",
                 "value": proposal_share,
+                "unit": "",
                 "target": "0.83 (paper: 1510 of 1830 ms)",
                 "holds": None,
             },

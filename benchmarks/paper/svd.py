@@ -114,18 +114,21 @@ def run(ctx: Ctx) -> dict:
             {
                 "name": "whole detection without / with truncated SVD (fc6 1024, fc7 256)",
                 "value": whole_speed,
+                "unit": "x",
                 "target": "1.43x (paper, K40 GPU)",
                 "holds": None,
             },
             {
                 "name": "box head without / with truncated SVD (fc6 1024, fc7 256)",
                 "value": head_speed,
+                "unit": "x",
                 "target": "-",
                 "holds": None,
             },
             {
                 "name": "largest change of a class score by truncated SVD",
                 "value": score_change,
+                "unit": "",
                 "target": "-0.3 mAP (paper, trained weights)",
                 "holds": None,
             },

@@ -73,11 +73,42 @@ def test_markdown_lists_targets_tables_and_failures():
     )
     md = markdown(_doc([ok, bad]))
     assert "| 8 | no-op rerun | 12.3 s | <= 10 s | **does not hold** |" in md
-    assert "| 8 | overhead | 7.4 % | <= 10 % | holds |" in md
+    assert "| 8 | overhead | 7.43 % | <= 10 % | holds |" in md
     assert "| no-op | 12.3 |" in md
     assert "- a note" in md
     assert "**failed:**" in md and "ValueError: boom" in md
     assert "no GPU (CPU)" in md and "quick mode" in md
+
+
+def test_target_values_are_numbers_with_units_and_show_with_them():
+    from benchmarks.common import check_targets, shown
+
+    assert shown({"value": 53.0893, "unit": "x"}) == "53.1x"
+    assert shown({"value": 1944.27, "unit": "x"}) == "1944x"
+    assert shown({"value": 0.5123, "unit": "%"}) == "0.512 %"
+    assert shown({"value": -0.0258, "unit": "AP"}) == "-0.0258 AP"
+    assert shown({"value": 2.2e-16, "unit": ""}) == "2.2e-16"
+    assert shown({"value": "+161 %"}) == "+161 %"  # kept from results before units
+    check_targets({"targets": [{"name": "ok", "value": 1, "unit": "s"}]})
+    with pytest.raises(ValueError, match="'mask overhead': value '\\+161 %' is not a number"):
+        check_targets({"targets": [{"name": "mask overhead", "value": "+161 %", "unit": "%"}]})
+    with pytest.raises(ValueError, match="'fits': value True is not a number"):
+        check_targets({"targets": [{"name": "fits", "value": True, "unit": ""}]})
+    with pytest.raises(ValueError, match="'speed': no unit"):
+        check_targets({"targets": [{"name": "speed", "value": 2.0}]})
+
+
+def test_a_comparison_with_a_text_target_is_written_as_its_error(tmp_path):
+    import json
+
+    from benchmarks.common import write_section
+
+    out = tmp_path / "section.json"
+    write_section(
+        "x", "1. X", lambda: {"title": "1. X", "targets": [{"name": "t", "value": "2x"}]}, out
+    )
+    section = json.loads(out.read_text())
+    assert "value '2x' is not a number" in section["error"] and section["name"] == "x"
 
 
 def test_unknown_comparison_is_refused_with_the_choices(capsys):
@@ -171,6 +202,7 @@ def test_paper_markdown_renders_every_table_of_a_row_and_its_targets():
                     {
                         "name": "rcnnops / torchvision inference, a",
                         "value": 1.01,
+                        "unit": "x",
                         "target": "<= 1.05",
                         "holds": True,
                     }
