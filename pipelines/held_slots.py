@@ -11,7 +11,44 @@ import contextlib
 import contextvars
 import logging
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+
+
+class RunEnded(RuntimeError):
+    """A stage stopped waiting for slots: its run is ending (Ctrl-C, a failure)."""
+
+
+# The flow run's "ending" event, seen by its task threads (Prefect runs each task in
+# a copy of the flow's context): None outside :func:`waits_end_with_the_run`.
+_run_ending: contextvars.ContextVar[threading.Event | None] = contextvars.ContextVar(
+    "rcnnops_run_ending", default=None
+)
+
+
+@contextlib.contextmanager
+def waits_end_with_the_run() -> Iterator[None]:
+    """Within it, a stage waiting for slots (its turn, a reservation, a limit
+    another run holds) stops with :class:`RunEnded` once the block is left. When a
+    run is interrupted or fails, Prefect joins its task threads before the process
+    can exit, and a wait for a slot another run holds (or a killed run left held
+    on a Prefect server) may never end: Ctrl-C would not stop the run."""
+    ending = threading.Event()
+    token = _run_ending.set(ending)
+    try:
+        yield
+    finally:
+        ending.set()
+        _run_ending.reset(token)
+
+
+def wait_for(ready: Callable[[float], bool], what: str) -> None:
+    """Poll ``ready(timeout)`` until it is true; raise :class:`RunEnded` if the run
+    ends meanwhile (see :func:`waits_end_with_the_run`)."""
+    ending = _run_ending.get()
+    while not ready(0.1):
+        if ending is not None and ending.is_set():
+            raise RunEnded(f"the run ended while {what}")
 
 
 class Held:
@@ -32,8 +69,7 @@ class Held:
         )
         self._thread.start()
         try:
-            while not self._ready.wait(0.5):  # a wait a cancelled task can leave
-                pass
+            wait_for(self._ready.wait, "waiting for Prefect concurrency slots")
         except BaseException:
             self._release.set()  # given back as soon as they come
             raise
@@ -81,6 +117,9 @@ class Handover:
     ``IDLE_SECONDS``."""
 
     IDLE_SECONDS = 10.0
+    # How long a stage waits for its reservation before it says why it waits
+    # (taking a free slot takes well under a second, up to 6 s with SQLite busy).
+    NOTICE_SECONDS = 3.0
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -116,13 +155,26 @@ class Handover:
         with self._lock:
             self._waiting[key] = self._waiting.get(key, 0) + n
 
-    def take(self, key: tuple) -> Held | None:
-        """The turn came: slots handed over (or reserved), if any."""
+    def take(self, key: tuple, waiting: Callable[[], object] | None = None) -> Held | None:
+        """The turn came: slots handed over (or reserved), if any. ``waiting()`` is
+        called if the reservation has not arrived within ``NOTICE_SECONDS`` (another
+        run holds the limit: the stage would otherwise wait without a word)."""
         with self._lock:
             self._waiting[key] -= 1
             coming = self._coming.get(key)
-        if coming is not None:
-            coming.wait()  # else the stage would ask Prefect for the slots reserved for it
+        if coming is not None:  # else the stage would ask Prefect for the slots reserved for it
+            notice = time.monotonic() + self.NOTICE_SECONDS
+
+            def arrived(timeout: float) -> bool:
+                nonlocal waiting
+                if coming.wait(timeout):
+                    return True
+                if waiting is not None and time.monotonic() >= notice:
+                    waiting()
+                    waiting = None
+                return False
+
+            wait_for(arrived, "waiting for the slots reserved for its first stage")
         with self._lock:
             idle = self._idle.get(key)
             return idle.pop() if idle else None
@@ -166,7 +218,8 @@ class Reservation:
     ) -> None:
         self._key = key
         self._error: BaseException | None = None
-        self._done = threading.Event()
+        self._prepared = threading.Event()  # the limits exist (or preparing them failed)
+        self._done = threading.Event()  # the slots are held (or taking them failed)
         self._lock = threading.Lock()
         self._abandoned = False
         self._held: Held | None = None
@@ -183,9 +236,15 @@ class Reservation:
     def _take(self, limits: tuple[tuple[str, int], ...], prepare: Callable[[], object]) -> None:
         try:
             prepare()
-            held = Held(limits)
-        except BaseException as e:  # the first stage asks for itself (and meets it too)
+        except BaseException as e:
             self._error = e
+            self._prepared.set()
+            handover.arrived(self._key, None, self._done)
+            return
+        self._prepared.set()
+        try:
+            held = Held(limits)
+        except BaseException:  # the first stage asks for itself (and meets it too)
             handover.arrived(self._key, None, self._done)
             return
         with self._lock:  # parked, or (the run is past needing it) given back
@@ -197,8 +256,10 @@ class Reservation:
         held.release()
 
     def result(self) -> None:
-        """Wait for the limits to be prepared; raise their error, if any."""
-        self._done.wait()
+        """Wait for the limits to be prepared (not for the slots: another run may
+        hold them, and the first stage says so while it waits); raise preparing's
+        error, if any."""
+        self._prepared.wait()
         if self._error is not None:
             raise self._error
 

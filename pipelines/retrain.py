@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.futures import wait
 
-from pipelines import gpus
+from pipelines import gpus, held_slots
 from pipelines import slots as stage_slots
 from pipelines import state as run_state
 from rcnnops import dvc_launcher
@@ -257,7 +257,11 @@ def retrain(
     root = _chdir(project)
     # The DVC launcher: the run's `dvc repro`s and push are forks of one process
     # that imported DVC once (see rcnnops.dvc_launcher)
-    with project_lock(root), dvc_launcher.running(dvcproj.env()):
+    with (
+        project_lock(root),
+        dvc_launcher.running(dvcproj.env()),
+        held_slots.waits_end_with_the_run(),  # Ctrl-C stops stages waiting for slots too
+    ):
         return _retrain(root, variants, push_to_remote)
 
 

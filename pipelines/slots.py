@@ -34,7 +34,7 @@ from pathlib import Path
 
 from pipelines import gpus as gpu_leases
 from pipelines import local_api
-from pipelines.held_slots import Held, Reservation, handover
+from pipelines.held_slots import Held, Reservation, handover, wait_for
 
 STAGES_LIMIT = "rcnnops-stages"
 GPU_LIMIT = "gpu"
@@ -108,16 +108,15 @@ def hold(slots: Slots, stage: str, log: logging.Logger | logging.LoggerAdapter) 
     gate = _gate(slots.parallel)
     handover.expect(key)
     try:
-        gate.acquire()
+        wait_for(lambda t: gate.acquire(timeout=t), f"{stage} waited for its turn")
     except BaseException:
         handover.expect(key, -1)
         raise
     held = None
     try:
-        held = handover.take(key)
+        held = handover.take(key, waiting=lambda: _say_waiting(slots, stage, log))
         if held is None:
-            if busy := _taken(slots):
-                log.info("%s waits for a slot: %s (held by other runs)", stage, busy)
+            _say_waiting(slots, stage, log)
             held = Held(limits)
         yield
     finally:
@@ -145,6 +144,23 @@ def reserve(slots: Slots) -> Iterator[Reservation]:
         yield reservation
     finally:
         reservation.give_back()
+
+
+def _say_waiting(slots: Slots, stage: str, log: logging.Logger | logging.LoggerAdapter) -> None:
+    """Log that ``stage`` waits for slots other runs hold, if they are all taken.
+    On a Prefect server, the slots of a run killed while its server was down or
+    restarted, or of a run killed on a temporary local API sharing the server's
+    database, are held for good (their lease is gone with that server's memory):
+    the message says how to free them."""
+    from prefect.settings import PREFECT_API_URL
+
+    if not (busy := _taken(slots)):
+        return
+    hint = ""
+    if PREFECT_API_URL.value() and not local_api.running():
+        free = " and ".join(f"`prefect gcl update {n} --active-slots 0`" for n, _ in _limits(slots))
+        hint = f"; if no other run is on, a killed run left them held: free them with {free}"
+    log.info("%s waits for a slot: %s (held by other runs)%s", stage, busy, hint)
 
 
 def _taken(slots: Slots) -> str:

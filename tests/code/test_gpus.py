@@ -6,6 +6,7 @@ the flow tests (a Prefect test server, ~45 s) in the scale suite (``-m scale``,
 part of ``make test-ci``)."""
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -247,8 +248,10 @@ def test_the_first_stage_starts_on_slots_reserved_beside_the_data_stages(
     @flow(name="reserved-first")
     def stages(variants: list[str]) -> list:
         with slots.reserve(plan) as first:
-            first.result()
-            held_before_stages = active()
+            first.result()  # the limits exist; the slot is being taken in the background
+            deadline = time.monotonic() + 10
+            while (held_before_stages := active()) == 0 and time.monotonic() < deadline:
+                time.sleep(0.05)
             futures = [train_and_evaluate.submit(str(tmp_path), v, plan) for v in variants]
             wait(futures)
         return [held_before_stages] + [f.state.is_completed() for f in futures]
@@ -286,6 +289,103 @@ def test_the_first_stage_starts_on_slots_reserved_beside_the_data_stages(
     with pytest.raises(ValueError, match="bad data"):
         fails()
     assert given_back.is_set() and active() == 0
+
+
+class _Parked:
+    """Slots a reservation parked (what :class:`pipelines.held_slots.Held` does)."""
+
+    released = False
+
+    def release(self) -> None:
+        self.released = True
+
+
+@pytest.mark.parametrize("arrives_after", [0.0, 0.6])
+def test_a_first_stage_whose_reserved_slot_is_held_elsewhere_says_so(monkeypatch, arrives_after):
+    """The first training takes the slot reserved beside the data stages. If
+    another run holds the limit (or, on a Prefect server, a killed run left it
+    held for good), it used to wait without a word: it now says why after a
+    moment, with the command that frees a leaked slot; a reservation that arrives
+    in time says nothing."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from pipelines.held_slots import Handover, handover
+
+    monkeypatch.setattr(Handover, "NOTICE_SECONDS", 0.3)
+    monkeypatch.setattr(slots, "_taken", lambda plan: "rcnnops-stages 1 of 1")
+    plan = slots.plan(1, "cpu", gpu_ids=())
+    key = (plan.parallel, slots._limits(plan))
+    said: list[str] = []
+
+    class Log:
+        def info(self, msg: str, *args) -> None:
+            said.append(msg % args)
+
+    done, parked = threading.Event(), _Parked()
+    handover.coming(key, done)
+    timer = threading.Timer(arrives_after, handover.arrived, (key, parked, done))
+    timer.start()
+    api = temporary_settings({PREFECT_API_URL: "http://127.0.0.1:9/api"})
+    with api, slots.hold(plan, "train@rcnn", Log()):
+        assert done.is_set()  # the stage ran on the reserved slot
+    timer.join()
+    assert parked.released  # given back after the stage (no stage waits for it)
+    if arrives_after < Handover.NOTICE_SECONDS:
+        assert said == []
+    else:
+        assert said == [
+            "train@rcnn waits for a slot: rcnnops-stages 1 of 1 (held by other runs); if no "
+            "other run is on, a killed run left them held: free them with `prefect gcl update "
+            "rcnnops-stages --active-slots 0`"
+        ]
+
+
+def test_stages_waiting_for_slots_stop_when_their_run_ends(monkeypatch):
+    """Ctrl-C on a run whose first stage waited for a slot another run held did
+    not stop it: Prefect joins the task threads, and the wait never ended. Leaving
+    the run's block now ends every wait for slots (the first stage's reservation,
+    a later stage's turn) with RunEnded, in the tasks' threads."""
+    import contextvars
+
+    from pipelines.held_slots import Handover, RunEnded, handover, waits_end_with_the_run
+
+    monkeypatch.setattr(Handover, "NOTICE_SECONDS", 60.0)
+    plan = slots.plan(1, "cpu", gpu_ids=())
+    key = (plan.parallel, slots._limits(plan))
+    ended: dict[str, BaseException] = {}
+    started = threading.Barrier(3)
+
+    def stage(name: str) -> None:
+        started.wait()
+        try:
+            with slots.hold(plan, name, logging.getLogger("test")):
+                pass
+        except BaseException as e:  # noqa: BLE001 - recorded for the assertion
+            ended[name] = e
+
+    never = threading.Event()
+    with waits_end_with_the_run():
+        handover.coming(key, never)  # reserved, never arrives
+        threads = [
+            threading.Thread(target=contextvars.copy_context().run, args=(stage, name))
+            for name in ("train@rcnn", "train@fast_rcnn")
+        ]
+        for t in threads:
+            t.start()
+        started.wait()
+        time.sleep(0.5)
+        assert ended == {}  # both still waiting
+    for t in threads:
+        t.join(5)
+    assert not any(t.is_alive() for t in threads)
+    assert {type(e) for e in ended.values()} == {RunEnded} and len(ended) == 2
+    handover.arrived(key, None, never)  # (what the reservation does when its wait ends)
+    # one had the turn and waited for the reservation; the other waited for the turn
+    # (and may have had it as the first gave it up, to meet the run's end there)
+    reserved = "the run ended while waiting for the slots reserved for its first stage"
+    turn = {f"the run ended while {n} waited for its turn" for n in ended}
+    said = [str(e) for e in ended.values()]
+    assert reserved in said and set(said) <= {reserved} | turn
 
 
 @pytest.mark.scale
