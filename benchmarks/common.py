@@ -144,6 +144,8 @@ def shown(target: dict) -> str:
     unit ("53.1x", "7.43 %", "2.2e-16"). Sections kept from results written before
     targets had units show their value as it was stored."""
     value, unit = target["value"], target.get("unit")
+    if unit is None and isinstance(value, float):  # kept from before units: as shown then
+        return f"{value:.2f}x" if value > 1 else f"{value:.3f}"
     if unit is None or isinstance(value, bool) or not isinstance(value, int | float):
         return str(value)
     size = abs(value)

@@ -89,6 +89,7 @@ def test_target_values_are_numbers_with_units_and_show_with_them():
     assert shown({"value": -0.0258, "unit": "AP"}) == "-0.0258 AP"
     assert shown({"value": 2.2e-16, "unit": ""}) == "2.2e-16"
     assert shown({"value": "+161 %"}) == "+161 %"  # kept from results before units
+    assert shown({"value": 1.4213}) == "1.42x" and shown({"value": 0.2212}) == "0.221"
     check_targets({"targets": [{"name": "ok", "value": 1, "unit": "s"}]})
     with pytest.raises(ValueError, match="'mask overhead': value '\\+161 %' is not a number"):
         check_targets({"targets": [{"name": "mask overhead", "value": "+161 %", "unit": "%"}]})
