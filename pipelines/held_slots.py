@@ -42,13 +42,23 @@ def waits_end_with_the_run() -> Iterator[None]:
         _run_ending.reset(token)
 
 
-def wait_for(ready: Callable[[float], bool], what: str) -> None:
+def wait_for(
+    ready: Callable[[float], bool],
+    what: str,
+    notice: Callable[[], object] | None = None,
+    notice_after: float = 0.0,
+) -> None:
     """Poll ``ready(timeout)`` until it is true; raise :class:`RunEnded` if the run
-    ends meanwhile (see :func:`waits_end_with_the_run`)."""
+    ends meanwhile (see :func:`waits_end_with_the_run`). ``notice()`` is called
+    once if the wait lasts ``notice_after`` seconds."""
     ending = _run_ending.get()
+    notice_at = time.monotonic() + notice_after
     while not ready(0.1):
         if ending is not None and ending.is_set():
             raise RunEnded(f"the run ended while {what}")
+        if notice is not None and time.monotonic() >= notice_at:
+            notice()
+            notice = None
 
 
 class Held:
@@ -163,18 +173,8 @@ class Handover:
             self._waiting[key] -= 1
             coming = self._coming.get(key)
         if coming is not None:  # else the stage would ask Prefect for the slots reserved for it
-            notice = time.monotonic() + self.NOTICE_SECONDS
-
-            def arrived(timeout: float) -> bool:
-                nonlocal waiting
-                if coming.wait(timeout):
-                    return True
-                if waiting is not None and time.monotonic() >= notice:
-                    waiting()
-                    waiting = None
-                return False
-
-            wait_for(arrived, "waiting for the slots reserved for its first stage")
+            what = "waiting for the slots reserved for its first stage"
+            wait_for(coming.wait, what, notice=waiting, notice_after=self.NOTICE_SECONDS)
         with self._lock:
             idle = self._idle.get(key)
             return idle.pop() if idle else None

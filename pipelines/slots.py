@@ -152,15 +152,21 @@ def _say_waiting(slots: Slots, stage: str, log: logging.Logger | logging.LoggerA
     restarted, or of a run killed on a temporary local API sharing the server's
     database, are held for good (their lease is gone with that server's memory):
     the message says how to free them."""
-    from prefect.settings import PREFECT_API_URL
-
     if not (busy := _taken(slots)):
         return
     hint = ""
-    if PREFECT_API_URL.value() and not local_api.running():
+    if _on_a_server():
         free = " and ".join(f"`prefect gcl update {n} --active-slots 0`" for n, _ in _limits(slots))
         hint = f"; if no other run is on, a killed run left them held: free them with {free}"
     log.info("%s waits for a slot: %s (held by other runs)%s", stage, busy, hint)
+
+
+def _on_a_server() -> bool:
+    """Whether the flow runs on a Prefect server (``PREFECT_API_URL``), not on the
+    temporary local API of this run."""
+    from prefect.settings import PREFECT_API_URL
+
+    return bool(PREFECT_API_URL.value()) and not local_api.running()
 
 
 def _taken(slots: Slots) -> str:
@@ -185,14 +191,14 @@ def ensure_limits(slots: Slots) -> int:
     ephemeral local API, first reclaim the slots killed runs left held (see
     :func:`reclaim_leaked_slots`). Returns how many were reclaimed."""
     from prefect import get_client
-    from prefect.settings import PREFECT_API_URL, PREFECT_HOME
+    from prefect.settings import PREFECT_HOME
 
     with get_client(sync_client=True) as client:
         client.upsert_global_concurrency_limit_by_name(STAGES_LIMIT, slots.parallel)
         if slots.on_gpu:
             client.upsert_global_concurrency_limit_by_name(GPU_LIMIT, slots.gpus)
-        if PREFECT_API_URL.value() and not local_api.running():
-            return 0  # a Prefect server: its repossessor expires leases
+        if _on_a_server():
+            return 0  # its repossessor expires leases
         return reclaim_leaked_slots(client, Path(PREFECT_HOME.value()) / FLOWS_LOCK)
 
 
