@@ -166,6 +166,87 @@ def test_offline_without_the_file_names_the_file_and_where(torch_home, monkeypat
     assert not any(torch_home.iterdir())  # nothing half-downloaded left behind
 
 
+@pytest.fixture
+def weights_server(tmp_path, monkeypatch):
+    """A real HTTP server on 127.0.0.1 serving ``served/``, standing in for
+    download.pytorch.org: torchvision's name lookup is pointed at it (the only
+    substitution; torch.hub downloads and checks as it would online). Yields the
+    folder, the URL of a file in it and the paths the server was asked for."""
+    import http.server
+    import threading
+    import types
+
+    served, asked = tmp_path / "served", []
+    served.mkdir()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, directory=str(served), **kw)
+
+        def do_GET(self):  # noqa: N802 - http.server's name
+            asked.append(self.path)
+            super().do_GET()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    monkeypatch.setattr(urllib.request, "_opener", None)  # no proxy from the environment
+    for var in ("http_proxy", "HTTP_PROXY", "no_proxy", "NO_PROXY"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    monkeypatch.setattr(
+        "torchvision.models.get_weight",
+        lambda name: types.SimpleNamespace(url=f"{url}/{name}.pth", meta={}),
+    )
+    yield served, asked
+    server.shutdown()
+    server.server_close()
+
+
+def _hashed_name(data: bytes) -> str:
+    """A weights file name carrying its sha256 prefix, as torchvision's do."""
+    import hashlib
+
+    return f"tiny-{hashlib.sha256(data).hexdigest()[:8]}"
+
+
+def test_named_weights_are_downloaded_once_hash_checked_into_the_hub_cache(
+    torch_home, weights_server, tmp_path
+):
+    from rcnnops.models.weights import read_state_dict, resolve
+
+    served, asked = weights_server
+    torch.save({"w": torch.arange(6.0)}, tmp_path / "w.pth")
+    data = (tmp_path / "w.pth").read_bytes()
+    name = _hashed_name(data)
+    (served / f"{name}.pth").write_bytes(data)
+    path = resolve(f"torchvision:{name}")
+    assert path == torch_home / f"{name}.pth"
+    assert path.read_bytes() == data
+    assert torch.equal(read_state_dict(path)["w"], torch.arange(6.0))
+    assert resolve(f"torchvision:{name}") == path  # from the cache: no second request
+    assert asked == [f"/{name}.pth"]
+    assert sorted(p.name for p in torch_home.iterdir()) == [f"{name}.pth"]
+
+
+def test_a_download_with_other_bytes_is_refused_and_nothing_is_kept(torch_home, weights_server):
+    from rcnnops.models.weights import resolve
+
+    served, _ = weights_server
+    name = _hashed_name(b"the real weights")
+    (served / f"{name}.pth").write_bytes(b"<html>Please log in to the proxy</html>")
+    with pytest.raises(WeightsError) as err:
+        resolve(f"torchvision:{name}")
+    text = str(err.value)
+    assert "is not the file torchvision names" in text
+    assert f'invalid hash value (expected "{name[-8:]}"' in text
+    assert f"place it at {torch_home / (name + '.pth')}" in text
+    assert not any(torch_home.iterdir())  # no file, no .partial
+
+
 def test_unknown_weights_name_and_missing_file(torch_home, tmp_path):
     model = build_model("faster_rcnn", 3, {"backbone": "small"})
     with pytest.raises(WeightsError, match="not a torchvision weights name"):

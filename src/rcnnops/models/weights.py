@@ -126,17 +126,34 @@ def resolve(spec: str) -> Path:
             f"{PREFIX}ResNet50_Weights.IMAGENET1K_V2"
         ) from None
     path = hub_dir() / os.path.basename(weights.url)
-    if path.is_file():
-        return path
+    if not path.is_file():
+        download(spec, weights.url, path)
+    return path
+
+
+def download(spec: str, url: str, path: Path) -> None:
+    """Fetch ``url`` to ``path`` with torch.hub (a progress bar; a ``.partial`` file
+    moved into place only when whole), checked against the sha256 prefix in the
+    file's name as torch.hub checks it. Not loaded here: the caller reads it once.
+    :class:`WeightsError` tells being offline from receiving other bytes (a proxy's
+    or a portal's page), and nothing is left in the cache either way."""
+    found = torch.hub.HASH_REGEX.search(path.name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    print(f"downloading {url} to {path}", flush=True)
     try:
-        torch.hub.load_state_dict_from_url(weights.url, progress=True, check_hash=True)
+        torch.hub.download_url_to_file(url, str(path), found.group(1) if found else None)
+    except RuntimeError as e:  # torch.hub's "invalid hash value (expected ..., got ...)"
+        raise WeightsError(
+            f"model.pretrained {spec!r}: what {url} sent is not the file torchvision names "
+            f"({e}); nothing was kept. A proxy or a login page may have answered instead: "
+            f"fetch the file another way, place it at {path} and run again"
+        ) from None
     except Exception as e:  # offline: URLError, socket errors, ...
         raise WeightsError(
             f"model.pretrained {spec!r}: {path.name} is not in torch.hub's cache and cannot "
             f"be downloaded ({type(e).__name__}: {e}); place the file at {path} "
-            f"(from {weights.url}, on a machine with a network) and run again"
+            f"(from {url}, on a machine with a network) and run again"
         ) from None
-    return path
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
