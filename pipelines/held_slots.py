@@ -207,10 +207,11 @@ class Reservation:
     after ``prepare()`` (see :func:`pipelines.slots.reserve`); :meth:`result`
     raises what preparing the limits raised."""
 
-    # How long a reservation given back while still being taken is waited for (its
-    # slots are then given back at once). Taking a free slot takes well under a
-    # second, up to 6 s when the server's SQLite is busy; a limit another run holds
-    # can take any time, and then nothing was taken to give back.
+    # How long after asking for its slots a reservation given back while still being
+    # taken is waited for (its slots are then given back at once). Taking a free
+    # slot takes well under a second, up to 6 s when the server's SQLite is busy; a
+    # reservation still waiting after that is waiting for a limit another run
+    # holds, which can take any time, and then nothing was taken to give back.
     SETTLE_SECONDS = 10.0
 
     def __init__(
@@ -223,6 +224,7 @@ class Reservation:
         self._lock = threading.Lock()
         self._abandoned = False
         self._held: Held | None = None
+        self._asked: float | None = None  # when the slots were asked for (monotonic)
         handover.coming(self._key, self._done)
         context = contextvars.copy_context()  # Prefect's settings and the flow run
         self._thread = threading.Thread(
@@ -242,6 +244,7 @@ class Reservation:
             handover.arrived(self._key, None, self._done)
             return
         self._prepared.set()
+        self._asked = time.monotonic()
         try:
             held = Held(limits)
         except BaseException:  # the first stage asks for itself (and meets it too)
@@ -266,14 +269,17 @@ class Reservation:
     def give_back(self) -> None:
         """Give the slots back if no stage took them (nothing to train, or the
         run failed before training). A reservation still being taken is waited for
-        (up to ``SETTLE_SECONDS``) and gives them back as they come: while the run
-        is still on, since the run's Prefect client is closed after it, and slots
-        given back then would stay taken until their lease expired."""
+        until ``SETTLE_SECONDS`` after it asked, and gives them back as they come:
+        while the run is still on, since the run's Prefect client is closed after
+        it, and slots given back then would stay taken until their lease expired.
+        One asked for longer ago waits for a limit another run holds: Ctrl-C then
+        stops the run at once (it waited ``SETTLE_SECONDS`` more)."""
         with self._lock:
             self._abandoned = True
             held = self._held
         if held is None:
-            self._thread.join(self.SETTLE_SECONDS)
+            asked = self._asked if self._asked is not None else time.monotonic()
+            self._thread.join(max(0.0, asked + self.SETTLE_SECONDS - time.monotonic()))
         elif handover.withdraw(self._key, held):
             held.release()
 

@@ -388,6 +388,47 @@ def test_stages_waiting_for_slots_stop_when_their_run_ends(monkeypatch):
     assert reserved in said and set(said) <= {reserved} | turn
 
 
+@pytest.mark.parametrize("blocked_for", [0.2, None])
+def test_an_unused_reservation_is_waited_for_only_while_it_may_still_arrive(
+    monkeypatch, blocked_for
+):
+    """A run that ends before training gives its reservation back. Slots still
+    being taken are waited for, then given back while the run's client is open
+    (``blocked_for`` 0.2 s: a busy server). One asked for longer than
+    ``SETTLE_SECONDS`` ago waits for a limit another run holds (None: never
+    freed): Ctrl-C then ended the run only after waiting that long once more."""
+    from pipelines import held_slots
+
+    monkeypatch.setattr(held_slots.Reservation, "SETTLE_SECONDS", 0.5)
+    freed, made = threading.Event(), []
+
+    class Taken(_Parked):  # what Held does: returns once the limit gives a slot
+        def __init__(self, limits) -> None:
+            freed.wait(blocked_for)
+            if not freed.is_set() and blocked_for is None:
+                raise held_slots.RunEnded("the run ended while waiting")
+            made.append(self)
+
+    monkeypatch.setattr(held_slots, "Held", Taken)
+    key = ("test", blocked_for)
+    reservation = held_slots.Reservation(key, (("rcnnops-stages", 1),), lambda: None)
+    reservation.result()
+    if blocked_for is None:
+        time.sleep(0.6)  # past SETTLE_SECONDS since asking
+    start = time.monotonic()
+    reservation.give_back()
+    took = time.monotonic() - start
+    if blocked_for is None:
+        assert took < 0.05  # not waited for
+        assert made == []
+        freed.set()  # (ends the reservation's thread)
+    else:
+        assert 0.1 < took < 0.5  # waited until it came, ...
+        assert len(made) == 1 and made[0].released  # ... and gave it back
+    held_slots.handover.expect(key)
+    assert held_slots.handover.take(key) is None  # nothing left parked for a stage
+
+
 @pytest.mark.scale
 def test_four_gpus_four_variants_one_distinct_gpu_each(harness, tmp_path, monkeypatch):
     """``parallel: auto`` with 4 GPUs: four stages at once, each on its own GPU,
