@@ -123,6 +123,9 @@ class ProposalsParams(Section):
     # A Dask scheduler (e.g. tcp://10.0.0.5:8786) to search on instead of the local
     # pool; null: $DASK_SCHEDULER_ADDRESS when set, else this machine.
     cluster: str | None = None
+    # Search settings whose per-image results stay in <out>-cache: the one in use and
+    # the most recently used others (older ones are removed after the stage).
+    cache_keep: int = positive(2)
 
 
 class VariantTrainParams(Section):

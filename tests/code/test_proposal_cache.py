@@ -105,6 +105,43 @@ def test_a_damaged_entry_is_searched_again_and_other_settings_miss(tiny_prepared
     }
 
 
+def test_the_cache_keeps_the_most_recently_used_settings(tiny_prepared, tmp_path, capsys):
+    """Trying three settings one after the other with ``cache_keep=2`` leaves the
+    one in use and the one before; the first's entries are removed and counted.
+    Going back to the kept one searches nothing."""
+    cache_dir = tmp_path / "cache"
+
+    def run(max_boxes: int, out: str) -> dict:
+        settings = SearchSettings(mode="fast", max_boxes=max_boxes, min_size=4)
+        return precompute(
+            tiny_prepared, tmp_path / out, settings, workers=1, cache_dir=cache_dir, cache_keep=2
+        )
+
+    def kept() -> set[int]:
+        return {
+            json.loads((d / "settings.json").read_text())["max_boxes"] for d in cache_dir.iterdir()
+        }
+
+    run(300, "a")
+    run(100, "b")
+    assert kept() == {300, 100} and "proposal cache" not in capsys.readouterr().out
+    first = ProposalCache(
+        cache_dir, SearchSettings(mode="fast", max_boxes=300, min_size=4).as_dict()
+    )
+    size = sum(f.stat().st_size for f in first.dir.glob("*/*.npz"))
+    run(50, "c")
+    assert kept() == {100, 50}
+    out = capsys.readouterr().out
+    assert f"proposal cache: removed 1 older settings' entries (18 images, {size / 1e6:.1f} MB) " \
+        "beyond proposals.cache_keep=2" in out  # fmt: skip
+    again = run(100, "d")  # back to a kept one: nothing searched, nothing removed
+    assert again["train"]["searched"] == 0 and again["val"]["searched"] == 0
+    assert kept() == {100, 50} and "removed" not in capsys.readouterr().out
+    run(300, "e")  # 50 was used longest ago
+    assert kept() == {100, 300}
+    assert sorted(p.name for p in cache_dir.iterdir() if p.name.startswith(".")) == []
+
+
 @pytest.mark.scale  # (parallel == serial is in make test: test_proposals.py)
 def test_parallel_run_fills_the_cache_the_same(tiny_prepared, tmp_path):
     precompute(tiny_prepared, tmp_path / "one", S, workers=1, cache_dir=tmp_path / "c1")

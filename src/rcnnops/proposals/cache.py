@@ -20,6 +20,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -67,12 +70,63 @@ class ProposalCache:
             return None
         return boxes, scores
 
+    def mark_used(self) -> None:
+        """Record that the stage uses this key now (the time :func:`prune` orders by)."""
+        info = self.dir / "settings.json"
+        if info.is_file():
+            os.utime(info)
+        else:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            write_atomic(info, json.dumps(self.settings, indent=2))
+
     def put(self, digest: str, boxes: np.ndarray, scores: np.ndarray) -> None:
         path = self._path(digest)
         path.parent.mkdir(parents=True, exist_ok=True)
-        info = self.dir / "settings.json"
-        if not info.is_file():
-            write_atomic(info, json.dumps(self.settings, indent=2))
+        if not (self.dir / "settings.json").is_file():
+            self.mark_used()
         buf = io.BytesIO()
         np.savez(buf, boxes=np.asarray(boxes, np.float32), scores=np.asarray(scores, np.float32))
         write_atomic(path, buf.getvalue())
+
+
+@dataclass
+class Pruned:
+    """What :func:`prune` removed."""
+
+    keys: int = 0
+    entries: int = 0
+    bytes: int = 0
+
+    def __str__(self) -> str:
+        return (
+            f"removed {self.keys} older settings' entries ({self.entries} images, "
+            f"{self.bytes / 1e6:.1f} MB)"
+        )
+
+
+def prune(root: Path, current: str, keep: int) -> Pruned:
+    """Remove the settings keys in ``root`` beyond the ``keep`` most recently used
+    (``current``, the one in use, always stays; the others by when they were last
+    used: their ``settings.json``'s time). Folders that are not settings keys are
+    left alone."""
+    keys = [
+        d for d in Path(root).iterdir() if d.is_dir() and (d / "settings.json").is_file()
+    ] if Path(root).is_dir() else []  # fmt: skip
+    others = sorted(
+        (d for d in keys if d.name != current),
+        key=lambda d: ((d / "settings.json").stat().st_mtime, d.name),
+        reverse=True,
+    )
+    for left in Path(root).glob(".pruned-*"):  # a prune killed midway
+        shutil.rmtree(left)
+    done = Pruned()
+    for d in others[max(keep - 1, 0) :]:
+        entries = list(d.glob("*/*.npz"))
+        done.keys += 1
+        done.entries += len(entries)
+        done.bytes += sum(e.stat().st_size for e in entries)
+        # out of sight first: a prune killed midway leaves no half key that looks used
+        gone = d.with_name(f".pruned-{d.name}")
+        d.rename(gone)
+        shutil.rmtree(gone)
+    return done

@@ -32,7 +32,7 @@ import numpy as np
 from rcnnops.data.io import safe_image_path
 from rcnnops.files import replaced_dir, sha256_file
 from rcnnops.proposals import executors
-from rcnnops.proposals.cache import ProposalCache
+from rcnnops.proposals.cache import ProposalCache, prune
 from rcnnops.proposals.store import (  # noqa: F401  (re-exported: the store's readers)
     REBUILD,
     ProposalError,
@@ -149,14 +149,18 @@ def precompute(
     workers: int,
     cache_dir: Path | None = None,
     cluster: str | None = None,
+    cache_keep: int | None = None,
 ) -> dict:
     """Both splits of ``prepared`` into ``out`` (written atomically), reusing and
-    filling the per-image cache in ``cache_dir`` (see :mod:`.cache`); searches on
-    the Dask cluster at ``cluster`` when given. Returns counts."""
+    filling the per-image cache in ``cache_dir`` (see :mod:`.cache`), then keeping
+    there only the ``cache_keep`` most recently used settings (None: all); searches
+    on the Dask cluster at ``cluster`` when given. Returns counts."""
     from rcnnops.data.prepare import load_manifest, load_split
 
     manifest = load_manifest(prepared)
     cache = ProposalCache(cache_dir, settings.as_dict()) if cache_dir is not None else None
+    if cache is not None:
+        cache.mark_used()
     summary = {}
     # One pool for both splits (its processes start on first use only).
     pool = search_pool(workers) if workers > 1 and not cluster else None
@@ -188,6 +192,10 @@ def precompute(
             pool.shutdown()
     if cache is not None and cache.unreadable:
         print(f"proposal cache: {cache.unreadable} damaged entries searched again and replaced")
+    if cache is not None and cache_keep is not None:
+        pruned = prune(Path(cache_dir), cache.key, cache_keep)
+        if pruned.keys:
+            print(f"proposal cache: {pruned} beyond proposals.cache_keep={cache_keep}")
     return summary
 
 
@@ -211,6 +219,7 @@ def run(params) -> dict:
         p.workers,
         cache_dir(params),
         cluster,
+        p.cache_keep,
     )
     reports = {}
     for split in ("train", "val"):
