@@ -140,11 +140,21 @@ def validator(params: Params, data: Data, masks: bool, device: torch.device):
 
 
 def _identity(
-    params: Params, variant: str, data: Data, world: World, device, precision: str
+    params: Params,
+    variant: str,
+    data: Data,
+    world: World,
+    device,
+    precision: str,
+    weights: LoadReport | None = None,
 ) -> tuple[str, str]:
     """(params hash, checkpoint fingerprint) of this training. The resolved
-    precision is part of it (``amp: auto`` means bf16 on one CPU, fp32 on another)."""
+    precision is part of it (``amp: auto`` means bf16 on one CPU, fp32 on another),
+    and the pretrained file's bytes: new weights under the same path do not resume
+    checkpoints trained from the old ones."""
     extra = dict(data.proposals) | {"precision": precision}
+    if weights is not None:
+        extra |= {"pretrained_sha256": weights.sha256}
     if world.distributed:  # it changes the numbers, so it is part of what was trained
         extra |= {
             "world_size": world.size,
@@ -171,6 +181,7 @@ def _log_weights(report: LoadReport, out_dir: Path) -> None:
     tracking.log_params(
         {
             "pretrained.file": Path(report.file).name,
+            "pretrained.sha256": report.sha256,
             "pretrained.loaded": len(report.loaded),
             "pretrained.reinitialised": len(report.reinitialised),
             "pretrained.unused": len(report.unused),
@@ -218,7 +229,7 @@ def _run(params: Params, variant: str, world: World, device: torch.device, progr
         if world.main:
             print(weights.summary())
     precision = resolve_amp(vp.amp, device).name
-    params_hash, fingerprint = _identity(params, variant, data, world, device, precision)
+    params_hash, fingerprint = _identity(params, variant, data, world, device, precision, weights)
     out_dir = Path(common.out) / variant
     checkpoints = Checkpoints(out_dir / "checkpoints", rerun=f"dvc repro train@{variant}")
     cfg = fit_config(vp, common, world, f"val/{params.register.metric_for(variant)}")

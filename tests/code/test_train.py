@@ -111,6 +111,31 @@ def test_changed_params_do_not_resume(tiny_prepared, tmp_path, capsys):
         assert torch.equal(a, b)
 
 
+def test_new_weights_under_the_same_path_do_not_resume(tmp_path):
+    """The pretrained file's bytes are part of the training's identity: a local
+    file replaced in place (its path, the only param, unchanged) starts over
+    rather than resuming checkpoints trained from the old weights."""
+    from types import SimpleNamespace
+
+    from rcnnops.config import load_params
+    from rcnnops.distributed import World
+    from rcnnops.models.weights import LoadReport
+    from rcnnops.train import _identity
+
+    params = load_params("params.yaml")
+    data = SimpleNamespace(proposals={}, manifest={"data_hash": "d"})
+    world = World()
+
+    def identity(weights):
+        return _identity(params, "faster_rcnn", data, world, torch.device("cpu"), "fp32", weights)
+
+    old = identity(LoadReport("w.pth", "w.pth", "a" * 64))
+    assert identity(LoadReport("w.pth", "w.pth", "a" * 64)) == old
+    new = identity(LoadReport("w.pth", "w.pth", "b" * 64))
+    assert new[0] != old[0] and new[1] != old[1]  # params hash and checkpoint fingerprint
+    assert identity(None) not in (old, new)
+
+
 def test_truncated_checkpoint_is_named(tiny_prepared, tmp_path):
     ds, labels = _data(tiny_prepared)
     ckpts = Checkpoints(tmp_path / "c")

@@ -7,8 +7,10 @@ weights files' names, as a user (or a first online run) would have them.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -52,6 +54,8 @@ def test_imagenet_weights_fill_the_whole_body(torch_home, backbone, ctor, name, 
     report = load_pretrained(model, spec)
     body = {k for k in model.state_dict() if k.startswith("backbone.body.")}
     assert set(report.loaded) == body  # not one body tensor missing
+    assert report.sha256 == hashlib.sha256(Path(report.file).read_bytes()).hexdigest()
+    assert report.to_json()["sha256"] == report.sha256 and report.sha256[:12] in report.summary()
     unused = {k for k in state if k.startswith(head) or k.endswith("num_batches_tracked")}
     assert set(report.unused) == unused  # not one other tensor of the file unexplained
     assert all(k.startswith(head) for k, why in report.unused.items() if "head" in why)
@@ -208,8 +212,6 @@ def weights_server(tmp_path, monkeypatch):
 
 def _hashed_name(data: bytes) -> str:
     """A weights file name carrying its sha256 prefix, as torchvision's do."""
-    import hashlib
-
     return f"tiny-{hashlib.sha256(data).hexdigest()[:8]}"
 
 

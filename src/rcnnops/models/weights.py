@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from rcnnops.errors import UserError
+from rcnnops.files import sha256_file
 
 PREFIX = "torchvision:"
 DETECTOR_MODULES = ("backbone", "rpn", "roi_heads")
@@ -56,6 +57,7 @@ class LoadReport:
 
     source: str
     file: str
+    sha256: str = ""  # the file's bytes (a local file's path says nothing of them)
     loaded: list[str] = field(default_factory=list)
     reinitialised: dict[str, str] = field(default_factory=dict)  # model tensor -> why
     by_name: dict[str, str] = field(default_factory=dict)  # predictor -> classes matched
@@ -64,7 +66,8 @@ class LoadReport:
     def summary(self) -> str:
         """A few lines for the log: counts, then each reason with its tensors grouped."""
         lines = [
-            f"pretrained {self.source} ({self.file}): {len(self.loaded)} tensors loaded, "
+            f"pretrained {self.source} ({self.file}, sha256 {self.sha256[:12]}): "
+            f"{len(self.loaded)} tensors loaded, "
             f"{len(self.reinitialised)} re-initialised, {len(self.unused)} of the file unused"
         ]
         parts = (
@@ -81,6 +84,7 @@ class LoadReport:
         return {
             "source": self.source,
             "file": self.file,
+            "sha256": self.sha256,
             "loaded": self.loaded,
             "reinitialised": self.reinitialised,
             "by_name": self.by_name,
@@ -178,7 +182,7 @@ def load_pretrained(
     share with it. :class:`WeightsError` when the file does not fit."""
     path = resolve(str(spec))
     state = read_state_dict(path)
-    report = LoadReport(str(spec), str(path))
+    report = LoadReport(str(spec), str(path), sha256_file(path))
     own = model.state_dict()
     body = getattr(model, "classification_body", BODY)
     if any(k.split(".")[0] in DETECTOR_MODULES for k in state):
