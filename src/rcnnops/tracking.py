@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -197,7 +198,31 @@ def log_datasets(datasets: list[tuple[str, str, str, str]]) -> None:
     for name, path, digest, context in datasets:
         source = LocalArtifactDatasetSource(path)
         dataset = MetaDataset(source, name=name, digest=digest[:32])
-        mlflow.log_input(dataset, context=context)
+        _log_input(dataset, context)
+
+
+# How SQLite, PostgreSQL and MySQL word a unique key's violation.
+_DUPLICATE = ("unique constraint", "duplicate key", "duplicate entry")
+
+
+def _log_input(dataset, context: str, tries: int = 3) -> None:
+    """``mlflow.log_input``, again if another run logged the same new dataset at
+    the same moment. MLflow's SQL store looks the dataset up, then inserts it: two
+    variants trained at once on the same data both insert, and one fails on the
+    table's unique key (seen as a failed ``train@mask_rcnn`` beside
+    ``train@faster_rcnn``). The dataset then exists, and logging again links it."""
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(1, tries + 1):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return
+        except MlflowException as e:
+            text = str(e).lower()
+            raced = any(s in text for s in _DUPLICATE)
+            if not raced or attempt == tries:
+                raise
+            time.sleep(0.05 * attempt)
 
 
 def log_params(params: dict[str, Any]) -> None:
