@@ -124,8 +124,9 @@ class ProposalsParams(Section):
     # pool; null: $DASK_SCHEDULER_ADDRESS when set, else this machine.
     cluster: str | None = None
     # Search settings whose per-image results stay in <out>-cache: the one in use and
-    # the most recently used others (older ones are removed after the stage).
-    cache_keep: int = positive(2)
+    # the most recently used others (older ones are removed after the stage); null:
+    # all of them.
+    cache_keep: int | None = Field(2, gt=0)
 
 
 class VariantTrainParams(Section):

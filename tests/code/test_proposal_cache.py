@@ -137,8 +137,14 @@ def test_the_cache_keeps_the_most_recently_used_settings(tiny_prepared, tmp_path
     again = run(100, "d")  # back to a kept one: nothing searched, nothing removed
     assert again["train"]["searched"] == 0 and again["val"]["searched"] == 0
     assert kept() == {100, 50} and "removed" not in capsys.readouterr().out
+    # A prune killed between hiding a key and removing it left the hidden folder
+    # (settings and all): the next prune removes it and counts it for nothing.
+    (cache_dir / ".pruned-0123456789abcdef" / "ab").mkdir(parents=True)
+    (cache_dir / ".pruned-0123456789abcdef" / "settings.json").write_text('{"max_boxes": 7}')
+    (cache_dir / ".pruned-0123456789abcdef" / "ab" / "ab00.npz").write_bytes(b"x")
     run(300, "e")  # 50 was used longest ago
     assert kept() == {100, 300}
+    assert "removed 1 older settings' entries (18 images" in capsys.readouterr().out
     assert sorted(p.name for p in cache_dir.iterdir() if p.name.startswith(".")) == []
 
 

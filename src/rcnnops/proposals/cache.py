@@ -13,10 +13,18 @@ from the cache is byte-identical to a from-scratch one. The folder is a persiste
 DVC output of the ``proposals`` stage: ``dvc push`` / ``pull`` carry it, so a
 teammate's clone reuses it. Entries are written atomically (a killed run keeps
 what it finished); an unreadable entry is searched again and counted, never used.
+
+The folder keeps the settings the stage used last: :func:`prune` removes the keys
+beyond the ``proposals.cache_keep`` most recently used ones (by the time each was
+last used in this clone), so trying other settings does not grow the folder, or
+what a teammate's ``dvc pull`` fetches, without end (DVC's cache and remote keep
+the removed files until ``dvc gc``). Entries of images no longer in the data stay
+in a kept key (about 40 kB each; a data version checked out again reuses them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -74,7 +82,8 @@ class ProposalCache:
         """Record that the stage uses this key now (the time :func:`prune` orders by)."""
         info = self.dir / "settings.json"
         if info.is_file():
-            os.utime(info)
+            with contextlib.suppress(OSError):  # a DVC-linked file another user owns
+                os.utime(info)  # (only the pruning order misses this use)
         else:
             self.dir.mkdir(parents=True, exist_ok=True)
             write_atomic(info, json.dumps(self.settings, indent=2))
@@ -107,18 +116,22 @@ class Pruned:
 def prune(root: Path, current: str, keep: int) -> Pruned:
     """Remove the settings keys in ``root`` beyond the ``keep`` most recently used
     (``current``, the one in use, always stays; the others by when they were last
-    used: their ``settings.json``'s time). Folders that are not settings keys are
-    left alone."""
+    used in this clone: their ``settings.json``'s time). Folders that are not
+    settings keys are left alone; what a prune killed midway left is removed."""
+    root = Path(root)
+    if not root.is_dir():
+        return Pruned()
+    for left in root.glob(".pruned-*"):  # hidden before removal: see below
+        shutil.rmtree(left)
     keys = [
-        d for d in Path(root).iterdir() if d.is_dir() and (d / "settings.json").is_file()
-    ] if Path(root).is_dir() else []  # fmt: skip
+        d for d in root.iterdir()
+        if d.is_dir() and not d.name.startswith(".") and (d / "settings.json").is_file()
+    ]  # fmt: skip
     others = sorted(
         (d for d in keys if d.name != current),
         key=lambda d: ((d / "settings.json").stat().st_mtime, d.name),
         reverse=True,
     )
-    for left in Path(root).glob(".pruned-*"):  # a prune killed midway
-        shutil.rmtree(left)
     done = Pruned()
     for d in others[max(keep - 1, 0) :]:
         entries = list(d.glob("*/*.npz"))
