@@ -243,8 +243,8 @@ class Reservation:
             self._prepared.set()
             handover.arrived(self._key, None, self._done)
             return
+        self._asked = time.monotonic()  # before result() returns: give_back reads it
         self._prepared.set()
-        self._asked = time.monotonic()
         try:
             held = Held(limits)
         except BaseException:  # the first stage asks for itself (and meets it too)
@@ -272,8 +272,8 @@ class Reservation:
         until ``SETTLE_SECONDS`` after it asked, and gives them back as they come:
         while the run is still on, since the run's Prefect client is closed after
         it, and slots given back then would stay taken until their lease expired.
-        One asked for longer ago waits for a limit another run holds: Ctrl-C then
-        stops the run at once (it waited ``SETTLE_SECONDS`` more)."""
+        One asked for longer ago waits for a limit another run holds, and is not
+        waited for: Ctrl-C then stops the run at once."""
         with self._lock:
             self._abandoned = True
             held = self._held

@@ -1,5 +1,7 @@
 """Training loop: schedule, resume after interruption, clear failures."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -113,27 +115,40 @@ def test_changed_params_do_not_resume(tiny_prepared, tmp_path, capsys):
 
 def test_new_weights_under_the_same_path_do_not_resume(tmp_path):
     """The pretrained file's bytes are part of the training's identity: a local
-    file replaced in place (its path, the only param, unchanged) starts over
-    rather than resuming checkpoints trained from the old weights."""
-    from types import SimpleNamespace
+    file replaced in place (its path, the only param, unchanged) trains afresh,
+    in a new MLflow run, rather than resuming checkpoints of the old weights; the
+    sha256 of the file used is logged with the run."""
+    import hashlib
 
+    import mlflow
+    import yaml
+
+    from rcnnops import train
     from rcnnops.config import load_params
-    from rcnnops.distributed import World
-    from rcnnops.models.weights import LoadReport
-    from rcnnops.train import _identity
+    from rcnnops.data import prepare
+    from rcnnops.data.shapes import generate
+    from tests.code.trained import inside, write_project
 
-    params = load_params("params.yaml")
-    data = SimpleNamespace(proposals={}, manifest={"data_hash": "d"})
-    world = World()
-
-    def identity(weights):
-        return _identity(params, "faster_rcnn", data, world, torch.device("cpu"), "fp32", weights)
-
-    old = identity(LoadReport("w.pth", "w.pth", "a" * 64))
-    assert identity(LoadReport("w.pth", "w.pth", "a" * 64)) == old
-    new = identity(LoadReport("w.pth", "w.pth", "b" * 64))
-    assert new[0] != old[0] and new[1] != old[1]  # params hash and checkpoint fingerprint
-    assert identity(None) not in (old, new)
+    project = write_project(tmp_path / "p", ["faster_rcnn"])
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["train"]["faster_rcnn"]["model"]["pretrained"] = "start.pth"
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    with inside(project):
+        p = load_params("params.yaml")
+        generate(p.generate)
+        prepare.run(p)
+        torch.manual_seed(1)
+        model = build_model("faster_rcnn", 3, p.variant("faster_rcnn").model)
+        runs = []
+        for scale in (1.0, 0.5):  # other bytes, same path
+            torch.save({k: v * scale for k, v in model.state_dict().items()}, "start.pth")
+            meta = train.run(p, "faster_rcnn", progress=False)
+            logged = mlflow.get_run(meta["run_id"]).data.params["pretrained.sha256"]
+            assert logged == hashlib.sha256(Path("start.pth").read_bytes()).hexdigest()
+            runs.append(meta)
+    first, second = runs
+    assert second["params_hash"] != first["params_hash"]
+    assert second["run_id"] != first["run_id"]  # not the first run resumed
 
 
 def test_truncated_checkpoint_is_named(tiny_prepared, tmp_path):

@@ -138,19 +138,24 @@ def resolve(spec: str) -> Path:
 def download(spec: str, url: str, path: Path) -> None:
     """Fetch ``url`` to ``path`` with torch.hub (a progress bar; a ``.partial`` file
     moved into place only when whole), checked against the sha256 prefix in the
-    file's name as torch.hub checks it. Not loaded here: the caller reads it once.
+    file's name as torch.hub checks it. Not loaded here (torch.hub's
+    ``load_state_dict_from_url`` would, and the caller loads it again).
     :class:`WeightsError` tells being offline from receiving other bytes (a proxy's
-    or a portal's page), and nothing is left in the cache either way."""
+    or a portal's page, a cut transfer), and nothing is left in the cache either
+    way."""
     found = torch.hub.HASH_REGEX.search(path.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     print(f"downloading {url} to {path}", flush=True)
     try:
         torch.hub.download_url_to_file(url, str(path), found.group(1) if found else None)
-    except RuntimeError as e:  # torch.hub's "invalid hash value (expected ..., got ...)"
+    except RuntimeError as e:
+        if "invalid hash value" not in str(e):  # torch.hub's words for a wrong sha256
+            raise
         raise WeightsError(
             f"model.pretrained {spec!r}: what {url} sent is not the file torchvision names "
-            f"({e}); nothing was kept. A proxy or a login page may have answered instead: "
-            f"fetch the file another way, place it at {path} and run again"
+            f"({e}); nothing was kept. The transfer may have been cut, or a proxy or a "
+            f"login page answered instead: run again, or fetch the file another way, "
+            f"place it at {path} and run again"
         ) from None
     except Exception as e:  # offline: URLError, socket errors, ...
         raise WeightsError(
