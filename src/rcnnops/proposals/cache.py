@@ -113,12 +113,12 @@ class Pruned:
         )
 
 
-def prune(root: Path, current: str, keep: int) -> Pruned:
-    """Remove the settings keys in ``root`` beyond the ``keep`` most recently used
-    (``current``, the one in use, always stays; the others by when they were last
-    used in this clone: their ``settings.json``'s time). Folders that are not
+def prune(cache: ProposalCache, keep: int) -> Pruned:
+    """Remove the settings keys beside ``cache``'s beyond the ``keep`` most recently
+    used (``cache``'s, the one in use, always stays; the others by when they were
+    last used in this clone: their ``settings.json``'s time). Folders that are not
     settings keys are left alone; what a prune killed midway left is removed."""
-    root = Path(root)
+    root, current = cache.dir.parent, cache.key
     if not root.is_dir():
         return Pruned()
     for left in root.glob(".pruned-*"):  # hidden before removal: see below

@@ -193,7 +193,7 @@ def precompute(
     if cache is not None and cache.unreadable:
         print(f"proposal cache: {cache.unreadable} damaged entries searched again and replaced")
     if cache is not None and cache_keep is not None:
-        pruned = prune(Path(cache_dir), cache.key, cache_keep)
+        pruned = prune(cache, cache_keep)
         if pruned.keys:
             print(f"proposal cache: {pruned} beyond proposals.cache_keep={cache_keep}")
     return summary
