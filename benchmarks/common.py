@@ -16,6 +16,7 @@ and is run by ``python -m benchmarks`` in a process of its own.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -227,18 +228,27 @@ class CpuWatch:
     """CPU seconds (user + system) of a process tree, split between the stage
     commands (``rcnnops generate|prepare|proposals|train|evaluate`` and everything
     they start) and the rest (the flow's process, Prefect's server, DVC's
-    processes): the rest's, counted separately while a stage command is alive.
-    Sampled every ``interval`` s, so a process's last fraction of an interval
-    before it ends is not counted (short-lived ones such as ``git`` are missed)."""
+    processes), and the stage commands' lifetimes: each one's process start (exact)
+    to its end (between the last sample that saw it and the next).
 
-    def __init__(self, pid: int, interval: float = 0.5) -> None:
+    The rest's CPU is charged to the stage commands' time in proportion to how much
+    of each sampling interval a stage command was alive: what DVC does in the
+    interval in which it starts a command, before it, is not counted as beside it
+    (that time is outside the stage commands, counted as such). Sampled every
+    ``interval`` s, so a process's last fraction of an interval before it ends is
+    not counted (short-lived ones such as ``git`` are missed)."""
+
+    def __init__(self, pid: int, interval: float = 0.1) -> None:
         import psutil
 
         self._psutil, self._root, self.interval = psutil, psutil.Process(pid), interval
+        self._t0 = time.perf_counter()
+        self._since_boot = _since_boot(psutil) - self._t0  # perf_counter() + this: since boot
         self._roles: dict[int, str] = {}
         self._cpu: dict[int, float] = {}
-        self.outside_stages = 0.0
-        self.during_stages: dict[str, float] = {}  # by role
+        self._lives: dict[int, list[float]] = {}  # stage pid: [start, last seen alive]
+        self._times: list[float] = [0.0]  # sample times, from the watch's start
+        self._deltas: list[dict[str, float]] = []  # the rest's CPU by role, per interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
@@ -271,39 +281,74 @@ class CpuWatch:
             procs = [self._root, *self._root.children(recursive=True)]
         except self._psutil.Error:
             return
-        stage_alive, deltas = False, {}
+        now, deltas = time.perf_counter() - self._t0, {}
+        psutil_boot = self._psutil.boot_time()
         for proc in sorted(procs, key=_started):  # a parent before its children
             role = self._role(proc)
             try:
                 times = proc.cpu_times()
+                if role == "stage" and proc.pid not in self._lives:
+                    started = proc.create_time() - psutil_boot  # since boot, to 10 ms
+                    self._lives[proc.pid] = [started - self._since_boot - self._t0, now]
             except self._psutil.Error:
                 continue
             cpu = times.user + times.system
             if role == "stage":
-                stage_alive = True
+                self._lives[proc.pid][1] = now
             else:
                 deltas[role] = deltas.get(role, 0.0) + cpu - self._cpu.get(proc.pid, 0.0)
             self._cpu[proc.pid] = cpu
-        if stage_alive:
-            for role, d in deltas.items():
-                self.during_stages[role] = self.during_stages.get(role, 0.0) + d
-        else:
-            self.outside_stages += sum(deltas.values())
+        self._times.append(now)
+        self._deltas.append(deltas)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             self._sample()
 
-    def stop(self) -> dict[str, float]:
+    def _windows(self) -> list[tuple[float, float]]:
+        """The stage commands' lifetimes, merged where they overlap."""
+        spans = []
+        for start, seen in self._lives.values():
+            later = [t for t in self._times if t > seen]  # the first sample it was gone
+            spans.append((max(start, 0.0), (seen + later[0]) / 2 if later else seen))
+        merged: list[list[float]] = []
+        for a, b in sorted(spans):
+            if merged and a <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], b)
+            else:
+                merged.append([a, b])
+        return [(a, b) for a, b in merged]
+
+    def stop(self) -> dict[str, Any]:
         self._stop.set()
         self._thread.join()
+        self._sample()
+        windows = self._windows()
+        during: dict[str, float] = {}
+        outside = 0.0
+        for (a, b), deltas in zip(itertools.pairwise(self._times), self._deltas, strict=True):
+            alive = sum(max(0.0, min(b, hi) - max(a, lo)) for lo, hi in windows)
+            share = alive / (b - a) if b > a else 0.0
+            for role, d in deltas.items():
+                during[role] = during.get(role, 0.0) + share * d
+                outside += (1 - share) * d
         stage = sum(c for pid, c in self._cpu.items() if self._roles.get(pid) == "stage")
         return {
             "stage_commands": stage,
-            "rest_while_stages_ran": sum(self.during_stages.values()),
-            "rest_otherwise": self.outside_stages,
-            "while_stages_by_process": dict(sorted(self.during_stages.items())),
+            "stage_seconds": sum(b - a for a, b in windows),
+            "rest_while_stages_ran": sum(during.values()),
+            "rest_otherwise": outside,
+            "while_stages_by_process": dict(sorted(during.items())),
         }
+
+
+def _since_boot(psutil) -> float:
+    """Seconds since boot, now: the clock of a process's start on Linux
+    (``create_time()`` is the boot time, to the second, plus the start's ticks)."""
+    try:
+        return float(Path("/proc/uptime").read_text().split()[0])
+    except OSError:  # not Linux: process starts are wall-clock times
+        return time.time() - psutil.boot_time()
 
 
 def _started(proc) -> float:

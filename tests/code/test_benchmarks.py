@@ -229,8 +229,9 @@ def test_paper_mode_has_its_own_help(capsys):
 
 def test_cpu_watch_splits_stage_commands_from_the_rest(tmp_path):
     """The pipeline row's CPU accounting: a stage command (and what it starts) counts as
-    stage work; the rest of the tree counts as orchestration, while a stage command is
-    alive or not. CPU time is burned, not slept, so the figures do not depend on load."""
+    stage work, and its lifetime as stage time; the rest of the tree counts as
+    orchestration, while a stage command is alive or not. CPU time is burned, not
+    slept, so the figures do not depend on load."""
     import subprocess
     import sys
 
@@ -244,14 +245,16 @@ def test_cpu_watch_splits_stage_commands_from_the_rest(tmp_path):
     )
     word = "train"  # the stage's command line says `rcnnops train`, the parent's does not
     (tmp_path / "flow.py").write_text(
-        "import subprocess, sys, threading\n"
+        "import subprocess, sys, threading, time\n"
         + burn.format(s=0.6)
         + "side = threading.Thread(target=lambda: exec("
         + repr(burn.format(s=0.5))
         + "))\n"
         f"stage = subprocess.Popen([sys.executable, {str(tmp_path / 'stage.py')!r}, 'rcnnops', "
         f"{word!r}])\n"
-        "side.start(); side.join(); stage.wait()\n" + burn.format(s=0.6)
+        "t = time.perf_counter(); side.start(); side.join(); stage.wait()\n"
+        f"open({str(tmp_path / 'stage_seconds')!r}, 'w').write(str(time.perf_counter() - t))\n"
+        + burn.format(s=0.6)
     )
     proc = subprocess.Popen([sys.executable, str(tmp_path / "flow.py")])
     watch = CpuWatch(proc.pid, interval=0.05)
@@ -260,3 +263,7 @@ def test_cpu_watch_splits_stage_commands_from_the_rest(tmp_path):
     assert cpu["stage_commands"] == pytest.approx(2.0, abs=0.3)  # the stage and its worker
     assert cpu["rest_while_stages_ran"] == pytest.approx(0.5, abs=0.25)
     assert cpu["rest_otherwise"] == pytest.approx(1.2, abs=0.35)
+    # from the stage's start to its end, as its parent saw it (which started timing just
+    # after starting it and stopped just after reaping it), to within the sampling
+    seen = float((tmp_path / "stage_seconds").read_text())
+    assert cpu["stage_seconds"] == pytest.approx(seen, abs=0.1)
