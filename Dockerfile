@@ -40,6 +40,11 @@ RUN pip install . \
  && git config --system --add safe.directory '*'
 
 USER rcnnops
+# Prefect's local database (in the user's ~/.prefect), made and migrated now: a
+# container starts from a fresh home, and the first run's temporary Prefect server
+# would otherwise spend about 13 s migrating it (18.6 s to answer instead of 5.4 s
+# on 2 CPU cores), every `docker run`.
+RUN prefect server database upgrade -y
 # The project (params.yaml, dvc.yaml, src/ for DVC's dependency hashes, data and
 # outputs) is mounted here; the MLflow store defaults to /project/mlflow.db.
 WORKDIR /project

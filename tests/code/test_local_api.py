@@ -43,7 +43,7 @@ def unconfigured(harness, monkeypatch):
         yield
 
 
-def test_a_flow_runs_on_the_local_api_which_stops_with_it(unconfigured):
+def test_a_flow_runs_on_the_local_api_which_stops_with_it(unconfigured, capsys):
     from prefect import flow, task
     from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, PREFECT_UI_URL
 
@@ -67,6 +67,43 @@ def test_a_flow_runs_on_the_local_api_which_stops_with_it(unconfigured):
         assert PREFECT_FLOWS_HEARTBEAT_FREQUENCY.value() is None  # nobody to watch them
     assert server.poll() is not None and not module.running()
     assert PREFECT_API_URL.value() is None
+    assert "creating its local database" not in capsys.readouterr().out  # it exists
+
+
+def test_a_database_the_server_is_to_make_is_announced(unconfigured, monkeypatch, capsys):
+    """The first run on a machine waits about 15 s for Prefect to make its database:
+    it says so, naming the file, when that file is the one Prefect's settings use."""
+    import pipelines.local_api as module
+
+    made = module._sqlite_path(os.environ["PREFECT_SERVER_DATABASE_CONNECTION_URL"])
+    monkeypatch.setattr(module, "_new_database", lambda: made)  # as if it did not exist yet
+    with local_api():
+        pass
+    assert f"Prefect: creating its local database {made} (once per machine" in (
+        capsys.readouterr().out
+    )
+    monkeypatch.setattr(module, "_new_database", lambda: made.with_name("another.db"))
+    with local_api():
+        pass
+    assert "creating" not in capsys.readouterr().out  # not the database in use: nothing said
+
+
+def test_which_database_the_server_is_to_make(tmp_path, monkeypatch):
+    from pipelines.local_api import _new_database
+
+    for name in ("PREFECT_SERVER_DATABASE_CONNECTION_URL", "PREFECT_API_DATABASE_CONNECTION_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "home"))
+    assert _new_database() == tmp_path / "home" / "prefect.db"
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "prefect.db").touch()
+    assert _new_database() is None  # made already
+    monkeypatch.setenv(
+        "PREFECT_SERVER_DATABASE_CONNECTION_URL", f"sqlite+aiosqlite:///{tmp_path / 'x.db'}"
+    )
+    assert _new_database() == tmp_path / "x.db"
+    monkeypatch.setenv("PREFECT_SERVER_DATABASE_CONNECTION_URL", "postgresql+asyncpg://db/prefect")
+    assert _new_database() is None  # not a file
 
 
 def test_a_configured_api_is_used_and_nothing_is_started(harness, monkeypatch):
@@ -112,3 +149,28 @@ def test_a_server_that_cannot_start_is_an_error_naming_the_way_out(unconfigured,
     with pytest.raises(RuntimeError, match="exited with code 7.*PREFECT_API_URL"), local_api():
         pass
     assert not module.running()
+
+
+def test_the_local_server_s_background_worker_checks_less_often():
+    """The temporary server's docket ``Worker`` (built by Prefect with docket's
+    defaults, every 0.25 s) checks every ``WORKER_CHECK_SECONDS``, unless told
+    otherwise; in a process of its own, as in the server's."""
+    import subprocess
+    import sys
+
+    code = (
+        "from pipelines.local_api import calm_background_worker, WORKER_CHECK_SECONDS\n"
+        "assert calm_background_worker()\n"
+        "from docket import Docket, Worker\n"
+        "d = Docket(name='calm-test', url='memory://')\n"
+        "w = Worker(d)\n"
+        "assert w.minimum_check_interval.total_seconds() == WORKER_CHECK_SECONDS\n"
+        "assert w.scheduling_resolution.total_seconds() == WORKER_CHECK_SECONDS\n"
+        "from datetime import timedelta\n"
+        "w = Worker(d, minimum_check_interval=timedelta(seconds=0.5))\n"
+        "assert w.minimum_check_interval.total_seconds() == 0.5\n"
+        "print('ok')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "ok"

@@ -38,3 +38,14 @@ def test_dockerfile_runs_the_flow_as_a_non_root_user():
     assert users and users[-1] not in ("root", "0")
     assert ops[-1] == ("CMD", '["rcnnops", "run"]')
     assert [op for op, _ in ops].index("USER") < len(ops) - 1
+
+
+def test_dockerfile_migrates_prefect_s_database_as_the_user_who_runs():
+    """Every container starts from the image's home: Prefect's database is migrated at
+    build time, in the home of the user the flow runs as, not by each run."""
+    ops = _instructions()
+    upgrade = [i for i, (op, arg) in enumerate(ops) if op == "RUN" and "database upgrade" in arg]
+    assert upgrade, "the image does not migrate Prefect's database"
+    user = max(i for i, (op, _) in enumerate(ops) if op == "USER")
+    assert upgrade[0] > user
+    assert "-y" in ops[upgrade[0]][1].split()  # no prompt at build time
