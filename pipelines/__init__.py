@@ -1,5 +1,13 @@
 """Orchestration (Prefect only): the retraining flow, schedules, concurrency
-slots, and the `rcnnops` command that starts them."""
+slots, and the `rcnnops` command that starts them.
+
+Importing it switches off Prefect's, MLflow's and DVC's telemetry where the user
+has not set it (:func:`rcnnops.telemetry.no_telemetry`), so that a flow started from
+Python, on Prefect's own ephemeral server, runs as offline as ``rcnnops run``."""
+
+from rcnnops.telemetry import no_telemetry
+
+no_telemetry()
 
 
 def patient_ephemeral_api(seconds: int = 120) -> None:

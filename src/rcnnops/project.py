@@ -23,6 +23,7 @@ from pathlib import Path
 from rcnnops import dvc_launcher
 from rcnnops.errors import UserError
 from rcnnops.redact import redact
+from rcnnops.telemetry import NO_TELEMETRY
 
 DEFAULT_REMOTE_NAME = "local"
 DEFAULT_REMOTE_DIR = ".dvcremote"  # inside the project, git-ignored
@@ -38,7 +39,7 @@ def env(extra: dict[str, str] | None = None) -> dict[str, str]:
     e = dict(os.environ) | (extra or {})
     bin_dir = str(Path(sys.executable).parent)
     e["PATH"] = bin_dir + os.pathsep + e.get("PATH", "")
-    e.setdefault("DVC_NO_ANALYTICS", "1")
+    e |= {k: v for k, v in NO_TELEMETRY.items() if k not in e}
     return e
 
 

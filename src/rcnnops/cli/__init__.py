@@ -20,6 +20,7 @@ from collections.abc import Callable
 from typing import Any, NoReturn
 
 from rcnnops.cli import data, registry_commands, serving, stages
+from rcnnops.telemetry import no_telemetry
 
 EPILOG = """\
 typical use:
@@ -73,8 +74,7 @@ def main(argv: list[str] | None = None, extra: tuple[AddCommands, ...] = ()) -> 
     """Run one command; an error that explains itself (:class:`rcnnops.errors.UserError`,
     a missing file, a bad value) is printed on one line with exit status 2."""
     args = build_parser(extra).parse_args(argv)
-    # No network: Prefect's local server must not try to send telemetry.
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    no_telemetry()  # no network: Prefect's server, MLflow and DVC send nothing
     os.chdir(args.project)
     from rcnnops.errors import UserError
 
