@@ -231,12 +231,14 @@ class CpuWatch:
     processes), and the stage commands' lifetimes: each one's process start (exact)
     to its end (between the last sample that saw it and the next).
 
-    The rest's CPU is charged to the stage commands' time in proportion to how much
-    of each sampling interval a stage command was alive: what DVC does in the
-    interval in which it starts a command, before it, is not counted as beside it
-    (that time is outside the stage commands, counted as such). Sampled every
-    ``interval`` s, so a process's last fraction of an interval before it ends is
-    not counted (short-lived ones such as ``git`` are missed)."""
+    The rest's CPU in each sampling interval counts as beside the stage commands in
+    proportion to how much of the interval a stage command was alive (see
+    :func:`attribute`): what DVC does just before it starts a command counts only
+    for its share of that interval, not for all of it (that time is outside the
+    stage commands, counted as such). Sampled every ``interval`` s, so a
+    process's last fraction of an interval before it ends is not counted
+    (short-lived ones such as ``git`` are missed); the sampler's own CPU (about
+    2 ms a sample, outside the tree) competes with the run too."""
 
     def __init__(self, pid: int, interval: float = 0.1) -> None:
         import psutil
@@ -257,12 +259,12 @@ class CpuWatch:
         """``stage``, or which of the rest: ``flow`` (the command's own process),
         ``prefect server``, ``dvc`` (the launcher and its forks, or DVC processes),
         ``other``."""
-        if proc.pid not in self._roles:
+        if self._roles.get(proc.pid) in (None, "dvc", "other"):  # not final: see below
             try:
                 cmdline = " ".join(proc.cmdline())
                 parent = proc.ppid()
             except self._psutil.Error:
-                return "gone"
+                return self._roles.get(proc.pid, "gone")
             if STAGE_COMMAND.search(cmdline) or self._roles.get(parent) == "stage":
                 role = "stage"
             elif proc.pid == self._root.pid:
@@ -270,7 +272,7 @@ class CpuWatch:
             elif "prefect.server" in cmdline:
                 role = "prefect server"
             elif "dvc" in cmdline:
-                role = "dvc"
+                role = "dvc"  # a fork of DVC's launcher may yet exec a stage command
             else:
                 role = "other"
             self._roles[proc.pid] = role
@@ -305,33 +307,12 @@ class CpuWatch:
         while not self._stop.wait(self.interval):
             self._sample()
 
-    def _windows(self) -> list[tuple[float, float]]:
-        """The stage commands' lifetimes, merged where they overlap."""
-        spans = []
-        for start, seen in self._lives.values():
-            later = [t for t in self._times if t > seen]  # the first sample it was gone
-            spans.append((max(start, 0.0), (seen + later[0]) / 2 if later else seen))
-        merged: list[list[float]] = []
-        for a, b in sorted(spans):
-            if merged and a <= merged[-1][1]:
-                merged[-1][1] = max(merged[-1][1], b)
-            else:
-                merged.append([a, b])
-        return [(a, b) for a, b in merged]
-
     def stop(self) -> dict[str, Any]:
         self._stop.set()
         self._thread.join()
         self._sample()
-        windows = self._windows()
-        during: dict[str, float] = {}
-        outside = 0.0
-        for (a, b), deltas in zip(itertools.pairwise(self._times), self._deltas, strict=True):
-            alive = sum(max(0.0, min(b, hi) - max(a, lo)) for lo, hi in windows)
-            share = alive / (b - a) if b > a else 0.0
-            for role, d in deltas.items():
-                during[role] = during.get(role, 0.0) + share * d
-                outside += (1 - share) * d
+        windows = lifetimes(list(self._lives.values()), self._times)
+        during, outside = attribute(self._times, self._deltas, windows)
         stage = sum(c for pid, c in self._cpu.items() if self._roles.get(pid) == "stage")
         return {
             "stage_commands": stage,
@@ -340,6 +321,41 @@ class CpuWatch:
             "rest_otherwise": outside,
             "while_stages_by_process": dict(sorted(during.items())),
         }
+
+
+def lifetimes(lives: list[list[float]], times: list[float]) -> list[tuple[float, float]]:
+    """Processes' lifetimes, merged where they overlap, from ``[start, last seen
+    alive]`` pairs and the sample times: each ends halfway between the sample
+    that last saw it and the next one (which did not)."""
+    spans = []
+    for start, seen in lives:
+        later = [t for t in times if t > seen]
+        spans.append((max(start, 0.0), (seen + later[0]) / 2 if later else seen))
+    merged: list[list[float]] = []
+    for a, b in sorted(spans):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    return [(a, b) for a, b in merged]
+
+
+def attribute(
+    times: list[float], deltas: list[dict[str, float]], windows: list[tuple[float, float]]
+) -> tuple[dict[str, float], float]:
+    """Split each interval's CPU (``deltas[i]``, by role, used between ``times[i]``
+    and ``times[i + 1]``) between the ``windows`` (disjoint) and the rest of the
+    time, in proportion to how much of the interval they cover: (CPU inside them,
+    by role; CPU outside them)."""
+    during: dict[str, float] = {}
+    outside = 0.0
+    for (a, b), interval in zip(itertools.pairwise(times), deltas, strict=True):
+        covered = sum(max(0.0, min(b, hi) - max(a, lo)) for lo, hi in windows)
+        share = covered / (b - a) if b > a else 0.0
+        for role, cpu in interval.items():
+            during[role] = during.get(role, 0.0) + share * cpu
+            outside += (1 - share) * cpu
+    return during, outside
 
 
 def _since_boot(psutil) -> float:

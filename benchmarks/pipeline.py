@@ -150,9 +150,10 @@ def run(ctx: Context) -> dict:
             "Prefect's server, DVC) used while a stage command ran, an upper bound on what "
             "they took from it; it does not carry the VM's drift. Both come from the run's "
             "process tree sampled every 0.1 s: a stage command runs from its process's start "
-            "to its end (at most 0.05 s off), and the others' CPU in an interval counts as "
-            "beside a stage command for the part of the interval one was alive (the CPU of "
-            "processes shorter than an interval is missed)",
+            "to its end (half a sampling interval off, on average), and the others' CPU in "
+            "an interval counts as beside a stage command for the part of the interval one "
+            "was alive (the CPU of processes shorter than an interval is missed; the "
+            "sampler's own, about 2 % of a core, is not counted but competes with the run)",
             "against the stage commands by hand: each run against the mean of the by-hand "
             "sums just before and after it (the first 'before' is the bench project's build); "
             "those two sums, 4-5 min apart, differed by "
@@ -176,10 +177,9 @@ def run(ctx: Context) -> dict:
             "nothing): "
             + "; ".join(f"{k} {_range(v)}" for k, v in parts.items())
             + "; the log's stage commands run from DVC's `> rcnnops ...` line to its "
-            "`Updating lock file` line, so they also hold DVC's hashing and caching of their "
-            "outputs, which the table counts as orchestration: "
-            + _range([r["logged"] - r["inside"] for r in runs])
-            + " s",
+            "`Updating lock file` line, so they also hold DVC's work around the command "
+            "(mostly hashing and caching its outputs), which the table counts as "
+            "orchestration: " + _range([r["logged"] - r["inside"] for r in runs]) + " s",
             "the no-op rerun does not start Prefect: `rcnnops run` finds params.yaml, dvc.lock, "
             "`dvc status` and the registry as the last successful run left them",
         ],

@@ -62,7 +62,7 @@ def _import_flow_modules() -> None:
     reads the prepared manifest with it, between two stages), DVC's repository
     modules (the first tasks set DVC up and ask it what changed, in this process)
     and MLflow (the tracking-store task, the flow's first beside the stages, needs
-    it first): about 4.5 s of CPU. The registry's own imports load in the warm-up
+    it first): about 5 s of CPU. The registry's own imports load in the warm-up
     task, beside the data stages."""
     import dvc.repo.status  # noqa: F401
     import dvc.stage  # noqa: F401

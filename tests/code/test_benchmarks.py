@@ -227,6 +227,24 @@ def test_paper_mode_has_its_own_help(capsys):
     assert "--images N|DIR" in out and "rcnn_vs_fast" in out
 
 
+def test_cpu_beside_the_stage_commands_is_their_share_of_each_interval():
+    """The pipeline row's attribution, on made-up samples: a stage command's lifetime
+    ends halfway between the last sample that saw it and the next; the rest's CPU in
+    an interval counts as beside the stage commands for the part they covered."""
+    from benchmarks.common import attribute, lifetimes
+
+    times = [0.0, 1.0, 2.0, 3.0, 4.0]
+    # one command from 0.5 s, last seen at 2.0 s (gone at 3.0: it ended at 2.5); its child
+    # from 1.2 s, last seen at 2.0 too (one window, not two); another from 3.25 s
+    windows = lifetimes([[0.5, 2.0], [1.2, 2.0], [3.25, 4.0]], times)
+    assert windows == [(0.5, 2.5), (3.25, 4.0)]
+    deltas = [{"dvc": 0.4}, {"flow": 1.0}, {"dvc": 0.2, "flow": 0.2}, {"server": 0.8}]
+    during, outside = attribute(times, deltas, windows)
+    assert during == pytest.approx({"dvc": 0.2 + 0.1, "flow": 1.0 + 0.1, "server": 0.6})
+    assert outside == pytest.approx(0.2 + 0.0 + 0.2 + 0.2)
+    assert sum(during.values()) + outside == pytest.approx(sum(sum(d.values()) for d in deltas))
+
+
 def test_cpu_watch_splits_stage_commands_from_the_rest(tmp_path):
     """The pipeline row's CPU accounting: a stage command (and what it starts) counts as
     stage work, and its lifetime as stage time; the rest of the tree counts as

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -71,7 +72,7 @@ def test_a_flow_runs_on_the_local_api_which_stops_with_it(unconfigured, capsys):
 
 
 def test_a_database_the_server_is_to_make_is_announced(unconfigured, monkeypatch, capsys):
-    """The first run on a machine waits about 15 s for Prefect to make its database:
+    """The first run on a machine waits about 13 s more for Prefect to make its database:
     it says so, naming the file, when that file is the one Prefect's settings use."""
     import pipelines.local_api as module
 
@@ -104,6 +105,22 @@ def test_which_database_the_server_is_to_make(tmp_path, monkeypatch):
     assert _new_database() == tmp_path / "x.db"
     monkeypatch.setenv("PREFECT_SERVER_DATABASE_CONNECTION_URL", "postgresql+asyncpg://db/prefect")
     assert _new_database() is None  # not a file
+
+
+def test_the_sqlite_file_of_a_database_url(tmp_path, monkeypatch):
+    from pipelines.local_api import _sqlite_path
+
+    monkeypatch.chdir(tmp_path)
+    assert _sqlite_path("sqlite+aiosqlite:////abs/prefect.db") == Path("/abs/prefect.db")
+    assert _sqlite_path("sqlite:///rel.db?timeout=30") == tmp_path.resolve() / "rel.db"
+    for url in (
+        "sqlite+aiosqlite:///:memory:",
+        "sqlite+aiosqlite:///file::memory:?cache=shared",
+        "sqlite://",
+        "postgresql+asyncpg://db/prefect",
+        None,
+    ):
+        assert _sqlite_path(url) is None, url
 
 
 def test_a_configured_api_is_used_and_nothing_is_started(harness, monkeypatch):
@@ -169,8 +186,23 @@ def test_the_local_server_s_background_worker_checks_less_often():
         "from datetime import timedelta\n"
         "w = Worker(d, minimum_check_interval=timedelta(seconds=0.5))\n"
         "assert w.minimum_check_interval.total_seconds() == 0.5\n"
+        "from prefect.server.api import background_workers\n"  # what Prefect's server builds
+        "assert background_workers.Worker is Worker\n"
         "print('ok')\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def test_a_project_s_own_pipelines_package_does_not_stop_the_server(
+    unconfigured, tmp_path, monkeypatch
+):
+    """The server's process starts in the project, first on its path: a project with
+    a ``pipelines`` package of its own (here one that fails to import) still gets a
+    server; only the calmer worker is lost."""
+    (tmp_path / "pipelines").mkdir()
+    (tmp_path / "pipelines" / "__init__.py").write_text("raise ImportError('not ours')\n")
+    monkeypatch.chdir(tmp_path)
+    with local_api() as url:
+        assert httpx.get(f"{url}/health").status_code == 200
