@@ -16,6 +16,7 @@ and is run by ``python -m benchmarks`` in a process of its own.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import json
 import os
@@ -245,7 +246,8 @@ class CpuWatch:
 
         self._psutil, self._root, self.interval = psutil, psutil.Process(pid), interval
         self._t0 = time.perf_counter()
-        self._since_boot = _since_boot(psutil) - self._t0  # perf_counter() + this: since boot
+        # A process's create_time() minus this: its start on the watch's clock.
+        self._clock = psutil.boot_time() + _since_boot(psutil)
         self._roles: dict[int, str] = {}
         self._cpu: dict[int, float] = {}
         self._lives: dict[int, list[float]] = {}  # stage pid: [start, last seen alive]
@@ -284,14 +286,12 @@ class CpuWatch:
         except self._psutil.Error:
             return
         now, deltas = time.perf_counter() - self._t0, {}
-        psutil_boot = self._psutil.boot_time()
         for proc in sorted(procs, key=_started):  # a parent before its children
             role = self._role(proc)
             try:
                 times = proc.cpu_times()
-                if role == "stage" and proc.pid not in self._lives:
-                    started = proc.create_time() - psutil_boot  # since boot, to 10 ms
-                    self._lives[proc.pid] = [started - self._since_boot - self._t0, now]
+                if role == "stage" and proc.pid not in self._lives:  # its start, to 10 ms
+                    self._lives[proc.pid] = [proc.create_time() - self._clock, now]
             except self._psutil.Error:
                 continue
             cpu = times.user + times.system
@@ -329,8 +329,8 @@ def lifetimes(lives: list[list[float]], times: list[float]) -> list[tuple[float,
     that last saw it and the next one (which did not)."""
     spans = []
     for start, seen in lives:
-        later = [t for t in times if t > seen]
-        spans.append((max(start, 0.0), (seen + later[0]) / 2 if later else seen))
+        i = bisect.bisect_right(times, seen)  # the first sample after ``seen``
+        spans.append((max(start, 0.0), (seen + times[i]) / 2 if i < len(times) else seen))
     merged: list[list[float]] = []
     for a, b in sorted(spans):
         if merged and a <= merged[-1][1]:

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-
 from rcnnops.config import DataParams, GenerateParams, PrepareParams, SplitSource
 from rcnnops.data.prepare import prepare
 from rcnnops.data.shapes import generate
+from rcnnops.telemetry import no_telemetry
+
+no_telemetry()  # before any test imports Prefect, as the rcnnops command does
 
 REPO = Path(__file__).resolve().parents[1]
 COCO_MINI = REPO.parent / "shared" / "data" / "coco-mini"
