@@ -181,3 +181,16 @@ def harness():
 def _restore_cwd(monkeypatch):
     """Stage code and the CLI chdir into the project; put the cwd back after each test."""
     monkeypatch.chdir(os.getcwd())
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _rcnnops_cache(tmp_path_factory):
+    """rcnnops' per-user cache (the empty MLflow store new stores copy) in a folder
+    of the session, shared by its tests and the commands they start; not ~/.cache."""
+    old = os.environ.get("RCNNOPS_CACHE_DIR")
+    os.environ["RCNNOPS_CACHE_DIR"] = str(tmp_path_factory.mktemp("rcnnops-cache"))
+    yield
+    if old is None:
+        os.environ.pop("RCNNOPS_CACHE_DIR", None)
+    else:
+        os.environ["RCNNOPS_CACHE_DIR"] = old

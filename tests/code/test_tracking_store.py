@@ -1,0 +1,106 @@
+"""A new SQLite tracking store starts as a copy of an empty store MLflow migrated
+once (rcnnops.tracking.start_from_template), and is otherwise MLflow's own."""
+
+from __future__ import annotations
+
+import mlflow
+import mlflow.store.db.utils as db_utils
+import pytest
+
+from rcnnops import tracking
+
+
+@pytest.fixture
+def migrations(monkeypatch) -> list[str]:
+    """The engines MLflow ran its table creation and migrations on."""
+    ran: list[str] = []
+    real = db_utils._initialize_tables
+
+    def counted(engine):
+        ran.append(str(engine.url))
+        return real(engine)
+
+    monkeypatch.setattr(db_utils, "_initialize_tables", counted)
+    return ran
+
+
+def _logged(project, experiment="exp"):
+    """Set up the project's store, log one run, read it back."""
+    exp_id = tracking.setup(experiment, project)
+    with mlflow.start_run(experiment_id=exp_id):
+        mlflow.log_metric("m", 0.5)
+    runs = tracking.client().search_runs([exp_id])
+    return exp_id, runs
+
+
+def test_new_stores_copy_one_migrated_empty_store(tmp_path, monkeypatch, migrations):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("RCNNOPS_CACHE_DIR", str(tmp_path / "cache"))
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir(), second.mkdir()
+
+    _logged(first)
+    # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which tracking_uri() obeys
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    assert len(migrations) == 1  # the template, made once
+    templates = list((tmp_path / "cache" / "mlflow-store").glob("*.db"))
+    assert [p.name.startswith(f"empty-mlflow-{mlflow.__version__}-") for p in templates] == [True]
+
+    monkeypatch.chdir(second)  # a store's default artifact root is ./mlruns
+    exp_id, runs = _logged(second)
+    assert len(migrations) == 1  # no migrations for the second store
+    assert [r.data.metrics for r in runs] == [{"m": 0.5}]
+    c = tracking.client()
+    # the default experiment is each store's own, not the template's
+    assert c.get_experiment("0").artifact_location == str(second / "mlruns" / "0")
+    assert c.get_experiment(exp_id).artifact_location == (second / "mlartifacts").as_uri()
+    assert [e.name for e in c.search_experiments()] == ["exp", "Default"]
+
+
+def test_an_existing_store_is_left_as_it_is(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("RCNNOPS_CACHE_DIR", str(tmp_path / "cache"))
+    _logged(tmp_path)
+    db = tmp_path / tracking.DEFAULT_DB
+    before = db.read_bytes()
+    assert tracking.start_from_template(f"sqlite:///{db}") is False
+    assert db.read_bytes() == before
+    _, runs = _logged(tmp_path)
+    assert len(runs) == 2
+
+
+def test_without_a_writable_cache_mlflow_makes_the_store(tmp_path, monkeypatch, migrations):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("RCNNOPS_CACHE_DIR", str(blocker))
+    project = tmp_path / "p"
+    project.mkdir()
+    assert tracking.start_from_template(f"sqlite:///{project / 'mlflow.db'}") is False
+    assert not (project / "mlflow.db").exists()
+    assert list(project.iterdir()) == []  # no partial copy left behind
+    _, runs = _logged(project)
+    assert len(runs) == 1 and len(migrations) == 1  # MLflow's own, on the store itself
+    assert migrations[0].endswith(str(project / "mlflow.db"))
+
+
+@pytest.mark.parametrize(
+    "uri, expected",
+    [
+        ("sqlite:////abs/m.db", "/abs/m.db"),
+        ("sqlite:///rel/m.db", "REL"),
+        ("sqlite:///:memory:", None),
+        ("sqlite:///m.db?timeout=30", None),
+        ("sqlite:///file:m.db?mode=ro&uri=true", None),
+        ("postgresql://u@h/db", None),
+        ("http://127.0.0.1:5000", None),
+        ("file:///tmp/mlruns", None),
+    ],
+)
+def test_only_plain_sqlite_files_are_made_from_the_template(uri, expected, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    found = tracking.sqlite_file(uri)
+    if expected == "REL":
+        assert found == tmp_path / "rel" / "m.db"
+    else:
+        assert found == (None if expected is None else tmp_path.__class__(expected))
