@@ -212,8 +212,8 @@ def local_api(meanwhile: Callable[[], object] | None = None) -> Iterator[str | N
     new_database = _new_database()  # before the server can make it
     api = None if os.environ.get("PREFECT_API_URL") else LocalAPI()
     try:
-        if meanwhile is not None:
-            meanwhile()
+        # Prefect's settings first (about 1 s): a server they do not want stops at
+        # once, and the first run's message comes before the long wait, not after it
         from prefect.settings import (
             PREFECT_API_URL,
             PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
@@ -228,17 +228,19 @@ def local_api(meanwhile: Callable[[], object] | None = None) -> Iterator[str | N
         ):
             api.stop()
             api = None
-        if api is None:
-            yield None
-            return
-        if new_database and _sqlite_path(PREFECT_SERVER_DATABASE_CONNECTION_URL.value()) == (
-            new_database
+        if api is not None and new_database and (
+            _sqlite_path(PREFECT_SERVER_DATABASE_CONNECTION_URL.value()) == new_database
         ):
             print(
                 f"Prefect: creating its local database {new_database} (once per machine; "
                 "about 13 s more on 2 CPU cores)",
                 flush=True,
             )
+        if meanwhile is not None:
+            meanwhile()
+        if api is None:
+            yield None
+            return
         api.wait(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]))
         _running = api
         # No flow-run heartbeats: they tell a lasting server that a run is alive,
