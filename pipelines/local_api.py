@@ -228,8 +228,10 @@ def local_api(meanwhile: Callable[[], object] | None = None) -> Iterator[str | N
         ):
             api.stop()
             api = None
-        if api is not None and new_database and (
-            _sqlite_path(PREFECT_SERVER_DATABASE_CONNECTION_URL.value()) == new_database
+        if (
+            api is not None
+            and new_database
+            and (_sqlite_path(PREFECT_SERVER_DATABASE_CONNECTION_URL.value()) == new_database)
         ):
             print(
                 f"Prefect: creating its local database {new_database} (once per machine; "
