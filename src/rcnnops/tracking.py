@@ -118,12 +118,15 @@ def empty_store() -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     part = folder / f".{path.name}.{os.getpid()}.part"
     part.unlink(missing_ok=True)
-    engine = sqlalchemy.create_engine(f"sqlite:///{part}")
     try:
-        _initialize_tables(engine)
+        engine = sqlalchemy.create_engine(f"sqlite:///{part}")
+        try:
+            _initialize_tables(engine)
+        finally:
+            engine.dispose()
+        os.replace(part, path)  # whole or not at all; another process's copy is the same
     finally:
-        engine.dispose()
-    os.replace(part, path)  # whole or not at all; another process's copy is the same
+        part.unlink(missing_ok=True)  # only still there if something failed
     return path
 
 
@@ -136,14 +139,13 @@ def start_from_template(uri: str) -> bool:
     (MLflow's private helpers moved, the cache is not writable), MLflow makes the
     store as before. Returns whether the store was made from the template."""
     path = sqlite_file(uri)
-    if path is None or path.exists():
-        return False
+    if path is None or path.exists() or not path.parent.is_dir():
+        return False  # (a missing folder: MLflow's own error, as before)
     part = path.with_name(f".{path.name}.{os.getpid()}.part")
     try:
         import shutil
 
         template = empty_store()
-        path.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(template, part)
         os.link(part, path)  # fails if the store appeared meanwhile: never replaces one
         return True

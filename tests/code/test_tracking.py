@@ -83,6 +83,28 @@ def test_without_a_writable_cache_mlflow_makes_the_store(tmp_path, monkeypatch, 
     _, runs = _logged(project)
     assert len(runs) == 1 and len(migrations) == 1  # MLflow's own, on the store itself
     assert migrations[0].endswith(str(project / "mlflow.db"))
+    # and no folder made for a store whose folder does not exist: MLflow's error stands
+    monkeypatch.setenv("RCNNOPS_CACHE_DIR", str(tmp_path / "cache"))
+    assert tracking.start_from_template(f"sqlite:///{tmp_path / 'no' / 'mlflow.db'}") is False
+    assert not (tmp_path / "no").exists() and not (tmp_path / "cache").exists()
+
+
+def test_a_failed_template_leaves_nothing_behind(tmp_path, monkeypatch):
+    """MLflow's migrations failing while the empty store is made: no partial file in
+    the cache, no store made from it; MLflow then makes (or fails) the store itself."""
+    monkeypatch.setenv("RCNNOPS_CACHE_DIR", str(tmp_path / "cache"))
+
+    def broken(engine):
+        with engine.begin() as db:  # half a store on disk, then the failure
+            db.exec_driver_sql("CREATE TABLE half (x INTEGER)")
+        raise RuntimeError("migration failed")
+
+    monkeypatch.setattr(db_utils, "_initialize_tables", broken)
+    with pytest.raises(RuntimeError, match="migration failed"):
+        tracking.empty_store()
+    assert list((tmp_path / "cache" / "mlflow-store").iterdir()) == []
+    assert tracking.start_from_template(f"sqlite:///{tmp_path / 'mlflow.db'}") is False
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
 
 
 @pytest.mark.parametrize(
