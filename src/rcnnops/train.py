@@ -331,6 +331,8 @@ def _tracked_fit(job: _Job, tags: dict, out_dir: Path, progress: bool) -> tuple[
             ])  # fmt: skip
         if job.weights is not None:
             _log_weights(job.weights, out_dir)
+        else:  # an earlier training's report would describe weights this model lacks
+            (out_dir / "weights.json").unlink(missing_ok=True)
         extra = {"run_id": active.info.run_id}
         summary = fit(
             job.model, data.train, job.cfg, job.checkpoints, job.fingerprint, job.device,

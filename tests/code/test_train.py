@@ -1,5 +1,6 @@
 """Training loop: schedule, resume after interruption, clear failures."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -117,7 +118,8 @@ def test_new_weights_under_the_same_path_do_not_resume(tmp_path):
     """The pretrained file's bytes are part of the training's identity: a local
     file replaced in place (its path, the only param, unchanged) trains afresh,
     in a new MLflow run, rather than resuming checkpoints of the old weights; the
-    sha256 of the file used is logged with the run."""
+    sha256 of the file used is logged with the run and in weights.json beside the
+    model, which a training from scratch then removes."""
     import hashlib
 
     import mlflow
@@ -146,6 +148,13 @@ def test_new_weights_under_the_same_path_do_not_resume(tmp_path):
             logged = mlflow.get_run(meta["run_id"]).data.params["pretrained.sha256"]
             assert logged == hashlib.sha256(Path("start.pth").read_bytes()).hexdigest()
             runs.append(meta)
+        report = json.loads(Path("models/faster_rcnn/weights.json").read_text())
+        assert report["sha256"] == logged  # the report beside the model is the last run's
+        params["train"]["faster_rcnn"]["model"].pop("pretrained")  # now from scratch
+        Path("params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        train.run(load_params("params.yaml"), "faster_rcnn", progress=False)
+        # no report of weights the new model never had (weights.json is not a DVC output)
+        assert not Path("models/faster_rcnn/weights.json").exists()
     first, second = runs
     assert second["params_hash"] != first["params_hash"]
     assert second["run_id"] != first["run_id"]  # not the first run resumed
