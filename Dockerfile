@@ -48,7 +48,7 @@ USER rcnnops
 RUN prefect server database upgrade -y
 # Likewise the empty MLflow store a new project's mlflow.db is copied from
 # (~/.cache/rcnnops): MLflow's migrations of every new store, about 1 s, once here.
-RUN python -c "from rcnnops.tracking import empty_store; print(empty_store())"
+RUN python -c "from rcnnops.store_template import empty_store; print(empty_store())"
 # The project (params.yaml, dvc.yaml, src/ for DVC's dependency hashes, data and
 # outputs) is mounted here; the MLflow store defaults to /project/mlflow.db.
 WORKDIR /project

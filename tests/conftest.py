@@ -187,10 +187,6 @@ def _restore_cwd(monkeypatch):
 def _rcnnops_cache(tmp_path_factory):
     """rcnnops' per-user cache (the empty MLflow store new stores copy) in a folder
     of the session, shared by its tests and the commands they start; not ~/.cache."""
-    old = os.environ.get("RCNNOPS_CACHE_DIR")
-    os.environ["RCNNOPS_CACHE_DIR"] = str(tmp_path_factory.mktemp("rcnnops-cache"))
-    yield
-    if old is None:
-        os.environ.pop("RCNNOPS_CACHE_DIR", None)
-    else:
-        os.environ["RCNNOPS_CACHE_DIR"] = old
+    with pytest.MonkeyPatch.context() as session:
+        session.setenv("RCNNOPS_CACHE_DIR", str(tmp_path_factory.mktemp("rcnnops-cache")))
+        yield

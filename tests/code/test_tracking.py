@@ -1,6 +1,6 @@
-"""rcnnops.tracking: a new SQLite tracking store starts as a copy of an empty store
-MLflow migrated once (start_from_template), and is otherwise MLflow's own; datasets
-logged by runs at once."""
+"""rcnnops.tracking and rcnnops.store_template: a new SQLite tracking store starts as
+a copy of an empty store MLflow migrated once (start_from_template), and is otherwise
+MLflow's own; datasets logged by runs at once."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import mlflow
 import mlflow.store.db.utils as db_utils
 import pytest
 
-from rcnnops import tracking
+from rcnnops import store_template, tracking
 
 
 @pytest.fixture
@@ -64,7 +64,7 @@ def test_an_existing_store_is_left_as_it_is(tmp_path, monkeypatch):
     _logged(tmp_path)
     db = tmp_path / tracking.DEFAULT_DB
     before = db.read_bytes()
-    assert tracking.start_from_template(f"sqlite:///{db}") is False
+    assert store_template.start_from_template(f"sqlite:///{db}") is False
     assert db.read_bytes() == before
     _, runs = _logged(tmp_path)
     assert len(runs) == 2
@@ -77,7 +77,7 @@ def test_without_a_writable_cache_mlflow_makes_the_store(tmp_path, monkeypatch, 
     monkeypatch.setenv("RCNNOPS_CACHE_DIR", str(blocker))
     project = tmp_path / "p"
     project.mkdir()
-    assert tracking.start_from_template(f"sqlite:///{project / 'mlflow.db'}") is False
+    assert store_template.start_from_template(f"sqlite:///{project / 'mlflow.db'}") is False
     assert not (project / "mlflow.db").exists()
     assert list(project.iterdir()) == []  # no partial copy left behind
     _, runs = _logged(project)
@@ -85,7 +85,7 @@ def test_without_a_writable_cache_mlflow_makes_the_store(tmp_path, monkeypatch, 
     assert migrations[0].endswith(str(project / "mlflow.db"))
     # and no folder made for a store whose folder does not exist: MLflow's error stands
     monkeypatch.setenv("RCNNOPS_CACHE_DIR", str(tmp_path / "cache"))
-    assert tracking.start_from_template(f"sqlite:///{tmp_path / 'no' / 'mlflow.db'}") is False
+    assert store_template.start_from_template(f"sqlite:///{tmp_path / 'no' / 'mlflow.db'}") is False
     assert not (tmp_path / "no").exists() and not (tmp_path / "cache").exists()
 
 
@@ -101,9 +101,9 @@ def test_a_failed_template_leaves_nothing_behind(tmp_path, monkeypatch):
 
     monkeypatch.setattr(db_utils, "_initialize_tables", broken)
     with pytest.raises(RuntimeError, match="migration failed"):
-        tracking.empty_store()
+        store_template.empty_store()
     assert list((tmp_path / "cache" / "mlflow-store").iterdir()) == []
-    assert tracking.start_from_template(f"sqlite:///{tmp_path / 'mlflow.db'}") is False
+    assert store_template.start_from_template(f"sqlite:///{tmp_path / 'mlflow.db'}") is False
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
 
 
@@ -122,7 +122,7 @@ def test_a_failed_template_leaves_nothing_behind(tmp_path, monkeypatch):
 )
 def test_only_plain_sqlite_files_are_made_from_the_template(uri, expected, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    found = tracking.sqlite_file(uri)
+    found = store_template.sqlite_file(uri)
     if expected == "REL":
         assert found == tmp_path / "rel" / "m.db"
     else:
