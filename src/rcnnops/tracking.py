@@ -190,6 +190,22 @@ def stage_run(
         yield run
 
 
+@contextmanager
+def added_to(run_id: str) -> Iterator[mlflow.ActiveRun]:
+    """Add to a run that has ended (the model logged into its training run at
+    registration) and leave its status and end time as they were. MLflow's
+    ``start_run(run_id=...)`` would end it again on leaving, so the UI's duration
+    would run from training to registration, and mark a trained run FAILED if
+    only the addition failed. A run that has not ended is left to MLflow."""
+    before = client().get_run(run_id).info
+    try:
+        with mlflow.start_run(run_id=run_id) as run:
+            yield run
+    finally:
+        if before.end_time is not None:
+            client().set_terminated(run_id, status=before.status, end_time=before.end_time)
+
+
 def log_datasets(datasets: list[tuple[str, str, str, str]]) -> None:
     """Log ``(name, path, digest, context)`` datasets as inputs of the active run:
     the source is the DVC-tracked path, the digest its content hash, so the UI's

@@ -276,6 +276,9 @@ def test_what_the_mlflow_ui_shows(project):
         mv = client.get_model_version("rcnnops-faster_rcnn", "1")
         run = client.get_run(mv.run_id)
         model = client.get_registered_model("rcnnops-faster_rcnn")
+        (logged,) = client.search_logged_models(
+            [exp.experiment_id], filter_string=f"source_run_id = '{run.info.run_id}'"
+        )
     manifest = json.loads((project / "data/prepared/manifest.json").read_text())
     inputs = {
         d.dataset.name: (d.dataset.digest, json.loads(d.dataset.source), [t.value for t in d.tags])
@@ -287,6 +290,10 @@ def test_what_the_mlflow_ui_shows(project):
         "val": (manifest["splits"]["val"]["hash"][:32], {"uri": "data/prepared/val.json"},
                 ["validation"]),
     }  # fmt: skip
+    # logging the model at registration adds to the training run without ending it
+    # again: its duration in the UI is its training and evaluation
+    assert run.info.status == "FINISHED"
+    assert run.info.end_time < logged.creation_timestamp
     assert "`champion` is what `rcnnops serve` follows" in model.description
     assert mv.description.startswith(f"`faster_rcnn` trained on data {manifest['data_hash']}")
     assert "bbox_AP" in mv.description and "Gate: promoted" in mv.description

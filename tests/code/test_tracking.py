@@ -165,3 +165,26 @@ def test_variants_logging_the_same_new_dataset_at_once_all_succeed(mlflow_db):
     assert len(runs) == 32
     digests = {r.inputs.dataset_inputs[0].dataset.digest for r in runs}
     assert len(digests) == 8 and all(len(r.inputs.dataset_inputs) == 1 for r in runs)
+
+
+def test_adding_to_an_ended_run_keeps_its_status_and_end_time(mlflow_db):
+    """Registration logs the model into the training run after the run ended; the
+    run keeps the end time and status its stages gave it, also when the addition
+    fails (MLflow alone would end it at registration, or mark it FAILED)."""
+    import time
+
+    exp_id = tracking.setup("rcnnops-test")
+    with mlflow.start_run(experiment_id=exp_id) as run:
+        mlflow.log_metric("loss", 0.5)
+    run_id = run.info.run_id
+    ended = tracking.client().get_run(run_id).info
+    time.sleep(0.01)  # MLflow keeps milliseconds: a new end time would differ
+    with tracking.added_to(run_id):
+        mlflow.log_param("added", "yes")
+    with pytest.raises(RuntimeError, match="log_model failed"):
+        with tracking.added_to(run_id):
+            raise RuntimeError("log_model failed")
+    after = tracking.client().get_run(run_id)
+    assert (after.info.status, after.info.end_time) == ("FINISHED", ended.end_time)
+    assert after.data.params == {"added": "yes"}
+    assert mlflow.active_run() is None

@@ -90,7 +90,7 @@ def register(
         return Registered(name, str(mv.version), created=False, decided=decided)
     with tempfile.TemporaryDirectory() as tmp:
         bundle = _bundle(model_dir, Path(tmp) / "model_dir", serving)
-        with mlflow.start_run(run_id=meta["run_id"]):
+        with tracking.added_to(meta["run_id"]):
             info = pyfunc.log(bundle)
     numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
     tags = {
