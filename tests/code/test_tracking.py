@@ -181,9 +181,8 @@ def test_adding_to_an_ended_run_keeps_its_status_and_end_time(mlflow_db):
     time.sleep(0.01)  # MLflow keeps milliseconds: a new end time would differ
     with tracking.added_to(run_id):
         mlflow.log_param("added", "yes")
-    with pytest.raises(RuntimeError, match="log_model failed"):
-        with tracking.added_to(run_id):
-            raise RuntimeError("log_model failed")
+    with pytest.raises(RuntimeError, match="log_model failed"), tracking.added_to(run_id):
+        raise RuntimeError("log_model failed")
     after = tracking.client().get_run(run_id)
     assert (after.info.status, after.info.end_time) == ("FINISHED", ended.end_time)
     assert after.data.params == {"added": "yes"}
