@@ -108,12 +108,41 @@ def stages() -> list[tuple[str, str, set[Path]]]:
     return out
 
 
-@pytest.mark.parametrize(("stage", "command", "deps"), stages(), ids=lambda v: str(v))
+def variant_files(variant: str) -> set[Path]:
+    """What building ``variant`` imports beyond its stage's handler: its own module
+    and the ones it builds on (``rcnnops.models`` imports it on first use)."""
+    from rcnnops.models import VARIANT_MODULES
+
+    return closure({VARIANT_MODULES[variant]})
+
+
+@pytest.mark.parametrize(("stage", "command", "deps"), stages(), ids=[s[0] for s in stages()])
 def test_stage_deps_are_what_its_command_imports(stage, command, deps):
     needed = closure(handler_imports(command))
+    if "@" in stage:  # train@<variant>, evaluate@<variant>: the variant's modules too
+        needed |= variant_files(stage.split("@")[1])
     missing, extra = sorted(map(str, needed - deps)), sorted(map(str, deps - needed))
     assert not missing, f"dvc.yaml stage {stage}: deps miss {missing}"
     assert not extra, f"dvc.yaml stage {stage}: deps list {extra}, which it does not import"
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate"])
+def test_a_variant_stage_imports_no_other_variant(command):
+    """No module a train/evaluate command loads for every variant imports a
+    variant's module: so editing one variant reruns only the stages of the
+    variants built on it (R-CNN on Fast R-CNN, Mask R-CNN on Faster R-CNN)."""
+    from rcnnops.models import VARIANT_MODULES
+
+    variants = {_module_file(m).relative_to(REPO) for m in VARIANT_MODULES.values()}
+    assert closure(handler_imports(command)) & variants == set()
+    own = {v: variant_files(v) & variants for v in VARIANT_MODULES}
+    models = Path("src/rcnnops/models")
+    assert own == {
+        "rcnn": {models / "rcnn.py", models / "fast_rcnn.py"},
+        "fast_rcnn": {models / "fast_rcnn.py"},
+        "faster_rcnn": {models / "faster_rcnn.py"},
+        "mask_rcnn": {models / "mask_rcnn.py", models / "faster_rcnn.py"},
+    }
 
 
 def test_the_walk_sees_lazy_imports_and_packages():
@@ -128,3 +157,7 @@ if __name__ == "__main__":  # print each stage command's deps, to paste into dvc
         print(f"{cmd}:")
         for path in sorted(map(str, closure(handler_imports(cmd)))):
             print(f"  - {path}")
+    from rcnnops.models import VARIANT_MODULES
+
+    for variant in VARIANT_MODULES:  # train@ and evaluate@ add these
+        print(f"{variant}: {sorted(map(str, variant_files(variant)))}")

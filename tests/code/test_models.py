@@ -226,3 +226,30 @@ def test_svd_rank_is_applied_when_a_model_is_loaded(tmp_path, capsys):
                                        "model_params": rcnn_params, "labels": labels})  # fmt: skip
     load_model(tmp_path / "r", svd_rank=4)
     assert "rcnn runs uncompressed" in capsys.readouterr().err
+
+
+def test_a_variant_module_is_imported_when_the_variant_is_built():
+    """A stage for one variant loads only that variant's module (and the one it
+    builds on); the flow's warm-up loads those of the variants it will register.
+    In a fresh interpreter: this process has imported every variant already."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from rcnnops.models import MODELS, build_model\n"
+        "def variants(): return sorted(m.rsplit('.', 1)[1] for m in sys.modules\n"
+        "    if m in {'rcnnops.models.' + v for v in MODELS})\n"
+        "print(variants())\n"
+        "build_model('mask_rcnn', 3, {})\n"
+        "print(variants())\n"
+        "from rcnnops import registry\n"
+        "registry.warm_up(['rcnn'])\n"
+        "print(variants())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == [
+        "[]",
+        "['faster_rcnn', 'mask_rcnn']",
+        "['fast_rcnn', 'faster_rcnn', 'mask_rcnn', 'rcnn']",
+    ]

@@ -5,25 +5,46 @@ Every variant follows torchvision's detection API (see DESIGN.md, Contracts).
 
 from __future__ import annotations
 
+import importlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from torch import nn
 
 from rcnnops.config import MASK_VARIANTS, USES_PROPOSALS
-from rcnnops.models import fast_rcnn, faster_rcnn, mask_rcnn, rcnn
 from rcnnops.models.fp32 import keep_heads_fp32
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "rcnn": rcnn.build,
-    "fast_rcnn": fast_rcnn.build,
-    "faster_rcnn": faster_rcnn.build,
-    "mask_rcnn": mask_rcnn.build,
+# Each variant's module (its ``build``), imported when the variant is first built.
+# So a stage that trains or evaluates one variant imports only that variant's
+# module and what it builds on, and dvc.yaml lists only those as the stage's deps
+# (tests/code/test_dvc_deps.py checks both): editing mask_rcnn.py retrains Mask
+# R-CNN, not the three others.
+VARIANT_MODULES: dict[str, str] = {
+    "rcnn": "rcnnops.models.rcnn",
+    "fast_rcnn": "rcnnops.models.fast_rcnn",
+    "faster_rcnn": "rcnnops.models.faster_rcnn",
+    "mask_rcnn": "rcnnops.models.mask_rcnn",
 }
 
 
-__all__ = ["MASK_VARIANTS", "MODELS", "USES_PROPOSALS", "build_model"]
+class _Builders(Mapping[str, Callable[..., nn.Module]]):
+    """``MODELS[name]`` is the variant's ``build``, its module imported on first use."""
+
+    def __getitem__(self, name: str) -> Callable[..., nn.Module]:
+        return importlib.import_module(VARIANT_MODULES[name]).build
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(VARIANT_MODULES)
+
+    def __len__(self) -> int:
+        return len(VARIANT_MODULES)
+
+
+MODELS: Mapping[str, Callable[..., nn.Module]] = _Builders()
+
+
+__all__ = ["MASK_VARIANTS", "MODELS", "USES_PROPOSALS", "VARIANT_MODULES", "build_model"]
 
 
 def build_model(variant: str, num_classes: int, model_params: dict[str, Any]) -> nn.Module:

@@ -97,9 +97,11 @@ def warm_up(variants: list[str]) -> None:
 
     from rcnnops import pyfunc
     from rcnnops.config import USES_PROPOSALS
+    from rcnnops.models import VARIANT_MODULES
 
     pyfunc.warm_up()
     modules = ["rcnnops.detect", "rcnnops.models.io"]
+    modules += [VARIANT_MODULES[v] for v in variants if v in VARIANT_MODULES]
     modules += ["rcnnops.proposals.selective_search"] * bool(USES_PROPOSALS & set(variants))
     modules += ["rcnnops.data.masks"] * ("mask_rcnn" in variants)
     for name in modules:
