@@ -240,7 +240,7 @@ def test_a_variant_module_is_imported_when_the_variant_is_built():
         "from rcnnops.models import MODELS, build_model\n"
         "def variants(): return sorted(m.rsplit('.', 1)[1] for m in sys.modules\n"
         "    if m in {'rcnnops.models.' + v for v in MODELS})\n"
-        "print(variants())\n"
+        "print(variants(), 'mask_rcnn' in MODELS, 'yolo' in MODELS)\n"
         "build_model('mask_rcnn', 3, {})\n"
         "print(variants())\n"
         "from rcnnops import registry\n"
@@ -249,7 +249,7 @@ def test_a_variant_module_is_imported_when_the_variant_is_built():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.splitlines() == [
-        "[]",
+        "[] True False",
         "['faster_rcnn', 'mask_rcnn']",
         "['fast_rcnn', 'faster_rcnn', 'mask_rcnn', 'rcnn']",
     ]

@@ -34,6 +34,9 @@ class _Builders(Mapping[str, Callable[..., nn.Module]]):
     def __getitem__(self, name: str) -> Callable[..., nn.Module]:
         return importlib.import_module(VARIANT_MODULES[name]).build
 
+    def __contains__(self, name: object) -> bool:  # without importing the variant
+        return name in VARIANT_MODULES
+
     def __iter__(self) -> Iterator[str]:
         return iter(VARIANT_MODULES)
 
