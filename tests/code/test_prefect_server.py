@@ -59,26 +59,26 @@ def _run_id(stdout: str) -> str:
     raise AssertionError(f"no flow run id in:\n{stdout}")
 
 
-def _flow_run(api: str, run_id: str):
+def _read(api: str, method: str, **kwargs):
+    """``PrefectClient.<method>(**kwargs)`` against this server, whatever the settings."""
     from prefect.client.orchestration import PrefectClient
-
-    async def read():
-        async with PrefectClient(api) as client:  # this server, whatever the settings
-            return await client.read_flow_run(run_id)
-
-    return asyncio.run(read())
-
-
-def _artifacts(api: str, run_id) -> list:
-    from prefect.client.orchestration import PrefectClient
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     async def read():
         async with PrefectClient(api) as client:
-            flow_run = ArtifactFilterFlowRunId(any_=[run_id])
-            return await client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=flow_run))
+            return await getattr(client, method)(**kwargs)
 
     return asyncio.run(read())
+
+
+def _flow_run(api: str, run_id: str):
+    return _read(api, "read_flow_run", flow_run_id=run_id)
+
+
+def _artifacts(api: str, run_id) -> list:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    flow_run = ArtifactFilterFlowRunId(any_=[run_id])
+    return _read(api, "read_artifacts", artifact_filter=ArtifactFilter(flow_run_id=flow_run))
 
 
 def _wait_state(api: str, run_id: str, want: set[str], timeout: float) -> object:
