@@ -88,8 +88,7 @@ def setup(experiment: str, project: Path | None = None) -> str:
     """Point MLflow at the store and make ``experiment`` active; returns its id."""
     project = Path(project or Path.cwd()).resolve()
     uri = tracking_uri(project)
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    _point_mlflow_at(uri)
     if uri == f"sqlite:///{project / DEFAULT_DB}" and project not in _checked:
         from rcnnops.relocate import warn_if_elsewhere
 
@@ -110,6 +109,26 @@ def setup(experiment: str, project: Path | None = None) -> str:
             client().set_experiment_tag(exp_id, KIND_TAG, KIND)
     mlflow.set_experiment(experiment_id=exp_id)
     return exp_id
+
+
+def _point_mlflow_at(uri: str) -> None:
+    """Point this process's MLflow (tracking and registry) at ``uri`` without
+    leaving it in the environment. MLflow exports the URIs it is given
+    (``MLFLOW_TRACKING_URI``, ``MLFLOW_REGISTRY_URI``) for child processes, and
+    :func:`tracking_uri` reads that variable as the user's choice: one project's
+    store would then become the store of every project set up after it in the
+    process (and of their child processes). A variable the user set is kept."""
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    before = {name: os.environ.get(name) for name in names}
+    try:
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def ui_hint(experiment: str, project: Path | None = None) -> str:

@@ -41,8 +41,6 @@ def test_new_stores_copy_one_migrated_empty_store(tmp_path, monkeypatch, migrati
     first.mkdir(), second.mkdir()
 
     _logged(first)
-    # mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI, which tracking_uri() obeys
-    monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert len(migrations) == 1  # the template, made once
     templates = list((tmp_path / "cache" / "mlflow-store").glob("*.db"))
     assert [p.name.startswith(f"empty-mlflow-{mlflow.__version__}-") for p in templates] == [True]
@@ -187,3 +185,28 @@ def test_adding_to_an_ended_run_keeps_its_status_and_end_time(mlflow_db):
     assert (after.info.status, after.info.end_time) == ("FINISHED", ended.end_time)
     assert after.data.params == {"added": "yes"}
     assert mlflow.active_run() is None
+
+
+def test_one_projects_store_does_not_become_the_next_projects(tmp_path, monkeypatch):
+    """MLflow exports the URIs it is pointed at; setting up project A must not make
+    A's store the store of project B set up next in the same process, nor of the
+    processes it starts. A URI the user set stays the one every project uses."""
+    import os
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(name, raising=False)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    _logged(a)
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+    assert tracking.tracking_uri(b) == f"sqlite:///{b.resolve() / 'mlflow.db'}"
+    _, runs = _logged(b)
+    assert len(runs) == 1 and (b / "mlflow.db").is_file()  # not a second run in a's store
+    assert mlflow.get_registry_uri() == f"sqlite:///{b.resolve() / 'mlflow.db'}"
+
+    shared = f"sqlite:///{tmp_path / 'team.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", shared)
+    _logged(a)
+    _, runs = _logged(b)
+    assert len(runs) == 2 and os.environ["MLFLOW_TRACKING_URI"] == shared
+    assert "MLFLOW_REGISTRY_URI" not in os.environ

@@ -88,8 +88,8 @@ def train(project: Path, timeout: float = 600) -> str:
 
 
 def use_store(path: Path, monkeypatch) -> str:
-    """Point in-process MLflow at the sqlite file ``path`` (``mlflow.set_tracking_uri``
-    also exports ``MLFLOW_TRACKING_URI``, so an earlier test's store would stick)."""
+    """Point in-process MLflow at the sqlite file ``path``, as a user's
+    ``MLFLOW_TRACKING_URI`` does (whatever the test's working directory)."""
     uri = f"sqlite:///{path}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     return uri
