@@ -8,6 +8,7 @@
 #
 #   docker build -t rcnnops .
 #   docker run --rm --gpus all -v "$PWD":/project rcnnops                  # the whole flow
+#   docker run --rm -u "$(id -u):$(id -g)" -v "$PWD":/project rcnnops     # as you
 #   docker run --rm --gpus all -v "$PWD":/project rcnnops rcnnops compare
 #   docker run --rm --gpus all --ipc=host -v "$PWD":/project rcnnops \
 #       torchrun --standalone --nproc_per_node 4 -m rcnnops.cli train --variant mask_rcnn
@@ -49,6 +50,12 @@ RUN prefect server database upgrade -y
 # Likewise the empty MLflow store a new project's mlflow.db is copied from
 # (~/.cache/rcnnops): MLflow's migrations of every new store, about 1 s, once here.
 RUN python -c "from rcnnops.store_template import empty_store; print(empty_store())"
+# Any uid may run the image (`docker run -u "$(id -u):$(id -g)"` so that files in
+# the mounted project are the caller's; OpenShift's arbitrary uids): HOME stays
+# this home, which every uid may write (the databases above, caches), and a uid
+# with no name gets `uid<N>` from rcnnops (DVC fails without a user name).
+ENV HOME=/home/rcnnops
+RUN chmod -R a+rwX /home/rcnnops
 # The project (params.yaml, dvc.yaml, src/ for DVC's dependency hashes, data and
 # outputs) is mounted here; the MLflow store defaults to /project/mlflow.db.
 WORKDIR /project

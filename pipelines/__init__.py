@@ -3,11 +3,15 @@ slots, and the `rcnnops` command that starts them.
 
 Importing it switches off Prefect's, MLflow's and DVC's telemetry where the user
 has not set it (:func:`rcnnops.telemetry.no_telemetry`), so that a flow started from
-Python, on Prefect's own ephemeral server, runs as offline as ``rcnnops run``."""
+Python, on Prefect's own ephemeral server, runs as offline as ``rcnnops run``; and
+names a uid the system cannot name (:func:`rcnnops.user.name_the_user`), as the
+``rcnnops`` command does, for a flow a Prefect worker starts in a container."""
 
 from rcnnops.telemetry import no_telemetry
+from rcnnops.user import name_the_user
 
 no_telemetry()
+name_the_user()
 
 
 def patient_ephemeral_api(seconds: int = 120) -> None:

@@ -190,3 +190,28 @@ def _rcnnops_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as session:
         session.setenv("RCNNOPS_CACHE_DIR", str(tmp_path_factory.mktemp("rcnnops-cache")))
         yield
+
+
+NAMELESS_SITE = """
+import os, pwd
+_real = pwd.getpwuid
+def _getpwuid(uid):
+    if uid == os.getuid():
+        raise KeyError(f"getpwuid(): uid not found: {uid}")
+    return _real(uid)
+pwd.getpwuid = _getpwuid
+"""
+
+
+@pytest.fixture
+def nameless_env(tmp_path) -> dict[str, str]:
+    """An environment whose Python processes run as a uid the system cannot name
+    (no password-database entry, as under ``docker run -u 1234``; a
+    ``sitecustomize`` makes ``pwd.getpwuid`` fail) and no LOGNAME/USER/LNAME/USERNAME."""
+    site = tmp_path / "nameless-site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(NAMELESS_SITE)
+    drop = {"LOGNAME", "USER", "LNAME", "USERNAME"}
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
+    return env

@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -79,7 +80,9 @@ LEARNS = {
 LEARNED_AP50 = 0.25  # every variant; well above chance (~0), with margin below the lowest seen
 
 
-def test_flow_end_to_end_then_noop_then_param_change(harness, tiny_project, monkeypatch):
+def test_flow_end_to_end_then_noop_then_param_change(
+    harness, tiny_project, monkeypatch, nameless_env
+):
     from pipelines.retrain import retrain
     from rcnnops.params_edit import set_params
 
@@ -181,6 +184,18 @@ def test_flow_end_to_end_then_noop_then_param_change(harness, tiny_project, monk
     assert state.check(tiny_project, VARIANTS, ".dvcremote", push=True) is None
     reg.set_model_version_tag("rcnnops-rcnn", "1", "promotion.decision", "promoted")
     assert state.check(tiny_project, VARIANTS, ".dvcremote", push=True) == up
+    # The same from the command, as a uid the system cannot name (docker run -u):
+    # DVC's status needs a user name, which the command gives it.
+    nameless_env.pop("MLFLOW_TRACKING_URI", None)
+    cli = subprocess.run(
+        [str(Path(sys.executable).parent / "rcnnops"), "run"],
+        cwd=tiny_project,
+        env=nameless_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert cli.returncode == 0 and cli.stdout.startswith("up to date"), cli.stdout + cli.stderr
 
     # One training param changed: only that variant's training is stale (its
     # evaluation follows once the model changes); data stages are untouched.

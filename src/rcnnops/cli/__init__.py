@@ -21,6 +21,7 @@ from typing import Any, NoReturn
 
 from rcnnops.cli import data, registry_commands, serving, stages
 from rcnnops.telemetry import no_telemetry
+from rcnnops.user import name_the_user
 
 EPILOG = """\
 typical use:
@@ -75,6 +76,7 @@ def main(argv: list[str] | None = None, extra: tuple[AddCommands, ...] = ()) -> 
     a missing file, a bad value) is printed on one line with exit status 2."""
     args = build_parser(extra).parse_args(argv)
     no_telemetry()  # no network: Prefect's server, MLflow and DVC send nothing
+    name_the_user()  # DVC fails for a uid without a name (docker run -u, OpenShift)
     os.chdir(args.project)
     from rcnnops.errors import UserError
 

@@ -9,7 +9,6 @@ metrics (``metric.<key>``).
 
 from __future__ import annotations
 
-import getpass
 import math
 import os
 import time
@@ -25,6 +24,7 @@ from mlflow.exceptions import MlflowException
 from rcnnops import tracking
 from rcnnops.errors import UserError
 from rcnnops.lock import flocked
+from rcnnops.user import user_name
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 NO_CHAMPION = "none"
@@ -46,7 +46,7 @@ def now() -> str:
 
 def actor_name(who: str | None) -> str:
     """Who made a registry change: ``who``, else ``$RCNNOPS_ACTOR``, else the user."""
-    return who or os.environ.get("RCNNOPS_ACTOR") or getpass.getuser()
+    return who or os.environ.get("RCNNOPS_ACTOR") or user_name()
 
 
 # --- looking things up -------------------------------------------------------------
