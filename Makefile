@@ -13,7 +13,7 @@ help:
 	@echo "make test-data  real-data tests on ../shared/data/coco-mini (skipped if absent)"
 	@echo "make test-reliability  fault-injection suite (kills, a vanishing tracking server, ...)"
 	@echo "make test-scale scale-out suite (parallel variants, mlflow server, shared DVC remote)"
-	@echo "make test-ci    what CI (.ci/run) runs after a fresh install: make test, then make test-scale"
+	@echo "make test-ci    what CI (.ci/run) runs after a fresh install: make test, test-scale, test-data, test-reliability"
 	@echo "make gpu-check  on a GPU machine: AMP training of every variant, DDP, device leases, serving (< 5 min)"
 	@echo "make bench      benchmarks (the papers' comparisons; writes benchmarks/results.md, .json)"
 	@echo "make bench-quick  the same, short (CPU, about 22 min); or: make bench ARGS=--quick"
@@ -45,7 +45,7 @@ test-scale: $(STAMP)
 	$(BIN)/python -m pip install -q -e ".[dev,team,team-test]"
 	$(BIN)/python -m pytest -m scale
 
-test-ci: test test-scale
+test-ci: test test-scale test-data test-reliability
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -m "data or reliability or scale or not (data or reliability or scale)"

@@ -20,7 +20,9 @@ pytestmark = [
 ]
 
 
-def _params(tmp_path):
+def _params(tmp_path, monkeypatch):
+    """coco-mini's params, in a project at ``tmp_path`` (outputs are project folders)."""
+    monkeypatch.chdir(tmp_path)
     return parse_params(
         {
             "variants": ["faster_rcnn"],
@@ -32,9 +34,9 @@ def _params(tmp_path):
                 },
                 "val": {"annotations": "annotations/instances_val2017.json", "images": "val2017"},
             },
-            "prepare": {"out": str(tmp_path / "prepared")},
+            "prepare": {"out": "prepared"},
             "train": {
-                "out": str(tmp_path / "models"),
+                "out": "models",
                 "device": "cpu",
                 "faster_rcnn": {
                     "epochs": 1,
@@ -52,7 +54,7 @@ def _params(tmp_path):
                     },
                 },
             },
-            "evaluate": {"out": str(tmp_path / "reports")},
+            "evaluate": {"out": "reports"},
             "register": {"experiment": "coco-mini-test"},
         }
     )
@@ -60,7 +62,7 @@ def _params(tmp_path):
 
 def test_prepare_train_evaluate_on_coco_mini(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    p = _params(tmp_path)
+    p = _params(tmp_path, monkeypatch)
     manifest = prepare.run(p)
     assert manifest["num_classes"] == 80
     assert manifest["splits"]["train"] == {
@@ -78,8 +80,9 @@ def test_prepare_train_evaluate_on_coco_mini(tmp_path, monkeypatch):
     assert saved["per_class_AP"]["hot dog"] is None  # not in val: undefined, not 0
 
 
-def test_ground_truth_of_coco_mini_val_gives_ap_1(tmp_path):
-    prepare.prepare(_params(tmp_path).data, _params(tmp_path).prepare)
+def test_ground_truth_of_coco_mini_val_gives_ap_1(tmp_path, monkeypatch):
+    p = _params(tmp_path, monkeypatch)
+    prepare.prepare(p.data, p.prepare)
     coco, _, _ = load_split(tmp_path / "prepared", "val")
     results = [
         {
@@ -95,11 +98,11 @@ def test_ground_truth_of_coco_mini_val_gives_ap_1(tmp_path):
     assert stats["bbox_AP"] == pytest.approx(1.0)
 
 
-def test_ground_truth_masks_of_coco_mini_val_give_segm_ap_1(tmp_path):
+def test_ground_truth_masks_of_coco_mini_val_give_segm_ap_1(tmp_path, monkeypatch):
     """Polygons and RLE of real COCO, encoded as our results RLE, score exactly 1.0."""
     from rcnnops.data.masks import decode, encode
 
-    p = _params(tmp_path)
+    p = _params(tmp_path, monkeypatch)
     prepare.prepare(p.data, p.prepare)
     coco, _, _ = load_split(tmp_path / "prepared", "val")
     sizes = {im["id"]: (im["width"], im["height"]) for im in coco["images"]}
