@@ -141,6 +141,7 @@ def add_parsers(sub: Any) -> None:
         "move 'champion' back to the version it replaced (from the audit trail tags)",
         locked=True,
     )
+    sp.add_argument("variant", help="e.g. faster_rcnn (model rcnnops-VARIANT)")
     add(
         sub,
         "relocate",
@@ -148,7 +149,6 @@ def add_parsers(sub: Any) -> None:
         "after moving or copying a project: point its MLflow store at its own mlartifacts/",
         locked=True,
     )
-    sp.add_argument("variant", help="e.g. faster_rcnn (model rcnnops-VARIANT)")
     sp = add(
         sub,
         "compare",
