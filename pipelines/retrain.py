@@ -168,6 +168,13 @@ def register(params: Params, variant: str) -> dict:
     get_run_logger().info(
         "%s version %s (%s)", r.name, r.version, "new" if r.created else "already registered"
     )
+    if r.trained_in_run:
+        get_run_logger().info(
+            "%s: its training run %s is in another tracking store (a model pulled with "
+            "DVC); logged in a run made for it here, which names that run",
+            r.name,
+            r.trained_in_run,
+        )
     return {"name": r.name, "version": r.version, "created": r.created, "decided": r.decided}
 
 

@@ -209,6 +209,21 @@ def stage_run(
         yield run
 
 
+def find_run(run_id: str | None) -> Any | None:
+    """Run ``run_id`` in the store in force, or None when this store has no such
+    run (a model trained against another store, pulled with DVC)."""
+    from mlflow.exceptions import MlflowException
+
+    if not run_id:
+        return None
+    try:
+        return client().get_run(run_id)
+    except MlflowException as e:
+        if e.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
+
+
 @contextmanager
 def added_to(run_id: str) -> Iterator[mlflow.ActiveRun]:
     """Add to a run that has ended (the model logged into its training run at

@@ -3,6 +3,7 @@ real `mlflow server` as the shared tracking store, and a DVC remote shared by tw
 clones. The flow tests are opt-in (``-m scale``; `.ci/run` runs them)."""
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from mlflow import MlflowClient
 from prefect import get_client
 
 from pipelines import slots
@@ -200,7 +202,12 @@ def test_second_clone_pulls_what_the_first_pushed(harness, tiny_project, tmp_pat
     assert _sha(clone / model) == _sha(tiny_project / model)  # pulled, not retrained
     assert (clone / "dvc.lock").read_text() == (tiny_project / "dvc.lock").read_text()
     assert (clone / "reports/faster_rcnn/metrics.json").is_file()
-    assert d["version"] == "1"  # registered in the clone's own store from the pulled model
+    assert d["version"] == "1"  # registered in the clone's own store from the pulled model,
+    # in a run made for it there that names the training run in the first clone's store
+    trained_in = json.loads((tiny_project / "models/faster_rcnn/model.json").read_text())["run_id"]
+    own = MlflowClient(tracking_uri=f"sqlite:///{clone / 'mlflow.db'}")
+    mv = own.get_model_version("rcnnops-faster_rcnn", "1")
+    assert mv.tags["trained_in_run"] == trained_in != mv.run_id
     shutil.rmtree(clone / "models")  # and `dvc pull` by hand brings it back too
     dvcproj.pull(clone)
     assert _sha(clone / model) == _sha(tiny_project / model)

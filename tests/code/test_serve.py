@@ -262,6 +262,51 @@ def test_register_refuses_a_model_its_metrics_did_not_measure(project, tmp_path)
         assert len(versions(registry.model_name("faster_rcnn"))) == before
 
 
+def test_a_model_trained_against_another_store_registers_in_this_one(
+    project, tmp_path, monkeypatch
+):
+    """A clone with its own mlflow.db pulls a model whose training run is in the
+    teammate's store: it registers in a run made for it (naming the training run,
+    holding the evaluation metrics), and a failed registration leaves no run."""
+    import shutil
+
+    import pandas as pd
+
+    from rcnnops import pyfunc, tracking
+
+    clone = tmp_path / "clone"
+    for part in ("models/faster_rcnn", "reports/faster_rcnn"):
+        shutil.copytree(project / part, clone / part)
+    for f in ("params.yaml", "dvc.yaml"):
+        shutil.copy(project / f, clone / f)
+    trained_in = json.loads((project / "models/faster_rcnn/model.json").read_text())["run_id"]
+    metrics = json.loads((clone / "reports/faster_rcnn/metrics.json").read_text())
+    register = lambda: registry.register(  # noqa: E731
+        "faster_rcnn", clone / "models/faster_rcnn", clone / "reports/faster_rcnn", "rcnnops-test"
+    )
+    with inside(clone):
+        with monkeypatch.context() as m:
+            m.setattr(pyfunc, "log", lambda bundle: (_ for _ in ()).throw(OSError("disk full")))
+            with pytest.raises(OSError, match="disk full"):
+                register()
+        client = tracking.client()
+        exp = client.get_experiment_by_name("rcnnops-test")
+        assert client.search_runs([exp.experiment_id]) == []  # no stray run
+        r = register()
+        assert (r.version, r.created, r.trained_in_run) == ("1", True, trained_in)
+        mv = client.get_model_version("rcnnops-faster_rcnn", "1")
+        run = client.get_run(mv.run_id)
+        assert mv.tags["run_id"] == mv.run_id != trained_in
+        assert mv.tags["trained_in_run"] == run.data.tags["rcnnops.trained_in_run"] == trained_in
+        assert run.info.status == "FINISHED"
+        assert run.data.metrics["bbox_AP"] == metrics["bbox_AP"]
+        assert register().created is False  # idempotent: no second run, no second version
+        assert len(client.search_runs([exp.experiment_id])) == 1
+        detect = registry.load_pyfunc("faster_rcnn", "challenger", "rcnnops-test")
+        img = base64.b64encode(_val_image(project).read_bytes()).decode()
+        assert len(detect.predict(pd.DataFrame({"image": [img]}))) == 1
+
+
 def test_what_the_mlflow_ui_shows(project):
     """The experiment opens on training runs (its kind tag); the training run lists
     its train/val datasets (digest: the prepared splits' content hashes, source:

@@ -24,6 +24,11 @@ def cmd_register(args: argparse.Namespace) -> int:
 
     r = registry.register_variant(params(args), args.variant)
     print(f"{r.name} version {r.version}" + ("" if r.created else " (already registered)"))
+    if r.trained_in_run:
+        print(
+            f"(trained in run {r.trained_in_run} of another tracking store: logged in a run "
+            "made for it here, which names that run)"
+        )
     return 0
 
 

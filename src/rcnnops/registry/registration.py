@@ -1,6 +1,11 @@
 """Registering a trained, evaluated model: an MLflow pyfunc logged in the run that
 trained it, registered as a new version of ``rcnnops-<variant>``, aliased
 ``challenger``. Idempotent on the weights' content hash.
+
+A model trained against another tracking store (a teammate's run pulled with
+DVC into a clone with its own ``mlflow.db``, or a store made anew) has no
+training run here: it is logged in a run made for it, which names the run that
+trained it (``rcnnops.trained_in_run``) and holds its evaluation metrics.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ class Registered:
     version: str
     created: bool  # False when an identical model was already registered
     decided: bool = False  # the gate has already recorded a decision on this version
+    trained_in_run: str | None = None  # set when that run is not in this store
 
 
 def _bundle(model_dir: Path, dest: Path, serving: dict) -> Path:
@@ -88,10 +94,10 @@ def register(
     if mv is not None:
         decided = is_decided(mv.tags)
         return Registered(name, str(mv.version), created=False, decided=decided)
-    with tempfile.TemporaryDirectory() as tmp:
-        bundle = _bundle(model_dir, Path(tmp) / "model_dir", serving)
-        with tracking.added_to(meta["run_id"]):
-            info = pyfunc.log(bundle)
+    run_id = meta["run_id"]
+    elsewhere = None if tracking.find_run(run_id) else run_id
+    if elsewhere:
+        run_id = _run_for_model_from_elsewhere(variant, meta, metrics)
     numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
     tags = {
         "variant": variant,
@@ -101,12 +107,46 @@ def register(
         "val_hash": meta["val_hash"],
         "params_hash": meta["params_hash"],
         "git_commit": meta["git_commit"],
-        "run_id": meta["run_id"],
+        "run_id": run_id,
+        **({"trained_in_run": elsewhere} if elsewhere else {}),
         "train_seconds": str(meta.get("train_seconds", "")),
         "parameters": str(meta.get("parameters", "")),
         **{f"metric.{k}": str(v) for k, v in numeric.items()},
     }
-    mv = mlflow.register_model(info.model_uri, name, tags=tags)
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            bundle = _bundle(model_dir, Path(tmp) / "model_dir", serving)
+            with tracking.added_to(run_id):
+                info = pyfunc.log(bundle)
+        mv = mlflow.register_model(info.model_uri, name, tags=tags)
+    except BaseException:
+        if elsewhere:  # nothing registered, and no stray run (a retry makes another)
+            tracking.client().delete_run(run_id)
+        raise
     describe(name, str(mv.version))
     tracking.client().set_registered_model_alias(name, CHALLENGER, mv.version)
-    return Registered(name, str(mv.version), created=True)
+    return Registered(name, str(mv.version), created=True, trained_in_run=elsewhere)
+
+
+def _run_for_model_from_elsewhere(variant: str, meta: dict, metrics: dict) -> str:
+    """A finished run in the active experiment for a model whose training run is in
+    another store: it names that run, carries the model's lineage as tags and its
+    evaluation metrics, and the pyfunc is logged in it. Returns its id."""
+    source = str(meta.get("run_id") or "unknown")
+    lineage = ("data_hash", "val_hash", "params_hash", "git_commit")
+    tags = {
+        "variant": variant,
+        "rcnnops.trained_in_run": source,
+        **{k: str(meta[k]) for k in lineage if meta.get(k)},
+        "mlflow.note.content": (
+            f"`{variant}` was trained in run {source} of another tracking store; its "
+            "model was pulled with DVC and registered here. Its training curves and "
+            "params are in that run."
+        ),
+    }
+    numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+    if isinstance(meta.get("train_seconds"), int | float):
+        numeric["train_seconds"] = float(meta["train_seconds"])
+    with mlflow.start_run(run_name=f"{variant} (trained elsewhere)", tags=tags) as run:
+        mlflow.log_metrics(numeric)
+    return run.info.run_id
