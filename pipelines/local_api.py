@@ -32,14 +32,30 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from pipelines import patient_ephemeral_api
+from rcnnops.errors import UserError
 
-PORT_TAKEN = 3  # uvicorn's exit code when it cannot bind
+PORT_TAKEN = 3  # uvicorn's exit code when it cannot bind (and for any failed start)
+RESPAWNS = 5  # ports found taken by another process in a row, at most
+
+
+class LocalAPIError(UserError, RuntimeError):
+    """Prefect's local API cannot start; the message says why and the way out."""
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _taken(port: int) -> bool:
+    """Whether another process holds ``port`` on 127.0.0.1 now."""
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
 
 
 # The server's entry point: on Linux it first asks for SIGTERM when its parent
@@ -125,15 +141,18 @@ class LocalAPI:
 
     def wait(self, timeout: float) -> None:
         """Until ``/health`` answers; a port taken meanwhile is retried on another.
-        Raises ``RuntimeError`` naming the server's exit code or the timeout."""
-        deadline = time.monotonic() + timeout
+        Raises :class:`LocalAPIError` naming the server's exit code or the timeout.
+        uvicorn exits with the same code for a port taken and for any other failed
+        start (a database it cannot open): only the first is retried."""
+        deadline, respawns = time.monotonic() + timeout, 0
         while time.monotonic() < deadline:
             code = self.process.poll()
-            if code == PORT_TAKEN:
+            if code == PORT_TAKEN and respawns < RESPAWNS and _taken(self.port):
+                respawns += 1
                 self.port = _free_port()
                 self.process = self._spawn()
             elif code is not None:
-                raise RuntimeError(
+                raise LocalAPIError(
                     f"Prefect's local API server exited with code {code} before answering "
                     f"(its output is above); set PREFECT_API_URL to use a running server"
                 )
@@ -141,7 +160,7 @@ class LocalAPI:
                 return
             time.sleep(0.1)
         self.stop()
-        raise RuntimeError(
+        raise LocalAPIError(
             f"Prefect's local API server did not answer within {timeout:.0f} s "
             "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS); set PREFECT_API_URL "
             "to use a running server"
@@ -177,6 +196,30 @@ def _sqlite_path(url: str | None) -> Path | None:
     if not path or path == ":memory:" or path.startswith("file:"):
         return None
     return Path(path).expanduser().resolve()
+
+
+def _database_problem(path: Path | None) -> str | None:
+    """Why the server could not make or open its SQLite database ``path`` (its
+    folder cannot be made or written: a home that is not writable, as in a
+    container run as another user), or None. The server itself would only fail
+    its start-up, with a traceback, on every attempt."""
+    if path is None:
+        return None
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+    else:
+        if os.access(folder, os.W_OK | os.X_OK):
+            return None
+        reason = "not writable"
+    return (
+        f"Prefect's local database {path} cannot be made: its folder {folder} "
+        f"cannot be used ({reason}); set PREFECT_HOME to a folder you can write "
+        "(e.g. `export PREFECT_HOME=/tmp/prefect-$USER`), or PREFECT_API_URL to a "
+        "running Prefect server"
+    )
 
 
 def _new_database() -> Path | None:
@@ -228,11 +271,10 @@ def local_api(meanwhile: Callable[[], object] | None = None) -> Iterator[str | N
         ):
             api.stop()
             api = None
-        if (
-            api is not None
-            and new_database
-            and (_sqlite_path(PREFECT_SERVER_DATABASE_CONNECTION_URL.value()) == new_database)
-        ):
+        database = _sqlite_path(PREFECT_SERVER_DATABASE_CONNECTION_URL.value())
+        if api is not None and (problem := _database_problem(database)):
+            raise LocalAPIError(problem)  # (the server is stopped on the way out)
+        if api is not None and new_database and database == new_database:
             print(
                 f"Prefect: creating its local database {new_database} (once per machine; "
                 "about 13 s more on 2 CPU cores)",
