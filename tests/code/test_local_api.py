@@ -210,6 +210,25 @@ def test_a_failed_start_is_retried_only_when_its_port_was_taken(unconfigured, mo
     assert spawned == [1]
 
 
+def test_a_port_another_process_holds_is_retried_on_another(unconfigured, monkeypatch):
+    import socket
+
+    import pipelines.local_api as module
+
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    ports = [holder.getsockname()[1]]
+    real_free_port = module._free_port
+    monkeypatch.setattr(module, "_free_port", lambda: ports.pop(0) if ports else real_free_port())
+    try:
+        with local_api() as url:
+            assert url and f":{holder.getsockname()[1]}/" not in url
+            assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+    finally:
+        holder.close()
+
+
 def test_the_local_server_s_background_worker_checks_less_often():
     """The temporary server's docket ``Worker`` (built by Prefect with docket's
     defaults, every 0.25 s) checks every ``WORKER_CHECK_SECONDS``, unless told
