@@ -192,6 +192,7 @@ def _rcnnops_cache(tmp_path_factory):
         yield
 
 
+NAME_VARIABLES = ("LOGNAME", "USER", "LNAME", "USERNAME")  # getpass.getuser() reads these first
 NAMELESS_SITE = """
 import os, pwd
 _real = pwd.getpwuid
@@ -211,7 +212,6 @@ def nameless_env(tmp_path) -> dict[str, str]:
     site = tmp_path / "nameless-site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(NAMELESS_SITE)
-    drop = {"LOGNAME", "USER", "LNAME", "USERNAME"}
-    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env = {k: v for k, v in os.environ.items() if k not in NAME_VARIABLES}
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), env.get("PYTHONPATH")]))
     return env

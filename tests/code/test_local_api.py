@@ -169,7 +169,22 @@ def test_a_server_that_cannot_start_is_an_error_naming_the_way_out(unconfigured,
     assert not module.running()
 
 
-def test_a_database_folder_it_cannot_write_is_one_clear_error(unconfigured, monkeypatch, tmp_path):
+@pytest.fixture
+def spawned(monkeypatch) -> list[int]:
+    """One entry per server process the local API spawns."""
+    import pipelines.local_api as module
+
+    spawns: list[int] = []
+    real_spawn = module.LocalAPI._spawn
+    monkeypatch.setattr(
+        module.LocalAPI, "_spawn", lambda self: spawns.append(1) or real_spawn(self)
+    )
+    return spawns
+
+
+def test_a_database_folder_it_cannot_write_is_one_clear_error(
+    unconfigured, spawned, monkeypatch, tmp_path
+):
     """A home that is not writable (a container run as another user): one error that
     names the folder and the way out, at once, not a server failing its start-up
     over and over until the start-up timeout."""
@@ -183,28 +198,18 @@ def test_a_database_folder_it_cannot_write_is_one_clear_error(unconfigured, monk
     url = f"sqlite+aiosqlite:///{db}"
     monkeypatch.setenv("PREFECT_SERVER_DATABASE_CONNECTION_URL", url)  # the server's
     settings = temporary_settings({PREFECT_SERVER_DATABASE_CONNECTION_URL: url})  # this process's
-    spawned = []
-    real_spawn = module.LocalAPI._spawn
-    monkeypatch.setattr(
-        module.LocalAPI, "_spawn", lambda self: spawned.append(1) or real_spawn(self)
-    )
     cannot = r"home/\.prefect cannot be used.*PREFECT_HOME"
     with settings, pytest.raises(module.LocalAPIError, match=cannot), local_api():
         pass
     assert spawned == [1] and not module.running()
 
 
-def test_a_failed_start_is_retried_only_when_its_port_was_taken(unconfigured, monkeypatch):
+def test_a_failed_start_is_retried_only_when_its_port_was_taken(unconfigured, spawned, monkeypatch):
     """uvicorn exits with 3 both when its port is taken and when its start-up fails:
     a free port means the start failed, which is reported, not retried."""
     import pipelines.local_api as module
 
     monkeypatch.setattr(module, "_SERVE", "import sys; sys.exit(3)")
-    spawned = []
-    real_spawn = module.LocalAPI._spawn
-    monkeypatch.setattr(
-        module.LocalAPI, "_spawn", lambda self: spawned.append(1) or real_spawn(self)
-    )
     with pytest.raises(module.LocalAPIError, match="exited with code 3"), local_api():
         pass
     assert spawned == [1]

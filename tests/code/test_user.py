@@ -13,8 +13,7 @@ import pytest
 
 from rcnnops.registry.store import actor_name
 from rcnnops.user import name_the_user, user_name
-
-NAME_VARIABLES = ("LOGNAME", "USER", "LNAME", "USERNAME")
+from tests.conftest import NAME_VARIABLES
 
 
 @pytest.fixture

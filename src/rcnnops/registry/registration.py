@@ -94,11 +94,11 @@ def register(
     if mv is not None:
         decided = is_decided(mv.tags)
         return Registered(name, str(mv.version), created=False, decided=decided)
+    numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
     run_id = meta["run_id"]
     elsewhere = None if tracking.find_run(run_id) else run_id
     if elsewhere:
-        run_id = _run_for_model_from_elsewhere(variant, meta, metrics)
-    numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+        run_id = _run_for_model_from_elsewhere(variant, elsewhere, meta, numeric)
     tags = {
         "variant": variant,
         "model_hash": model_hash,
@@ -128,11 +128,11 @@ def register(
     return Registered(name, str(mv.version), created=True, trained_in_run=elsewhere)
 
 
-def _run_for_model_from_elsewhere(variant: str, meta: dict, metrics: dict) -> str:
-    """A finished run in the active experiment for a model whose training run is in
-    another store: it names that run, carries the model's lineage as tags and its
-    evaluation metrics, and the pyfunc is logged in it. Returns its id."""
-    source = str(meta.get("run_id") or "unknown")
+def _run_for_model_from_elsewhere(variant: str, source: str, meta: dict, numeric: dict) -> str:
+    """A finished run in the active experiment for a model whose training run
+    ``source`` is in another store: it names that run, carries the model's lineage
+    as tags and its evaluation metrics (``numeric``), and the pyfunc is logged in
+    it. Returns its id."""
     lineage = ("data_hash", "val_hash", "params_hash", "git_commit")
     tags = {
         "variant": variant,
@@ -144,9 +144,9 @@ def _run_for_model_from_elsewhere(variant: str, meta: dict, metrics: dict) -> st
             "params are in that run."
         ),
     }
-    numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, int | float)}
+    logged = {k: float(v) for k, v in numeric.items()}
     if isinstance(meta.get("train_seconds"), int | float):
-        numeric["train_seconds"] = float(meta["train_seconds"])
+        logged["train_seconds"] = float(meta["train_seconds"])
     with mlflow.start_run(run_name=f"{variant} (trained elsewhere)", tags=tags) as run:
-        mlflow.log_metrics(numeric)
+        mlflow.log_metrics(logged)
     return run.info.run_id
