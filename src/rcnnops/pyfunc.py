@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow.pyfunc
+import pandas as pd
 from mlflow.exceptions import MlflowException
 
 from rcnnops.detect import Detector, ImageLimits, InputError, images_from_input
@@ -51,7 +52,10 @@ class DetectorPyfunc(mlflow.pyfunc.PythonModel):
         self.detector = Detector.from_dir(Path(context.artifacts["model_dir"]), device)
         self.limits = ImageLimits.from_config(config)
 
-    def predict(self, context, model_input, params=None):  # no hints: MLflow reads them as schema
+    # ``model_input`` is hinted as a DataFrame, the one hint MLflow neither reads as a
+    # schema (the logged signature is the schema) nor asks to be added: with no hint
+    # at all it warned, in every process that loaded this class, to add one.
+    def predict(self, context, model_input: pd.DataFrame, params=None):
         try:
             return self.detect(model_input, threshold_from(params))
         except InputError as e:

@@ -5,7 +5,9 @@ fresh process, for every variant, is in test_flow.py."""
 import base64
 import io
 import json
+import os
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 
@@ -342,3 +344,24 @@ def test_what_the_mlflow_ui_shows(project):
     assert "`champion` is what `rcnnops serve` follows" in model.description
     assert mv.description.startswith(f"`faster_rcnn` trained on data {manifest['data_hash']}")
     assert "bbox_AP" in mv.description and "Gate: promoted" in mv.description
+
+
+def test_loading_the_model_prints_no_advice_and_keeps_the_signature(project):
+    """MLflow warned, in every process that made the pyfunc class (each `rcnnops run`,
+    the served model's log), to add type hints to ``predict``; the hint it now has
+    is one MLflow takes no schema from, so the logged signature is still the one
+    rcnnops gives, and a load in a fresh process is quiet."""
+    from rcnnops import pyfunc, tracking
+
+    load = (
+        "import mlflow.pyfunc, sys\n"
+        "m = mlflow.pyfunc.load_model('models:/rcnnops-faster_rcnn@champion')\n"
+        "print(m.metadata.signature.to_dict()['inputs'])\n"
+    )
+    env = {"MLFLOW_TRACKING_URI": tracking.tracking_uri(project), "PYTHONWARNINGS": "default"}
+    done = subprocess.run(
+        [sys.executable, "-c", load], cwd=project, capture_output=True, text=True,
+        env=os.environ | env, timeout=300, check=True,
+    )  # fmt: skip
+    assert "type hint" not in done.stderr.lower()
+    assert json.loads(done.stdout) == json.loads(pyfunc.signature().to_dict()["inputs"])
