@@ -22,7 +22,7 @@ from rcnnops.data.validate import validate_coco
 # ----------------------------------------------------------------- fixtures
 
 
-def _obj(name: str, box: tuple, difficult: int = 0) -> str:
+def _obj(name: str, box: tuple, difficult: int | str = 0) -> str:
     xmin, ymin, xmax, ymax = box
     return (
         f"<object><name>{name}</name><difficult>{difficult}</difficult><bndbox>"
@@ -215,10 +215,62 @@ def test_voc_listed_but_missing(voc, tmp_path):
     assert not out.exists()
 
 
+def test_voc_image_is_the_ids_not_a_stale_filename(voc, tmp_path):
+    """As torchvision and detectron2 read VOC: ``<id>.<ext>`` first. A ``<filename>``
+    left stale by a copied or renamed annotation (another record's image, or an
+    absolute path from the machine it was made on) is not used while the id's
+    image exists; it is the fallback for an image named otherwise."""
+    (voc / "Annotations" / "a.xml").write_text(_xml("b.jpg", _obj("dog", (1, 1, 40, 30))))
+    (voc / "Annotations" / "b.xml").write_text(_xml("/home/someone/VOC/JPEGImages/b.jpg", ""))
+    coco = _load(import_voc(voc, tmp_path / "out").path)
+    assert [im["file_name"] for im in coco["images"]] == ["a.jpg", "b.jpg"]
+    assert [a["image_id"] for a in coco["annotations"]] == [1]
+    (voc / "JPEGImages" / "a.jpg").rename(voc / "JPEGImages" / "photo_a.jpg")
+    (voc / "Annotations" / "a.xml").write_text(_xml("photo_a.jpg", ""))
+    coco = _load(import_voc(voc, tmp_path / "out2").path)
+    assert [im["file_name"] for im in coco["images"]] == ["photo_a.jpg", "b.jpg"]
+
+
 def test_voc_filename_escaping_the_image_folder_is_refused(voc, tmp_path):
+    (voc / "JPEGImages" / "a.jpg").unlink()
     (voc / "Annotations" / "a.xml").write_text(_xml("../../secret.jpg", ""))
-    with pytest.raises(DataError, match=r"a\.xml: image id 'a': .*escapes the image folder"):
+    with pytest.raises(DataError, match=r"a\.xml: image id 'a': <filename>: .*escapes the image"):
         import_voc(voc, tmp_path / "out")
+
+
+@pytest.mark.parametrize(
+    "encoding", ["utf-8", "utf-8-sig", "utf-16"], ids=["utf8", "utf8-bom", "utf16-bom"]
+)
+def test_voc_split_file_in_any_editors_encoding(voc, tmp_path, encoding):
+    """Notepad writes a byte-order mark, PowerShell 5 writes UTF-16: the ids are
+    the same (without the mark, the first id was 'a' preceded by U+FEFF)."""
+    (voc / "ImageSets" / "Main").mkdir(parents=True)
+    (voc / "ImageSets" / "Main" / "train.txt").write_text("b\r\na\r\n", encoding=encoding)
+    coco = _load(import_voc(voc, tmp_path / "out").path)
+    assert [im["file_name"] for im in coco["images"]] == ["b.jpg", "a.jpg"]
+
+
+def test_voc_split_file_that_is_not_text_names_the_file(voc, tmp_path):
+    (voc / "ImageSets" / "Main").mkdir(parents=True)
+    (voc / "ImageSets" / "Main" / "train.txt").write_bytes(b"a\n\xe9b\n")
+    with pytest.raises(DataError, match=r"train\.txt: not UTF-8 or UTF-16 text"):
+        import_voc(voc, tmp_path / "out")
+
+
+def test_voc_difficult_flags_as_tools_write_them(voc, tmp_path):
+    """``<difficult>`` as 0/1, 0.0/1.0, true/false or empty: only the set ones are
+    skipped (every value but "0" and "" used to count as difficult); another
+    value is an error naming the object, not a guess."""
+    values = ["1", "false", "0.0", "True", "", "1.0", "0"]
+    objects = "".join(_obj("dog", (1, 1, 9, 9), difficult=v) for v in values)
+    (voc / "Annotations" / "a.xml").write_text(_xml("a.jpg", objects))
+    res = import_voc(voc, tmp_path / "out", skip_difficult=True)
+    assert res.skipped == {"difficult objects skipped": 3}
+    assert res.annotations == 4
+    (voc / "Annotations" / "a.xml").write_text(_xml("a.jpg", _obj("dog", (1, 1, 9, 9), "maybe")))
+    pattern = r"a\.xml: .*object 0 \('dog'\): <difficult> must be 0 or 1, got 'maybe'"
+    with pytest.raises(DataError, match=pattern):
+        import_voc(voc, tmp_path / "out2")
 
 
 # ------------------------------------------------------------------- masks

@@ -56,13 +56,25 @@ def parse_xml(path: Path) -> ET.Element:
     return builder.close()
 
 
+def _read_text(path: Path) -> str:
+    """A text file as written by any editor: UTF-8 with or without a byte-order
+    mark, or UTF-16 with one (PowerShell 5's default)."""
+    data = path.read_bytes()
+    encoding = "utf-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+    try:
+        return data.decode(encoding)
+    except UnicodeDecodeError as e:
+        why = f"{e.reason} at byte {e.start}"
+        raise DataError(f"{path}: not UTF-8 or UTF-16 text ({why})") from None
+
+
 def _voc_ids(src: Path, split: str) -> tuple[list[str], Path | None]:
     """Image ids from ``ImageSets/Main/<split>.txt``, else every ``Annotations/*.xml``."""
     sets = src / "ImageSets" / "Main"
     listing = sets / f"{split}.txt"
     if listing.is_file():
         ids: list[str] = []
-        for n, line in enumerate(listing.read_text().splitlines(), start=1):
+        for n, line in enumerate(_read_text(listing).splitlines(), start=1):
             if not line.split():
                 continue
             iid = line.split()[0]
@@ -112,14 +124,22 @@ def voc_box_to_xywh(box: ET.Element, where: str) -> list[float]:
 
 
 def _voc_image(images: Path, root: ET.Element, iid: str, where: str) -> Path:
-    """The image of one VOC record: ``<filename>`` if it exists, else ``<id>.<ext>``."""
-    names = [_text(root, "filename")] + [iid + ext for ext in IMAGE_EXTENSIONS]
-    for name in names:
-        if name:
-            path = safe_image_path(images, name, where)
-            if path.is_file():
-                return path
-    raise DataError(f"{where}: image not found in {images} (tried {names[0] or iid + '.jpg'})")
+    """The image of one VOC record: ``<id>.<ext>`` in the image folder, as
+    torchvision and detectron2 read VOC; else ``<filename>`` (a file named
+    otherwise). ``<filename>`` is only a fallback because tools that copy or
+    rename annotations leave it stale: taken first, it would put one image's boxes
+    on another image's pixels."""
+    for ext in IMAGE_EXTENSIONS:
+        path = safe_image_path(images, iid + ext, where)
+        if path.is_file():
+            return path
+    named = _text(root, "filename")
+    if named:
+        path = safe_image_path(images, named, f"{where}: <filename>")
+        if path.is_file():
+            return path
+    tried = f"{iid}.jpg" + (f" or <filename> {named!r}" if named else "")
+    raise DataError(f"{where}: image not found in {images} (tried {tried} and other extensions)")
 
 
 def _check_voc_size(root: ET.Element, size: tuple[int, int], path: Path, where: str) -> None:
@@ -132,6 +152,27 @@ def _check_voc_size(root: ET.Element, size: tuple[int, int], path: Path, where: 
         raise DataError(
             f"{where}: <size> says {declared[0]}x{declared[1]} but {path} is {size[0]}x{size[1]}"
         )
+
+
+_FLAGS = {"": False, "0": False, "false": False, "no": False, "1": True, "true": True, "yes": True}
+
+
+def _flag(text: str | None, where: str) -> bool:
+    """A VOC 0/1 flag such as ``<difficult>``; absent or empty is 0. Numbers
+    (``0.0``) and ``true``/``false`` as other tools write them; anything else is an
+    error rather than a guess (a guess would keep or drop objects silently)."""
+    if text is None:
+        return False
+    value = text.strip().lower()
+    if value in _FLAGS:
+        return _FLAGS[value]
+    try:
+        number = float(value)
+    except ValueError:
+        number = None
+    if number in (0.0, 1.0):
+        return number == 1.0
+    raise DataError(f"{where} must be 0 or 1, got {text!r}")
 
 
 def _voc_objects(
@@ -153,7 +194,7 @@ def _voc_objects(
         t = BOX_TOLERANCE
         if x < -t or y < -t or x + w > size[0] + t or y + h > size[1] + t:
             raise DataError(f"{at}: box [{x:g}, {y:g}, {w:g}, {h:g}] lies outside the image")
-        difficult = _text(obj, "difficult") not in (None, "", "0")
+        difficult = _flag(_text(obj, "difficult"), f"{at}: <difficult>")
         objects.append((cat_ids[name], [x, y, w, h], difficult))
     return objects
 
