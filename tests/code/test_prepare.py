@@ -190,6 +190,31 @@ def test_small_overhang_is_clipped_and_counted(tiny_raw, tmp_path):
     assert coco["annotations"][0]["bbox"] == [0.0, 2.0, 9.5, 10.0]
 
 
+def test_empty_polygon_list_is_a_box_only_annotation(tiny_raw, tmp_path, capsys):
+    """``"segmentation": [[]]`` is how several converters write a box-only object:
+    read as ``[]`` (as an absent segmentation is), counted and said; an empty
+    polygon beside real ones is still an error."""
+    from rcnnops.config import Params
+    from rcnnops.data.prepare import run
+
+    def box_only(c):
+        for a in c["annotations"][:3]:
+            a["segmentation"] = [[]]
+        c["annotations"][3]["segmentation"] = [[], []]
+
+    _edit(tiny_raw, box_only)
+    params = Params(data=_data(tiny_raw), prepare=PrepareParams(out=str(tmp_path / "p")))
+    m = run(params)
+    assert m["validation"]["train"]["empty_polygons"] == 4
+    assert "annotations, 4 box-only ('segmentation': [[]])\n" in capsys.readouterr().out
+    coco, _, _ = load_split(tmp_path / "p", "train")
+    assert [a["segmentation"] for a in coco["annotations"][:4]] == [[], [], [], []]
+    assert all(a["segmentation"] for a in coco["annotations"][4:])
+    _edit(tiny_raw, lambda c: c["annotations"][0].update(segmentation=[[], [1, 1, 5, 1, 5, 5]]))
+    with pytest.raises(DataError, match=r"annotation id 1: segmentation polygon 0 has 0 coord"):
+        prepare(_data(tiny_raw), PrepareParams(out=str(tmp_path / "p")))
+
+
 def test_corrupt_prepared_file_is_detected(tiny_prepared):
     path = tiny_prepared / "train.json"
     path.write_text(path.read_text()[:-20])

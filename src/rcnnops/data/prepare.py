@@ -235,6 +235,8 @@ def run(params) -> dict:
             extra += f", dropped {rep['dropped_degenerate']} degenerate box(es)"
         if rep.get("clipped"):
             extra += f", clipped {rep['clipped']} box(es) to the image"
+        if rep.get("empty_polygons"):
+            extra += f", {rep['empty_polygons']} box-only ('segmentation': [[]])"
         print(f"{split}: {info['images']} images, {info['annotations']} annotations{extra}")
     print(f"data_hash {manifest['data_hash'][:12]}  -> {params.prepare.out}")
     return manifest

@@ -35,6 +35,9 @@ class ValidationReport:
     clipped: int = 0
     dropped_degenerate: int = 0
     dropped_ids: list[int] = field(default_factory=list)
+    # box-only annotations written as ``"segmentation": [[]]`` (as several
+    # converters do), read as ``[]``
+    empty_polygons: int = 0
 
 
 def _check_categories(coco: dict, src: Path) -> dict[int, str]:
@@ -187,6 +190,9 @@ def _check_annotation(
     else:
         _check_area(out, sizes[iid], where, t)
     seg = a.get("segmentation")
+    if isinstance(seg, list) and seg and all(poly == [] for poly in seg):
+        out["segmentation"] = seg = []  # [[]]: a box-only annotation as converters write it
+        report.empty_polygons += 1
     if seg not in (None, []):  # [] or absent: a box-only annotation
         w, h = sizes[iid]
         check_segmentation(seg, w, h, where, t)
