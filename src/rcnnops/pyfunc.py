@@ -32,6 +32,7 @@ import mlflow.pyfunc
 import pandas as pd
 from mlflow.exceptions import MlflowException
 
+from rcnnops.data.pixels import allow_pixels
 from rcnnops.detect import Detector, ImageLimits, InputError, images_from_input
 
 ENTRY = Path(__file__).with_name("pyfunc_model.py")
@@ -51,6 +52,7 @@ class DetectorPyfunc(mlflow.pyfunc.PythonModel):
         device = str(config.get("device", "auto"))
         self.detector = Detector.from_dir(Path(context.artifacts["model_dir"]), device)
         self.limits = ImageLimits.from_config(config)
+        allow_pixels(self.limits.max_pixels)  # Pillow's guard no lower than the limit
 
     # ``model_input`` is hinted as a DataFrame, the one hint MLflow neither reads as a
     # schema (the logged signature is the schema) nor asks to be added: with no hint

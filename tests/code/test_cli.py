@@ -53,3 +53,31 @@ def test_bad_params_exit_2_with_message(tiny_project, capsys):
 def test_training_without_prepared_data_says_how_to_fix(tiny_project, capsys):
     assert main(["-C", str(tiny_project), "train", "--variant", "faster_rcnn"]) == 2
     assert "dvc repro prepare" in capsys.readouterr().err
+
+
+def test_prepare_reads_photos_up_to_the_params_limit_whatever_pillows_guard(
+    tiny_project, capsys, monkeypatch
+):
+    """Pillow refuses images of more than twice ``Image.MAX_IMAGE_PIXELS`` (about
+    179 M pixels) as possible decompression bombs, so raising
+    ``prepare.max_image_pixels`` above that had no effect. Here Pillow's guard is
+    made small (1000 pixels) and the 64 px images stand for the large ones: the
+    params' limit is what counts, in this process and in the proposals' workers."""
+    from PIL import Image
+
+    from rcnnops.data.pixels import pillow_limit
+    from rcnnops.params_edit import set_params
+    from rcnnops.proposals.precompute import search_pool
+
+    assert main(["-C", str(tiny_project), "generate"]) == 0
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    limits = {"prepare.max_image_pixels": 5000, "serve.max_image_pixels": 4096}
+    set_params(tiny_project / "params.yaml", limits)
+    assert main(["-C", str(tiny_project), "prepare"]) == 0, capsys.readouterr().err
+    assert Image.MAX_IMAGE_PIXELS == 5000
+    with search_pool(1) as pool:  # spawned: they would start with Pillow's default
+        assert pool.submit(pillow_limit).result() == 5000
+    set_params(tiny_project / "params.yaml", {"prepare.max_image_pixels": 4000})
+    assert main(["-C", str(tiny_project), "prepare"]) == 2
+    err = capsys.readouterr().err
+    assert "64x64 = 4096 pixels is above the limit of 4000 (raise prepare.max_image_pixels" in err

@@ -396,3 +396,31 @@ def test_cli_import_error_exit_2(voc, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith("rcnnops import: error: ") and "b.xml" in err and "'dragon'" in err
     assert "Traceback" not in err and not out.exists()
+
+
+def test_cli_import_pixel_limit_is_an_option_and_names_the_source(
+    voc, masks, tmp_path, monkeypatch, capsys
+):
+    """The importers refuse images above prepare's default limit, as prepare does;
+    the error named the output file, an id the user never gave, and a params key
+    the importers do not read. It names the XML (or the image) and the option now,
+    and the option raises the limit (above Pillow's own guard too)."""
+    from PIL import Image
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # Pillow refuses above 1000
+    out = tmp_path / "out"
+    argv = ["import", "voc", str(voc), str(out), "--max-image-pixels"]
+    assert main([*argv, "1000"]) == 2  # the images are 40x30
+    err = capsys.readouterr().err
+    assert f"error: {voc}/Annotations/a.xml: image id 'a': image " in err
+    assert "is 40x30 = 1200 pixels, above the limit of 1000 (raise --max-image-pixels" in err
+    assert not out.exists()
+    assert main([*argv, "1200"]) == 0
+    images, mask_dir = masks  # 8x6
+    argv = ["import", "masks", "--images", str(images), "--masks", str(mask_dir), str(out)]
+    argv += ["--class-name", "p", "--split", "val", "--max-image-pixels"]
+    assert main([*argv, "40"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {images}/x.png: image id 1: image" in err and "(raise --max-image-pixels" in err
+    assert main([*argv, "48"]) == 0

@@ -35,10 +35,14 @@ def _locked(fn: Handler) -> Handler:
 
 
 def params(args: argparse.Namespace):
-    """The project's validated params (``--params``, relative to ``-C``)."""
+    """The project's validated params (``--params``, relative to ``-C``); Pillow
+    then opens the images they allow (:mod:`rcnnops.data.pixels`)."""
     from rcnnops.config import load_params
+    from rcnnops.data.pixels import allow_pixels
 
-    return load_params(args.params)
+    p = load_params(args.params)
+    allow_pixels(max(p.prepare.max_image_pixels, p.serve.max_image_pixels))
+    return p
 
 
 def assignments(

@@ -10,6 +10,7 @@ from rcnnops.cli.common import add
 
 
 def cmd_import(args: argparse.Namespace) -> int:
+    limit = {"max_image_pixels": args.max_image_pixels} if args.max_image_pixels else {}
     if args.format == "voc":
         from rcnnops.data.importers import parse_classes
         from rcnnops.data.importers.voc import import_voc
@@ -20,6 +21,7 @@ def cmd_import(args: argparse.Namespace) -> int:
             split=args.split,
             classes=parse_classes(args.classes) if args.classes else None,
             skip_difficult=args.skip_difficult,
+            **limit,
         )
     else:
         from rcnnops.data.importers.mask_png import import_masks
@@ -33,6 +35,7 @@ def cmd_import(args: argparse.Namespace) -> int:
             ignore_value=args.ignore_value,
             allow_missing_masks=args.allow_missing_masks,
             mask_suffix=args.mask_suffix,
+            **limit,
         )
     print(f"imported {args.format} split {args.split}: {result.summary()}")
     return 0
@@ -50,11 +53,17 @@ params.yaml at it (the command prints the images folder relative to OUT):
 def add_parsers(sub: Any) -> None:
     sp = add(sub, "import", cmd_import, "convert a Pascal VOC or instance-mask PNG dataset to COCO")
     fmt = sp.add_subparsers(dest="format", required=True, metavar="FORMAT")
-    _voc_parser(fmt)
-    _masks_parser(fmt)
+    for parser in (_voc_parser(fmt), _masks_parser(fmt)):
+        parser.add_argument(
+            "--max-image-pixels",
+            type=int,
+            metavar="N",
+            help="refuse images of more pixels, as prepare does (default: 50000000, "
+            "prepare.max_image_pixels' default; raise both for larger photos)",
+        )
 
 
-def _voc_parser(fmt: Any) -> None:
+def _voc_parser(fmt: Any) -> argparse.ArgumentParser:
     v = fmt.add_parser(
         "voc",
         help="Pascal VOC folder (Annotations/*.xml, JPEGImages/*) -> COCO boxes",
@@ -79,9 +88,10 @@ def _voc_parser(fmt: Any) -> None:
     v.add_argument(
         "--skip-difficult", action="store_true", help="drop (and count) difficult objects"
     )
+    return v
 
 
-def _masks_parser(fmt: Any) -> None:
+def _masks_parser(fmt: Any) -> argparse.ArgumentParser:
     m = fmt.add_parser(
         "masks",
         help="images + instance-mask PNGs (one value per instance) -> COCO RLE masks",
@@ -113,3 +123,4 @@ def _masks_parser(fmt: Any) -> None:
         help="mask name suffix before .png, e.g. _mask for PennFudanPed (default: none)",
     )
     m.add_argument("--split", default="train", help="split name (default: train)")
+    return m

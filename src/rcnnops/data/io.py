@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,12 +18,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from rcnnops.data.pixels import allow_pixels
 from rcnnops.errors import UserError
 
 # Ids become int64 tensors and numpy arrays (pycocotools): they must fit.
 MAX_ID = 2**63 - 1
 # Images above this many pixels are refused (``prepare.max_image_pixels``).
 DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
+# What the refusal tells the user to raise (the importers have an option instead).
+PARAMS_LIMIT = "prepare.max_image_pixels in params.yaml"
 
 
 class DataError(UserError, ValueError):
@@ -122,21 +126,29 @@ def load_image(path: Path) -> torch.Tensor:
 
 
 def image_size(
-    path: Path, where: str, max_pixels: int | None = None, decode: bool = False
+    path: Path,
+    where: str,
+    max_pixels: int | None = None,
+    decode: bool = False,
+    setting: str = PARAMS_LIMIT,
 ) -> tuple[int, int]:
     """(width, height) after EXIF rotation, reading only the header; with
     ``decode`` also every pixel (at reduced scale where the format allows), so a
     truncated or corrupt file fails here, not mid-training. Images of more than
-    ``max_pixels`` are refused before any decoding."""
-    errors = _pillow_errors(
-        f"{where}: image {path} not found", f"{where}: image {path} is unreadable"
-    )
-    with errors, Image.open(path) as im:
+    ``max_pixels`` are refused before any decoding; the error says to raise
+    ``setting``."""
+    missing, unreadable = f"{where}: image {path} not found", f"{where}: image {path} is unreadable"
+    allow_pixels(max_pixels)
+    with _pillow_errors(missing, unreadable), warnings.catch_warnings():
+        # Pillow warns of a possible bomb above its limit: the check below decides
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        im = Image.open(path)
+    with _pillow_errors(missing, unreadable), im:
         w, h = im.size
         if max_pixels is not None and w * h > max_pixels:
             raise DataError(
                 f"{where}: image {path} is {w}x{h} = {w * h} pixels, above the limit of "
-                f"{max_pixels} (raise prepare.max_image_pixels in params.yaml to accept it)"
+                f"{max_pixels} (raise {setting} to accept it)"
             )
         orientation = im.getexif().get(0x0112, 1)
         if decode:

@@ -15,6 +15,7 @@ from typing import Any
 from rcnnops.data.checks import finite_floats, has_size, int_id
 from rcnnops.data.io import (
     DEFAULT_MAX_IMAGE_PIXELS,
+    PARAMS_LIMIT,
     DataError,
     image_size,
     safe_image_path,
@@ -59,7 +60,12 @@ def _check_categories(coco: dict, src: Path) -> dict[int, str]:
 
 
 def _check_images(
-    coco: dict, src: Path, image_root: Path, check_files: bool, max_pixels: int
+    coco: dict,
+    src: Path,
+    image_root: Path,
+    check_files: bool,
+    max_pixels: int,
+    setting: str,
 ) -> dict[int, tuple[int, int]]:
     sizes: dict[int, tuple[int, int]] = {}
     for i, im in enumerate(coco["images"]):
@@ -76,16 +82,18 @@ def _check_images(
         if w * h > max_pixels:  # masks of this size would be allocated later
             raise DataError(
                 f"{where}: {w}x{h} = {w * h} pixels is above the limit of {max_pixels} "
-                "(raise prepare.max_image_pixels in params.yaml to accept it)"
+                f"(raise {setting} to accept it)"
             )
         path = safe_image_path(image_root, im.get("file_name"), where)
         if check_files:
-            _check_image_file(path, (w, h), where, max_pixels)
+            _check_image_file(path, (w, h), where, max_pixels, setting)
         sizes[iid] = (w, h)
     return sizes
 
 
-def _check_image_file(path: Path, size: tuple[int, int], where: str, max_pixels: int) -> None:
+def _check_image_file(
+    path: Path, size: tuple[int, int], where: str, max_pixels: int, setting: str
+) -> None:
     """The image exists, decodes, and has the size its record says."""
     try:
         found = path.is_file()
@@ -93,7 +101,7 @@ def _check_image_file(path: Path, size: tuple[int, int], where: str, max_pixels:
         raise DataError(f"{where}: image file {short(str(path))}: {e.strerror}") from None
     if not found:
         raise DataError(f"{where}: image file {path} not found")
-    actual = image_size(path, where, max_pixels, decode=True)
+    actual = image_size(path, where, max_pixels, decode=True, setting=setting)
     if actual != size:
         raise DataError(
             f"{where}: {path} is {actual[0]}x{actual[1]} but the annotation says "
@@ -209,6 +217,7 @@ def validate_coco(
     drop_degenerate: bool = False,
     box_tolerance: float = 1.0,
     max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    limit_setting: str = PARAMS_LIMIT,
 ) -> tuple[dict, ValidationReport]:
     """Validate a COCO instances dict; return a cleaned copy and a report.
 
@@ -218,7 +227,8 @@ def validate_coco(
     ``drop_degenerate``, which drops and counts them. Segmentations (polygons
     or RLE), when present, must be well-formed and fit the image. With
     ``check_files`` every image is decoded once (a damaged file fails here)
-    and images above ``max_image_pixels`` are refused.
+    and images above ``max_image_pixels`` are refused (the error says to raise
+    ``limit_setting``).
     """
     if not isinstance(coco, dict):
         raise DataError(f"{src}: expected a JSON object with {list(REQUIRED_KEYS)}")
@@ -228,7 +238,7 @@ def validate_coco(
         if not isinstance(coco[key], list):
             raise DataError(f"{src}: '{key}' must be a list")
     cats = _check_categories(coco, src)
-    sizes = _check_images(coco, src, image_root, check_files, max_image_pixels)
+    sizes = _check_images(coco, src, image_root, check_files, max_image_pixels, limit_setting)
     report = ValidationReport(images=len(sizes))
     anns, seen = [], set()
     for i, a in enumerate(coco["annotations"]):

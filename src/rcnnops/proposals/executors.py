@@ -25,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from rcnnops.data.io import DataError, load_image_array
+from rcnnops.data.pixels import allow_pixels, pillow_limit
 
 Result = tuple[np.ndarray, np.ndarray]
 
@@ -35,8 +36,10 @@ def search_path(job: tuple[str, object]) -> Result:
     return _search(load_image_array(Path(path)), s)
 
 
-def search_bytes(name: str, data: bytes, s) -> Result:
-    """One image sent as bytes (a Dask task); errors name the image."""
+def search_bytes(name: str, data: bytes, s, pixels: int | None = None) -> Result:
+    """One image sent as bytes (a Dask task); errors name the image. ``pixels``:
+    the sender's Pillow limit (:mod:`rcnnops.data.pixels`), for the worker's."""
+    allow_pixels(pixels)
     try:
         image = load_image_array(io.BytesIO(data))
     except DataError as e:
@@ -101,7 +104,13 @@ def _windowed(client, paths, settings, desc, address, retries, window=256):
             k, path = item
             data = Path(path).read_bytes()
             fut = client.submit(
-                search_bytes, str(path), data, settings, key=f"ss-{run}-{k}", retries=retries
+                search_bytes,
+                str(path),
+                data,
+                settings,
+                pillow_limit(),
+                key=f"ss-{run}-{k}",
+                retries=retries,
             )
             futures[fut] = k
             ac.add(fut)

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from rcnnops.data.io import safe_image_path
+from rcnnops.data.pixels import pillow_limit, set_pillow_limit
 from rcnnops.files import replaced_dir, sha256_file
 from rcnnops.proposals import executors
 from rcnnops.proposals.cache import ProposalCache, prune
@@ -45,8 +46,14 @@ from rcnnops.proposals.store import (  # noqa: F401  (re-exported: the store's r
 
 def search_pool(workers: int) -> ProcessPoolExecutor:
     """A process pool for :func:`compute_split`. spawn, not fork: a process whose
-    OpenMP pool (torch) has started can deadlock its forked children."""
-    return ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"))
+    OpenMP pool (torch) has started can deadlock its forked children. The workers
+    take this process's Pillow limit (:mod:`rcnnops.data.pixels`)."""
+    return ProcessPoolExecutor(
+        workers,
+        mp_context=mp.get_context("spawn"),
+        initializer=set_pillow_limit,
+        initargs=(pillow_limit(),),
+    )
 
 
 @dataclass

@@ -26,12 +26,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from rcnnops.data.io import DataError
+from rcnnops.data.io import DEFAULT_MAX_IMAGE_PIXELS, DataError
 from rcnnops.data.validate import validate_coco
 from rcnnops.files import write_atomic
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 _SPLIT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+# Images above this many pixels are refused, as ``prepare`` refuses them by default;
+# the importers' option (the error names it) raises it, as params raise prepare's.
+MAX_IMAGE_PIXELS = DEFAULT_MAX_IMAGE_PIXELS
+LIMIT_OPTION = "--max-image-pixels"
 
 
 @dataclass
@@ -70,10 +74,14 @@ def categories(names: Sequence[str]) -> list[dict]:
     return [{"id": i, "name": n, "supercategory": ""} for i, n in enumerate(names, start=1)]
 
 
-def write_coco(coco: dict, out: Path, split: str, image_root: Path) -> Path:
+def write_coco(
+    coco: dict, out: Path, split: str, image_root: Path, max_image_pixels: int = MAX_IMAGE_PIXELS
+) -> Path:
     """Validate ``coco`` then write ``<out>/annotations/instances_<split>.json`` atomically."""
     if not _SPLIT_NAME.fullmatch(split):
         raise DataError(f"split name {split!r}: use letters, digits, '_', '-' or '.'")
     path = Path(out) / "annotations" / f"instances_{split}.json"
-    validate_coco(coco, path, image_root)
+    validate_coco(
+        coco, path, image_root, max_image_pixels=max_image_pixels, limit_setting=LIMIT_OPTION
+    )
     return write_atomic(path, json.dumps(coco))

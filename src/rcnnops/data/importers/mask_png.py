@@ -12,7 +12,14 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 from pycocotools import mask as mask_utils
 
-from rcnnops.data.importers import IMAGE_EXTENSIONS, ImportResult, categories, write_coco
+from rcnnops.data.importers import (
+    IMAGE_EXTENSIONS,
+    LIMIT_OPTION,
+    MAX_IMAGE_PIXELS,
+    ImportResult,
+    categories,
+    write_coco,
+)
 from rcnnops.data.io import DataError, image_size
 from rcnnops.data.masks import encode, to_rle
 
@@ -134,6 +141,7 @@ def import_masks(
     ignore_value: int | None = None,
     allow_missing_masks: bool = False,
     mask_suffix: str = "",
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
 ) -> ImportResult:
     """Convert an images folder + instance-mask PNGs to COCO instances with RLE masks.
 
@@ -144,6 +152,7 @@ def import_masks(
     255, "void") are skipped and counted. Boxes are COCO ``[x, y, w, h]`` pixels
     of the tight box around the mask. An image with no mask at all is an error
     unless ``allow_missing_masks`` (kept with no annotations, and counted).
+    Images above ``max_image_pixels`` are refused.
     """
     images, masks = Path(images), Path(masks)
     files = _list_images(images)
@@ -153,7 +162,7 @@ def import_masks(
     ignored = missing = 0
     for image_id, (stem, path) in enumerate(files.items(), start=1):
         where = f"{path}: image id {image_id}"
-        w, h = image_size(path, where)
+        w, h = image_size(path, where, max_image_pixels, setting=LIMIT_OPTION)
         coco["images"].append({"id": image_id, "file_name": path.name, "width": w, "height": h})
         found, n_ignored = _add_instances(
             coco, image_id, path, (w, h), stem, folders, mask_suffix, ignore_value
@@ -167,7 +176,7 @@ def import_masks(
                     "(use --allow-missing-masks to keep it without annotations)"
                 )
             missing += 1
-    path = write_coco(coco, Path(out), split, images)
+    path = write_coco(coco, Path(out), split, images, max_image_pixels)
     extra = {"images without masks": missing}
     if ignore_value is not None:
         extra[f"value-{ignore_value} regions ignored"] = ignored

@@ -13,7 +13,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from xml.parsers import expat
 
-from rcnnops.data.importers import IMAGE_EXTENSIONS, ImportResult, categories, write_coco
+from rcnnops.data.importers import (
+    IMAGE_EXTENSIONS,
+    LIMIT_OPTION,
+    MAX_IMAGE_PIXELS,
+    ImportResult,
+    categories,
+    write_coco,
+)
 from rcnnops.data.io import DataError, image_size, safe_image_path
 
 VOC_CLASSES = (
@@ -205,6 +212,7 @@ def import_voc(
     split: str = "train",
     classes: Sequence[str] | None = None,
     skip_difficult: bool = False,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
 ) -> ImportResult:
     """Convert a VOC folder (``Annotations/*.xml``, ``JPEGImages/*``) to COCO instances.
 
@@ -212,7 +220,7 @@ def import_voc(
     from every ``Annotations/*.xml``. Categories are ``classes`` (ids 1..K in
     order; default the 20 Pascal VOC classes). Boxes: see :func:`voc_box_to_xywh`.
     ``difficult`` objects are kept (``iscrowd`` 0) unless ``skip_difficult``,
-    which drops and counts them.
+    which drops and counts them. Images above ``max_image_pixels`` are refused.
     """
     src, out = Path(src), Path(out)
     images = src / "JPEGImages"
@@ -232,7 +240,7 @@ def import_voc(
         if root.tag != "annotation":
             raise DataError(f"{where}: root element is <{root.tag}>, expected <annotation>")
         path = _voc_image(images, root, iid, where)
-        size = image_size(path, where)
+        size = image_size(path, where, max_image_pixels, setting=LIMIT_OPTION)
         _check_voc_size(root, size, path, where)
         rel = path.relative_to(images.resolve()).as_posix()
         coco["images"].append(
@@ -252,7 +260,7 @@ def import_voc(
                     "iscrowd": 0,
                 }
             )
-    path = write_coco(coco, out, split, images)
+    path = write_coco(coco, out, split, images, max_image_pixels)
     extra = {"difficult objects skipped": skipped} if skip_difficult else {}
     return ImportResult(
         path, images, len(coco["images"]), len(coco["annotations"]), len(names), extra
