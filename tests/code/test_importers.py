@@ -396,6 +396,11 @@ def test_cli_import_error_exit_2(voc, tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.startswith("rcnnops import: error: ") and "b.xml" in err and "'dragon'" in err
     assert "Traceback" not in err and not out.exists()
+    out.write_text("")  # the output folder named is a file: one line, not a traceback
+    (voc / "Annotations" / "b.xml").write_text(_xml("b.jpg", ""))
+    assert main(["-C", str(tmp_path), "import", "voc", str(voc), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"rcnnops import: error: [Errno 20] Not a directory: '{out}/annotations'\n"
 
 
 def test_cli_import_pixel_limit_is_an_option_and_names_the_source(

@@ -73,7 +73,8 @@ def build_parser(extra: tuple[AddCommands, ...] = ()) -> argparse.ArgumentParser
 
 def main(argv: list[str] | None = None, extra: tuple[AddCommands, ...] = ()) -> int:
     """Run one command; an error that explains itself (:class:`rcnnops.errors.UserError`,
-    a missing file, a bad value) is printed on one line with exit status 2."""
+    a bad value, an OS error naming its file: missing, not a folder, no permission,
+    disk full) is printed on one line with exit status 2."""
     args = build_parser(extra).parse_args(argv)
     no_telemetry()  # no network: Prefect's server, MLflow and DVC send nothing
     name_the_user()  # DVC fails for a uid without a name (docker run -u, OpenShift)
@@ -82,7 +83,12 @@ def main(argv: list[str] | None = None, extra: tuple[AddCommands, ...] = ()) -> 
 
     try:
         return args.fn(args)
-    except (UserError, FileNotFoundError, ValueError) as e:
+    except (UserError, ValueError) as e:
+        print(f"rcnnops {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.filename is None and not isinstance(e, FileNotFoundError):
+            raise  # not about a file the user named: the traceback says where
         print(f"rcnnops {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
