@@ -215,6 +215,18 @@ def test_voc_listed_but_missing(voc, tmp_path):
     assert not out.exists()
 
 
+def test_voc_box_from_pixel_zero_is_written_clipped_and_counted(voc, tmp_path):
+    """0-based tools write ``xmin`` 0, which VOC's 1-based reading puts at -1:
+    within the tolerance, so it is clipped to the image as prepare would, and the
+    file written says so (it kept the -1 before)."""
+    (voc / "Annotations" / "a.xml").write_text(_xml("a.jpg", _obj("dog", (0, 3, 10, 30))))
+    res = import_voc(voc, tmp_path / "out")
+    (ann,) = _load(res.path)["annotations"]
+    assert (ann["bbox"], ann["area"]) == ([0.0, 2.0, 10.0, 28.0], 10 * 28)
+    assert res.skipped == {"boxes clipped to the image": 1}
+    assert "1 boxes clipped to the image" in res.summary()
+
+
 def test_voc_image_is_the_ids_not_a_stale_filename(voc, tmp_path):
     """As torchvision and detectron2 read VOC: ``<id>.<ext>`` first. A ``<filename>``
     left stale by a copied or renamed annotation (another record's image, or an

@@ -76,12 +76,16 @@ def categories(names: Sequence[str]) -> list[dict]:
 
 def write_coco(
     coco: dict, out: Path, split: str, image_root: Path, max_image_pixels: int = MAX_IMAGE_PIXELS
-) -> Path:
-    """Validate ``coco`` then write ``<out>/annotations/instances_<split>.json`` atomically."""
+) -> tuple[Path, dict[str, int]]:
+    """Validate ``coco`` then write ``<out>/annotations/instances_<split>.json``
+    atomically, as validated: boxes overhanging the image within the tolerance
+    clipped (a VOC box from pixel 0, as 0-based tools write them, starts at -1).
+    Returns the path and what validation changed, counted (for the summary)."""
     if not _SPLIT_NAME.fullmatch(split):
         raise DataError(f"split name {split!r}: use letters, digits, '_', '-' or '.'")
     path = Path(out) / "annotations" / f"instances_{split}.json"
-    validate_coco(
+    cleaned, report = validate_coco(
         coco, path, image_root, max_image_pixels=max_image_pixels, limit_setting=LIMIT_OPTION
     )
-    return write_atomic(path, json.dumps(coco))
+    changed = {"boxes clipped to the image": report.clipped} if report.clipped else {}
+    return write_atomic(path, json.dumps(cleaned)), changed

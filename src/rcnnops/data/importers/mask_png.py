@@ -176,8 +176,8 @@ def import_masks(
                     "(use --allow-missing-masks to keep it without annotations)"
                 )
             missing += 1
-    path = write_coco(coco, Path(out), split, images, max_image_pixels)
-    extra = {"images without masks": missing}
+    path, changed = write_coco(coco, Path(out), split, images, max_image_pixels)
+    extra = {"images without masks": missing} | changed
     if ignore_value is not None:
         extra[f"value-{ignore_value} regions ignored"] = ignored
     return ImportResult(

@@ -255,13 +255,12 @@ def import_voc(
                     "id": len(coco["annotations"]) + 1,
                     "image_id": image_id,
                     "category_id": cid,
-                    "bbox": bbox,
-                    "area": bbox[2] * bbox[3],
+                    "bbox": bbox,  # its area: the box's, once clipped (write_coco)
                     "iscrowd": 0,
                 }
             )
-    path = write_coco(coco, out, split, images, max_image_pixels)
-    extra = {"difficult objects skipped": skipped} if skip_difficult else {}
+    path, changed = write_coco(coco, out, split, images, max_image_pixels)
+    extra = ({"difficult objects skipped": skipped} if skip_difficult else {}) | changed
     return ImportResult(
         path, images, len(coco["images"]), len(coco["annotations"]), len(names), extra
     )
