@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import io
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +39,27 @@ from rcnnops.detect import Detector, ImageLimits, InputError, images_from_input
 ENTRY = Path(__file__).with_name("pyfunc_model.py")
 DEFAULT_THRESHOLD = 0.5
 LOGGED_CONFIG = {  # the defaults, written into each version's MLmodel for readers
+    "device": "auto",  # MLflow passes only the keys a version logged to load_context
     "max_images": ImageLimits().max_images,
     "max_image_pixels": ImageLimits().max_pixels,
     "max_image_side": ImageLimits().max_side,
 }
+# The device :func:`load` was asked for, read by ``load_context`` in the same call.
+_LOAD_DEVICE: ContextVar[str | None] = ContextVar("rcnnops_load_device", default=None)
+
+
+def load(uri: str, model_config: dict | None = None) -> Any:
+    """``mlflow.pyfunc.load_model(uri, model_config)`` with the config's ``device``
+    honoured for every version. MLflow drops the config keys a version did not log
+    (with a warning), and versions registered before ``device`` was logged did not:
+    their ``--device`` was ignored (the model ran on ``auto``). So the device is
+    handed to ``load_context`` beside MLflow's config."""
+    config = dict(model_config or {})
+    token = _LOAD_DEVICE.set(config.pop("device", None))
+    try:
+        return mlflow.pyfunc.load_model(uri, model_config=config or None)
+    finally:
+        _LOAD_DEVICE.reset(token)
 
 
 class DetectorPyfunc(mlflow.pyfunc.PythonModel):
@@ -49,7 +67,7 @@ class DetectorPyfunc(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: Any) -> None:
         config = context.model_config or {}
-        device = str(config.get("device", "auto"))
+        device = _LOAD_DEVICE.get() or str(config.get("device", "auto"))
         self.detector = Detector.from_dir(Path(context.artifacts["model_dir"]), device)
         self.limits = ImageLimits.from_config(config)
         allow_pixels(self.limits.max_pixels)  # Pillow's guard no lower than the limit

@@ -365,3 +365,34 @@ def test_loading_the_model_prints_no_advice_and_keeps_the_signature(project):
     )  # fmt: skip
     assert "type hint" not in done.stderr.lower()
     assert json.loads(done.stdout) == json.loads(pyfunc.signature().to_dict()["inputs"])
+
+
+def test_device_reaches_the_model_for_versions_logged_before_and_after(project, tmp_path, caplog):
+    """MLflow hands ``load_context`` only the config keys a version logged, and
+    versions logged without ``device`` got every ``--device`` dropped (with a
+    warning): the model ran on ``auto``. A device that cannot be used (no
+    ``cuda:7`` here) shows it reaches the model, for a version as now logged and
+    for one whose MLmodel lacks the key, as older versions do."""
+    import shutil
+
+    import mlflow.artifacts
+    import yaml
+
+    from rcnnops import pyfunc
+    from rcnnops.device import DeviceError
+
+    with inside(project):
+        new = mlflow.artifacts.download_artifacts(
+            "models:/rcnnops-faster_rcnn/1", dst_path=str(tmp_path / "new")
+        )
+    old = shutil.copytree(new, tmp_path / "old")
+    meta = yaml.safe_load((old / "MLmodel").read_text())
+    assert meta["flavors"]["python_function"]["config"].pop("device") == "auto"
+    (old / "MLmodel").write_text(yaml.safe_dump(meta))
+    for path in (new, str(old)):
+        if not torch.cuda.is_available():
+            with pytest.raises(DeviceError, match="cuda:7"):
+                pyfunc.load(path, {"device": "cuda:7"})
+        model = pyfunc.load(path, {"device": "cpu", "max_images": 3}).unwrap_python_model()
+        assert (str(model.detector.device), model.limits.max_images) == ("cpu", 3)
+    assert "were ignored" not in caplog.text

@@ -114,8 +114,10 @@ def load_pyfunc(
     model_config: dict | None = None,
 ) -> Any:
     """Load ``models:/rcnnops-<variant>@<alias>`` (checked first, for a clear error)."""
+    from rcnnops import pyfunc
+
     resolve(variant, alias, experiment)
-    return mlflow.pyfunc.load_model(model_uri(variant, alias), model_config=model_config)
+    return pyfunc.load(model_uri(variant, alias), model_config)
 
 
 def metric_value(mv: Any, key: str) -> float | None:

@@ -66,14 +66,16 @@ def one_line(e: BaseException) -> str:
 def load_version(name: str, version: str, model_config: dict) -> Loaded:
     """Download ``models:/name/version``, load it with ``mlflow.pyfunc`` and check it
     answers its own input example; any failure raises."""
-    import mlflow.pyfunc
+    import mlflow.artifacts
     from mlflow.models import Model
+
+    from rcnnops import pyfunc
 
     with tempfile.TemporaryDirectory(prefix="rcnnops-serve-") as tmp:
         local = mlflow.artifacts.download_artifacts(
             artifact_uri=f"models:/{name}/{version}", dst_path=tmp
         )
-        model = mlflow.pyfunc.load_model(local, model_config=model_config)
+        model = pyfunc.load(local, model_config)
         example = Model.load(local).load_input_example(local)
     if example is None:
         raise ValueError(f"{name} v{version} has no input example to check it with")
