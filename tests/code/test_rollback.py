@@ -59,6 +59,24 @@ def test_rollback_walks_back_the_audit_trail(store):
     assert _champion() == v1  # the failed rollback changed nothing
 
 
+def test_a_version_typed_with_a_leading_zero_is_the_same_version(store):
+    """``rcnnops promote faster_rcnn 03`` with v3 champion: "already champion",
+    nothing recorded. It used to record v3 as kept with itself as the champion
+    before it, and each rollback then went from v3 to v3, forever."""
+    v1, v2 = store(0.5), store(0.6)
+    _promote(v1)
+    assert _promote(v2).promoted
+    before = _tags(v2)
+    d = _promote(f"0{v2}")
+    assert (d.promoted, d.version) == (False, v2) and _tags(v2) == before
+    assert registry.rollback("faster_rcnn", experiment=EXP).to_version == v1
+    client = tracking.client()  # a record no promotion writes any more: refused, not looped
+    client.set_model_version_tag(NAME, v1, "promotion.champion_before", v1)
+    with pytest.raises(registry.RegistryError, match=f"v{v1} names itself"):
+        registry.rollback("faster_rcnn", experiment=EXP)
+    assert _champion() == v1
+
+
 def test_rollback_without_champion_or_model_is_a_clear_error(store):
     store(0.5)
     with pytest.raises(registry.RegistryError, match="has no champion"):

@@ -211,6 +211,7 @@ def promote(
     with registry_lock():
         for _attempt in range(3):
             candidate = get_version(name, version)
+            version = str(candidate.version)  # "03" (as typed) is "3": compared below
             champion = get_alias(name, CHAMPION)
             if _version_of(champion) == str(version):
                 if (candidate.tags or {}).get("promotion.decision") == PENDING:
@@ -257,6 +258,11 @@ def rollback(variant: str, actor: str | None = None, experiment: str = "rcnnops"
             raise RegistryError(
                 f"{name}: champion v{current.version} has no previous champion in its audit "
                 "trail (promotion.champion_before); nothing to roll back to"
+            )
+        if previous == str(current.version):  # a record no promotion writes; refuse a loop
+            raise RegistryError(
+                f"{name}: champion v{current.version} names itself as the champion before "
+                "it (promotion.champion_before); nothing to roll back to"
             )
         try:
             target = get_version(name, previous)
