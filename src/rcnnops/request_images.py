@@ -204,6 +204,10 @@ def images_from_input(
             f"(uint8 [H, W, 3] pixels) in the request; got {', '.join(sorted(columns)) or 'none'}"
         )
     n = len(columns[usable[0]])
+    uneven = {c: len(columns[c]) for c in usable if len(columns[c]) != n}
+    if uneven:
+        sizes = ", ".join(f"{c!r} {len(columns[c])}" for c in usable)
+        raise InputError(f"the columns hold different numbers of rows: {sizes}")
     if n == 0:
         raise InputError("the request holds no images")
     if n > limits.max_images:

@@ -130,6 +130,8 @@ def test_bad_payloads_are_input_errors():
         detect.images_from_input({"image": []})
     with pytest.raises(detect.InputError, match=r"row 1: no image"):
         detect.images_from_input({"image": [_b64(_png()), None]})
+    with pytest.raises(detect.InputError, match="different numbers of rows: 'image' 2, 'array' 1"):
+        detect.images_from_input({"image": [None, None], "array": [[[[1, 2, 3]]]]})
     with pytest.raises(detect.InputError, match=r"shape \[4, 4, 2\]"):
         detect.images_from_input({"array": [np.zeros((4, 4, 2), np.uint8)]})
     with pytest.raises(detect.InputError, match="integers in 0..255"):

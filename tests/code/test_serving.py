@@ -211,6 +211,16 @@ def test_answers_name_the_version_and_errors_are_one_line():
         assert "Traceback" not in json.dumps(body)
 
 
+def test_json_nested_too_deep_is_a_bad_request_and_media_types_ignore_case():
+    """A body nested beyond the JSON parser's recursion limit was answered 500 "the
+    model failed"; ``Application/JSON`` (media types ignore case) was refused 415."""
+    with app_server(FixedFollower(Model("7", fail=None)), RequestLimits()) as url:
+        status, _, body = post(url, b"[" * 100_000 + b"]" * 100_000)
+        assert (status, body["message"]) == (400, "the body's JSON is nested too deeply")
+        status, headers, _ = post(url, records(1), {"Content-Type": "Application/JSON"})
+        assert status == 200 and headers["X-Model-Version"] == "7"
+
+
 def test_a_full_queue_is_refused_at_once_and_time_limits_hold():
     """1 worker + 1 queued place: a third concurrent request gets 503 without
     waiting; a request past timeout_s stops between images with 504."""

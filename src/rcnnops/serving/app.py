@@ -173,7 +173,7 @@ def create_app(follower: Follower, limits: RequestLimits) -> Any:
         version = None
         try:
             media = request.headers.get("content-type", "").split(";")[0].strip()
-            if media != "application/json":
+            if media.lower() != "application/json":  # media types ignore case (RFC 9110)
                 await drain(request, limits.max_request_bytes)
                 raise HttpError(
                     415,
@@ -187,6 +187,8 @@ def create_app(follower: Follower, limits: RequestLimits) -> Any:
                 raise InputError(f"the body is not JSON ({e.msg} at char {e.pos})") from None
             except UnicodeDecodeError as e:
                 raise InputError(f"the body is not JSON (not UTF-8 at byte {e.start})") from None
+            except RecursionError:
+                raise InputError("the body's JSON is nested too deeply") from None
             model_input, params = parse_payload(payload)
             threshold = threshold_from(params)
             try:
