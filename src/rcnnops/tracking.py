@@ -44,10 +44,17 @@ class TrackingUnavailable(UserError, RuntimeError):
     """The MLflow tracking server does not answer (local outputs are unaffected)."""
 
 
-def check_reachable(uri: str | None = None, timeout: float = 5.0) -> None:
+RERUN = (
+    "models/ and reports/ are kept: rerun (`rcnnops run`) once it is back, and the run "
+    "registers without retraining"
+)
+
+
+def check_reachable(uri: str | None = None, timeout: float = 5.0, then: str = RERUN) -> None:
     """For an HTTP tracking URI, make sure the server answers ``/health``; raise
-    :class:`TrackingUnavailable` saying so and what to do otherwise. Local stores
-    (SQLite, files) always pass."""
+    :class:`TrackingUnavailable` saying so and ``then`` (what to do) otherwise.
+    Local stores (SQLite, files) always pass. A quick probe: MLflow's own client
+    retries a server that is down for minutes before it fails."""
     import urllib.error
     import urllib.request
 
@@ -62,9 +69,7 @@ def check_reachable(uri: str | None = None, timeout: float = 5.0) -> None:
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
         raise TrackingUnavailable(
-            f"the MLflow tracking server {redact(uri)} does not answer ({reason}); models/ and "
-            "reports/ are kept: rerun (`rcnnops run`) once it is back, and the run "
-            "registers without retraining"
+            f"the MLflow tracking server {redact(uri)} does not answer ({reason}); {then}"
         ) from None
 
 

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 
@@ -398,3 +399,44 @@ def test_device_reaches_the_model_for_versions_logged_before_and_after(project, 
         model = pyfunc.load(path, {"device": "cpu", "max_images": 3}).unwrap_python_model()
         assert (str(model.detector.device), model.limits.max_images) == ("cpu", 3)
     assert "were ignored" not in caplog.text
+
+
+def test_a_version_that_cannot_load_and_a_registry_that_is_down_are_one_line(
+    project, tmp_path, capsys, monkeypatch
+):
+    """Artifacts gone (a copied project, a wiped store): `serve` and `predict` said
+    so in a traceback naming a temporary folder; now one line naming the version
+    and where its artifacts are. A tracking server that is down: `serve` waited
+    for MLflow's retries (about 4 min) then gave a traceback, and a running server's
+    poll held ``/health`` at ok as long; now a 5 s probe says so."""
+    from rcnnops import tracking
+    from rcnnops.serving import follower
+    from rcnnops.serving.process import free_port
+
+    (tmp_path / "gone").mkdir()
+    with inside(project):
+        tracking.setup("rcnnops-test")
+        client = tracking.client()
+        mv = client.create_model_version(
+            "rcnnops-faster_rcnn", source=(tmp_path / "gone").as_uri(), tags={"variant": "x"}
+        )
+        client.set_registered_model_alias("rcnnops-faster_rcnn", "broken", mv.version)
+        try:
+            assert main(["serve", "faster_rcnn", "--version", str(mv.version)]) == 2
+            err = capsys.readouterr().err
+            assert f"error: rcnnops-faster_rcnn v{mv.version} cannot be served: " in err
+            assert f"(its artifacts: {(tmp_path / 'gone').as_uri()})" in err
+            assert (
+                main(["predict", "faster_rcnn", str(_val_image(project)), "--alias", "broken"]) == 2
+            )
+            err = capsys.readouterr().err
+            assert f"v{mv.version} (broken) cannot be loaded: " in err and "Traceback" not in err
+        finally:
+            client.delete_model_version("rcnnops-faster_rcnn", mv.version)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+        t0 = time.monotonic()
+        assert main(["serve", "faster_rcnn"]) == 2
+        assert "does not answer" in capsys.readouterr().err
+        with pytest.raises(tracking.TrackingUnavailable, match="still serving the version"):
+            follower._resolve_alias("rcnnops-faster_rcnn", "champion")
+        assert time.monotonic() - t0 < 30

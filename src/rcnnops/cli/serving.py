@@ -32,6 +32,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     s = serve_settings(args)
     resolve_device(s.device)  # a GPU asked for on a machine without one: say so now
+    tracking.check_reachable(then="start serving once it is back")  # at once, not in minutes
     tracking.setup(params(args).register.experiment)
     name = registry.model_name(args.variant)
     if args.version is not None:

@@ -113,11 +113,23 @@ def load_pyfunc(
     experiment: str = "rcnnops",
     model_config: dict | None = None,
 ) -> Any:
-    """Load ``models:/rcnnops-<variant>@<alias>`` (checked first, for a clear error)."""
+    """Load ``models:/rcnnops-<variant>@<alias>`` (checked first, for a clear error);
+    a version that cannot be loaded (its artifacts gone, say) is a
+    :class:`RegistryError` naming it and where its artifacts are."""
     from rcnnops import pyfunc
+    from rcnnops.redact import redact
 
-    resolve(variant, alias, experiment)
-    return pyfunc.load(model_uri(variant, alias), model_config)
+    mv = resolve(variant, alias, experiment)
+    try:
+        return pyfunc.load(model_uri(variant, alias), model_config)
+    except UserError:
+        raise
+    except Exception as e:
+        why = " ".join(str(e).split()) or type(e).__name__
+        raise RegistryError(
+            f"{mv.name} v{mv.version} ({alias}) cannot be loaded: {type(e).__name__}: "
+            f"{why[:300]} (its artifacts: {redact(str(mv.source))})"
+        ) from e
 
 
 def metric_value(mv: Any, key: str) -> float | None:

@@ -22,11 +22,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from rcnnops.errors import UserError
 from rcnnops.redact import redact
 
 log = logging.getLogger("rcnnops.serve")
 
 MAX_BACKOFF_S = 600.0  # a failed version is retried at most this often apart
+
+
+class CannotServe(UserError, RuntimeError):
+    """The version asked for cannot be loaded or does not answer; says which and why."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,19 @@ def one_line(e: BaseException) -> str:
 
 def load_version(name: str, version: str, model_config: dict) -> Loaded:
     """Download ``models:/name/version``, load it with ``mlflow.pyfunc`` and check it
-    answers its own input example; any failure raises."""
+    answers its own input example; any failure raises :class:`CannotServe` naming
+    the version and where its artifacts are (MLflow's own error names the
+    temporary copy)."""
+    try:
+        return _load_and_check(name, version, model_config)
+    except Exception as e:
+        raise CannotServe(
+            f"{name} v{version} cannot be served: {one_line(e)} (its artifacts: "
+            f"{_source(name, version)})"
+        ) from e
+
+
+def _load_and_check(name: str, version: str, model_config: dict) -> Loaded:
     import mlflow.artifacts
     from mlflow.models import Model
 
@@ -78,11 +95,21 @@ def load_version(name: str, version: str, model_config: dict) -> Loaded:
         model = pyfunc.load(local, model_config)
         example = Model.load(local).load_input_example(local)
     if example is None:
-        raise ValueError(f"{name} v{version} has no input example to check it with")
+        raise ValueError("it has no input example to check it with")
     answers = model.unwrap_python_model().detect(example, 0.5)
     if not isinstance(answers, list) or len(answers) != len(example):
-        raise ValueError(f"{name} v{version} answered its input example with {answers!r:.200}")
+        raise ValueError(f"it answered its input example with {answers!r:.200}")
     return Loaded(name, str(version), model, _now())
+
+
+def _source(name: str, version: str) -> str:
+    """Where a version's artifacts are, as the registry says (for an error)."""
+    from rcnnops import tracking
+
+    try:
+        return redact(str(tracking.client().get_model_version(name, version).source))
+    except Exception:  # noqa: BLE001 - the error being reported matters more
+        return "unknown: the registry did not say"
 
 
 class Follower:
@@ -199,6 +226,10 @@ class Follower:
 
 
 def _resolve_alias(name: str, alias: str) -> str:
+    """The version ``name@alias`` names. A tracking server that is down is found
+    by a 5 s probe first: MLflow's client retries it for minutes, during which
+    ``/health`` said ``ok``."""
     from rcnnops import tracking
 
+    tracking.check_reachable(then="still serving the version loaded before")
     return str(tracking.client().get_model_version_by_alias(name, alias).version)
