@@ -116,6 +116,10 @@ def test_cli_compare_and_plot(project, capsys):
         assert im.width > 300 and im.height > 300
     assert main(["compare", "--variants", "rcnn"]) == 0
     assert "nothing to compare yet" in capsys.readouterr().out
+    for command in ("compare", "models"):  # a typo is named, not left out without a word
+        assert main([command, "--variants", "faster_rcnn", "fasterrcnn"]) == 2
+        err = capsys.readouterr().err
+        assert "error: --variants: unknown fasterrcnn (variants: rcnn, fast_rcnn, " in err
 
 
 def test_comparison_is_logged_to_mlflow_once(project):

@@ -85,7 +85,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     from rcnnops.tables import text_table
 
     tracking.setup(params(args).register.experiment)
-    rows = registry.list_versions(args.variants)
+    rows = registry.list_versions(known_variants(args.variants))
     if args.json:
         print(json.dumps(rows, indent=2))
     elif not rows:
@@ -95,9 +95,23 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def known_variants(names: list[str] | None) -> list[str] | None:
+    """``--variants`` as given, or a one-line error naming those that are not
+    variants (they were left out without a word: a typo compared nothing)."""
+    from rcnnops.config import VARIANTS
+
+    unknown = [n for n in names or [] if n not in VARIANTS]
+    if unknown:
+        raise ValueError(
+            f"--variants: unknown {', '.join(unknown)} (variants: {', '.join(VARIANTS)})"
+        )
+    return names
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     from rcnnops import compare
 
+    known_variants(args.variants)
     p = params(args)
     rows = compare.collect(p, args.variants)
     if not rows:
