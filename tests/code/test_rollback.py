@@ -59,6 +59,23 @@ def test_rollback_walks_back_the_audit_trail(store):
     assert _champion() == v1  # the failed rollback changed nothing
 
 
+def test_a_version_promoted_again_after_its_rollback_is_not_shown_rolled_back(store):
+    """v2 promoted, rolled back to v1, then promoted again: `rcnnops models` and its
+    description said "promoted, rolled back to v1" of the champion."""
+    v1, v2 = store(0.5), store(0.6)
+    _promote(v1)
+    _promote(v2)
+    registry.rollback("faster_rcnn", experiment=EXP)
+    row = next(r for r in registry.list_versions() if r["version"] == v2)
+    assert row["decision"] == f"promoted, rolled back to v{v1}"
+    assert f"Rolled back to v{v1}" in tracking.client().get_model_version(NAME, v2).description
+    assert _promote(v2).promoted and _champion() == v2
+    row = next(r for r in registry.list_versions() if r["version"] == v2)
+    assert row["decision"] == "promoted"
+    assert "Rolled back" not in tracking.client().get_model_version(NAME, v2).description
+    assert _tags(v2)["rollback.demoted_to"] == v1  # the rollback stays in the record
+
+
 def test_a_version_typed_with_a_leading_zero_is_the_same_version(store):
     """``rcnnops promote faster_rcnn 03`` with v3 champion: "already champion",
     nothing recorded. It used to record v3 as kept with itself as the champion

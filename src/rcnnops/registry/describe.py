@@ -5,6 +5,7 @@ is, what it was trained and measured on, and the promotion gate's latest word.""
 from __future__ import annotations
 
 from rcnnops import tracking
+from rcnnops.registry.store import rolled_back
 
 METRICS = ("bbox_AP", "bbox_AP50", "segm_AP", "segm_AP50")
 
@@ -42,7 +43,7 @@ def version_description(tags: dict[str, str]) -> str:
         )
     else:
         lines.append("Gate: not decided yet.")
-    if "rollback.demoted_to" in tags:
+    if rolled_back(tags):
         lines.append(
             f"Rolled back to v{tags['rollback.demoted_to']} by {tags.get('rollback.demoted_by')} "
             f"({tags.get('rollback.demoted_at')})."

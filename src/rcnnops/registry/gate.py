@@ -281,6 +281,8 @@ def rollback(variant: str, actor: str | None = None, experiment: str = "rcnnops"
                 "rollback.demoted_at": when,
                 "rollback.demoted_by": by,
                 "rollback.demoted_to": previous,
+                # which promotion was rolled back: a later one makes it history
+                "rollback.after_promotion": current.tags.get("promotion.count", "0"),
             },
         )
         _set_tags(

@@ -200,9 +200,19 @@ def is_decided(tags: dict | None) -> bool:
     return (tags or {}).get("promotion.decision") in ("promoted", "kept")
 
 
+def rolled_back(tags: dict) -> bool:
+    """The version's last promotion was rolled back (not one it had before a
+    rollback and a promotion again: ``rollback.after_promotion`` names the
+    promotion rolled back; records older than that tag count as the last)."""
+    if "rollback.demoted_at" not in tags:
+        return False
+    count = tags.get("promotion.count")
+    return tags.get("rollback.after_promotion", count) == count
+
+
 def decision_text(tags: dict) -> str:
     text = tags.get("promotion.decision", "")
-    if "rollback.demoted_at" in tags:
+    if rolled_back(tags):
         text = (text + ", " if text else "") + f"rolled back to v{tags['rollback.demoted_to']}"
     return text
 
