@@ -10,10 +10,12 @@ import io
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from rcnnops.config import Params, ParamsError, parse_params
+from rcnnops.config import Params, ParamsError, parse_params, read_yaml, yaml_error
 from rcnnops.files import write_atomic
+
+
+def _null(representer: Any, _value: None) -> Any:
+    return representer.represent_scalar("tag:yaml.org,2002:null", "null")
 
 
 def _node(value: Any) -> Any:
@@ -55,15 +57,19 @@ def set_params(path: str | Path, assignments: dict[str, Any]) -> Params:
     every key at one level, e.g. ``train.*.epochs``) to values. The edited file
     is validated first; if it is invalid, nothing is written.
     """
-    from ruamel.yaml import YAML
+    from ruamel.yaml import YAML, YAMLError
 
     path = Path(path)
     rt = YAML()
     rt.preserve_quotes = True
+    rt.representer.add_representer(type(None), _null)  # `null` stays `null`, not blank
     try:
-        doc = rt.load(path.read_text())
+        text = path.read_text()
+        doc = rt.load(text)
     except FileNotFoundError:
         raise ParamsError(f"{path}: params file not found (run from the project folder)") from None
+    except YAMLError as e:
+        raise yaml_error(e, text, str(path)) from None
     for key, value in assignments.items():
         if not key or any(not part for part in key.split(".")):
             raise ParamsError(f"{path}: invalid key {key!r} (use dotted names: a.b.c)")
@@ -71,6 +77,6 @@ def set_params(path: str | Path, assignments: dict[str, Any]) -> Params:
             raise ParamsError(f"{path}: {key}: no such keys to set")
     buf = io.StringIO()
     rt.dump(doc, buf)
-    params = parse_params(yaml.safe_load(buf.getvalue()), str(path))
+    params = parse_params(read_yaml(buf.getvalue(), str(path)), str(path))
     write_atomic(path, buf.getvalue())
     return params

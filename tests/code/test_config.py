@@ -136,3 +136,66 @@ def test_find_coco_splits_reads_the_coco_layout(tmp_path):
     assert got["val"]["images"] == "val2017"
     (tmp_path / "annotations" / "instances_val2017.json").unlink()
     assert find_coco_splits(tmp_path)["val"] is None  # prepare splits one off
+
+
+def test_params_read_as_dvc_reads_them(tmp_path):
+    """YAML 1.2, as DVC (ruamel) reads params.yaml: ``1e-3`` is a number (PyYAML's
+    YAML 1.1 read a string, so the most common way to write a learning rate was
+    refused) and ``on`` a string (PyYAML read True); ``--set`` values the same."""
+    from rcnnops.cli.common import assignments
+    from rcnnops.params_edit import set_params
+
+    path = tmp_path / "params.yaml"
+    text = (REPO / "params.yaml").read_text()
+    text = text.replace("    lr: 0.02\n", "    lr: 1e-3\n", 1)
+    path.write_text(text.replace("experiment: rcnnops", "experiment: on", 1))
+    p = load_params(path)
+    assert 1e-3 in [v.lr for v in p.train.variants.values()]
+    assert p.register.experiment == "on"
+    given = assignments(
+        epochs=0, sets=["train.faster_rcnn.weight_decay=5e-4", "register.experiment=off"]
+    )
+    assert given == {
+        "train.*.epochs": 0,  # --epochs 0 is refused by the params, not dropped
+        "train.faster_rcnn.weight_decay": 5e-4,
+        "register.experiment": "off",
+    }
+    given.pop("train.*.epochs")
+    p = set_params(path, given)
+    assert (p.train.variants["faster_rcnn"].weight_decay, p.register.experiment) == (5e-4, "off")
+    assert "    weight_decay: 0.0005\n" in path.read_text() and "null\n" in path.read_text()
+    with pytest.raises(ParamsError, match=r"params.yaml: train.\w+.epochs: must be > 0, got 0"):
+        set_params(path, assignments(epochs=0))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (
+            lambda t: t.replace("generate:\n", "generate:\n  seed: 1\n  seed: 2\n", 1),
+            r'params.yaml: line \d+: not valid YAML: found duplicate key "seed"',
+        ),
+        (
+            lambda t: t.replace("generate:\n  ", "generate:\n\t", 1),
+            r"params.yaml: line \d+: not valid YAML: .* \(YAML indents with spaces, not tabs\)",
+        ),
+        (
+            lambda t: t + "x: [1\n",
+            r"params.yaml: line \d+: not valid YAML: (did not find )?expected .,. or .\].",
+        ),
+    ],
+    ids=["duplicate key", "tab", "unclosed list"],
+)
+def test_bad_yaml_is_one_line_with_its_line_on_every_path(tmp_path, edit, message):
+    """A duplicate key was read as its last value by the stages (DVC refuses the
+    file), and a YAML error met by ``--set`` was a ruamel traceback."""
+    from rcnnops.params_edit import set_params
+
+    path = tmp_path / "params.yaml"
+    path.write_text(edit((REPO / "params.yaml").read_text()))
+    before = path.read_text()
+    with pytest.raises(ParamsError, match=message):
+        load_params(path)
+    with pytest.raises(ParamsError, match=message):
+        set_params(path, {"generate.num_val": 4})
+    assert path.read_text() == before

@@ -50,20 +50,18 @@ def assignments(
 ) -> dict[str, Any]:
     """``--data DIR``, ``--epochs N`` and ``--set KEY=VALUE`` as params assignments
     (values are YAML), for :func:`rcnnops.params_edit.set_params`."""
-    import yaml
-
-    from rcnnops.config import ParamsError
+    from rcnnops.config import ParamsError, read_yaml
 
     out: dict[str, Any] = {}
-    if data:
+    if data is not None:
         from rcnnops.data.prepare import find_coco_splits
 
         out.update({f"data.{k}": v for k, v in find_coco_splits(Path(data)).items()})
-    if epochs:
+    if epochs is not None:  # 0 too: params refuse it, naming the field
         out["train.*.epochs"] = epochs
     for item in sets or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ParamsError(f"--set {item!r}: expected KEY=VALUE, e.g. train.faster_rcnn.lr=0.01")
-        out[key.strip()] = yaml.safe_load(value)
+        out[key.strip()] = read_yaml(value, f"--set {item!r}")
     return out
