@@ -83,6 +83,8 @@ def coco_evaluate(
         # Without 'bbox', loadRes takes each result's area and box from its mask
         # (as Detectron2 does), so area ranges (APs/APm/APl) follow the mask.
         results = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+    else:  # loadRes adds id, area, iscrowd and a box-shaped polygon to each result
+        results = [dict(r) for r in results]  # the caller's (predictions.json) stay as given
     coco_gt = _quiet_coco(coco_cls, gt)
     coco_dt = _results_coco(coco_gt, results)
     ev = coco_eval(coco_gt, coco_dt, iou_type)

@@ -41,6 +41,19 @@ def test_ground_truth_as_predictions_gives_ap_1(tiny_prepared):
     assert all(v == pytest.approx(1.0) for v in per_class.values() if v == v)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_evaluation_leaves_the_predictions_as_given(tiny_prepared, backend):
+    """pycocotools' loadRes adds id, area, iscrowd and a box-shaped polygon to each
+    result it is given: predictions.json carried them, and the comparison picture
+    drew every box-only variant's boxes as filled masks."""
+    coco, _, _ = load_split(tiny_prepared, "val")
+    results = _gt_as_results(coco, masks=True)
+    given = copy.deepcopy(results)
+    coco_evaluate(coco, results, "bbox", backend)
+    coco_evaluate(coco, results, "segm", backend)
+    assert results == given
+
+
 def test_no_predictions_gives_zero(tiny_prepared):
     coco, _, _ = load_split(tiny_prepared, "val")
     stats, per_class, _ = coco_evaluate(coco, [])
