@@ -109,6 +109,19 @@ def fit_array(arr: np.ndarray, fit: tuple[int, int] | None) -> Picture:
     return Picture(np.asarray(small, dtype=np.uint8).copy(), (h, w))
 
 
+EXIF_ORIENTATION = 0x0112
+
+
+def _resized(im: Any, w: int, h: int) -> Any:
+    """``im`` resized to ``w`` x ``h``; 16-bit greyscale through 32-bit (Pillow's
+    bilinear resize takes no 16-bit image)."""
+    from PIL import Image
+
+    if im.mode.startswith("I;16"):
+        im = im.convert("I")
+    return im.resize((w, h), Image.Resampling.BILINEAR)
+
+
 def decode_base64_image(
     value: str | bytes, where: str, limits: ImageLimits, fit: tuple[int, int] | None = None
 ) -> Picture:
@@ -116,22 +129,30 @@ def decode_base64_image(
 
     The size is checked from the header, before any pixel is decoded; an image
     larger than ``fit`` (see :func:`fitted_size`) is decoded to that size."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         raw = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError, TypeError):
         raise InputError(f"{where}: not base64 (expected a base64-encoded image file)") from None
+    from rcnnops.data.io import rgb_array
+
     try:
         with Image.open(io.BytesIO(raw)) as im:
+            # the image as shown (EXIF orientation applied, as training reads it):
+            # its frame is the one detections come back in
             w, h = im.size
+            turned = im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
+            if turned:
+                w, h = h, w
             limits.check(h, w, where)
             nh, nw = fitted_size(h, w, fit)
+            if (nh, nw) != (h, w):  # JPEG: decode at 1/2, 1/4, 1/8 scale, no smaller
+                im.draft(im.mode, (nh, nw) if turned else (nw, nh))
+            shown = ImageOps.exif_transpose(im)
             if (nh, nw) != (h, w):
-                im.draft("RGB", (nw, nh))  # JPEG: decode at 1/2, 1/4, 1/8 scale, no larger
-                small = im.convert("RGB").resize((nw, nh), Image.Resampling.BILINEAR)
-                return Picture(np.asarray(small, dtype=np.uint8).copy(), (h, w))
-            return Picture(np.asarray(im.convert("RGB"), dtype=np.uint8).copy(), (h, w))
+                shown = _resized(shown, nw, nh)
+            return Picture(rgb_array(shown), (h, w))
     except InputError:
         raise
     except Image.DecompressionBombError:  # Pillow's own guard, before our check runs

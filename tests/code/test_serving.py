@@ -477,3 +477,39 @@ def test_the_threshold_is_applied_before_masks_and_search_sees_the_fitted_image(
     assert model.roi_heads.score_thresh == 0.05
     with pytest.raises(DeadlineExceeded, match="after 0 of 1"):
         detector([image], deadline=time.monotonic() - 1)
+
+
+def _encoded(im: Image.Image, **save) -> str:
+    buf = io.BytesIO()
+    im.save(buf, "PNG", **save)
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def test_sent_images_are_read_as_shown_and_as_training_reads_them(tmp_path):
+    """A phone photo stored sideways with an EXIF orientation came back with boxes
+    in the stored frame (and the model saw it sideways); a 16-bit PNG was decoded
+    nearly white (Pillow's conversion clips it). Both as the training loader reads
+    them (rcnnops.data.io), at full size and fitted to the model."""
+    from rcnnops.data.io import load_image_array
+    from rcnnops.request_images import ImageLimits, decode_base64_image
+
+    rng = np.random.default_rng(0)
+    shown = Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8))  # 60 wide
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned a quarter; shown after a 270-degree rotation
+    stored = shown.transpose(Image.Transpose.ROTATE_90)  # 40 wide, 60 high
+    b64 = _encoded(stored, exif=exif)
+    picture = decode_base64_image(b64, "row 0", ImageLimits())
+    assert picture.size == (40, 60)
+    assert np.array_equal(picture.pixels, np.asarray(shown))
+    path = tmp_path / "exif6.png"  # the training loader on the same file
+    path.write_bytes(base64.b64decode(b64))
+    assert np.array_equal(load_image_array(path), picture.pixels)
+    fitted = decode_base64_image(b64, "row 0", ImageLimits(), fit=(20, 30))
+    assert (fitted.size, fitted.pixels.shape) == ((40, 60), (20, 30, 3))
+    grey = rng.integers(0, 255, (30, 50), dtype=np.uint8)
+    deep = Image.fromarray(grey.astype(np.uint16) * 257)  # 16-bit, same picture
+    for fit in (None, (15, 25)):
+        as16 = decode_base64_image(_encoded(deep), "row 0", ImageLimits(), fit=fit).pixels
+        as8 = decode_base64_image(_encoded(Image.fromarray(grey)), "row 0", ImageLimits(), fit=fit)
+        assert np.abs(as16.astype(int) - as8.pixels.astype(int)).max() <= 1

@@ -94,14 +94,19 @@ def load_image_array(path: Path) -> np.ndarray:
     palette and 16-bit images converted). Errors name the file."""
     errors = _pillow_errors(f"{path}: image file not found", f"{path}: cannot read image")
     with errors, Image.open(path) as im:
-        im = ImageOps.exif_transpose(im)
-        if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            # 16-bit (or int/float) greyscale: scale to 8 bit before RGB conversion.
-            arr16 = np.asarray(im, dtype=np.float32)
-            peak = 65535.0 if arr16.size and arr16.max() > 255 else 255.0
-            grey = np.clip(arr16 / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
-            return np.repeat(grey[..., None], 3, axis=2)
-        return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+        return rgb_array(ImageOps.exif_transpose(im))
+
+
+def rgb_array(im: Image.Image) -> np.ndarray:
+    """A decoded Pillow image as ``uint8 [H, W, 3]`` RGB: 16-bit (or int/float)
+    greyscale scaled to 8 bit first (Pillow's own conversion clips it, making a
+    16-bit photo nearly white), every other mode converted by Pillow."""
+    if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr16 = np.asarray(im, dtype=np.float32)
+        peak = 65535.0 if arr16.size and arr16.max() > 255 else 255.0
+        grey = np.clip(arr16 / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
 
 
 @contextmanager
