@@ -92,21 +92,33 @@ def plot_pr(curves: dict[str, np.ndarray], names: Sequence[str], path: Path, tit
     plt.close(fig)
 
 
-def draw_detections(ax, image: np.ndarray, records: Sequence[dict], names: dict[int, str]) -> None:
+def draw_detections(
+    ax,
+    image: np.ndarray,
+    records: Sequence[dict],
+    names: dict[int, str],
+    size: tuple[int, int] | None = None,
+) -> None:
     """Draw COCO result ``records`` (``bbox`` xywh, ``category_id``, ``score``,
-    optional ``segmentation`` RLE) on ``image`` (``uint8 [H, W, 3]``) in ``ax``."""
+    optional ``segmentation`` RLE) on ``image`` (``uint8 [H, W, 3]``) in ``ax``.
+    ``size`` ``(H, W)``: the frame the records are in, when ``image`` is a smaller
+    copy of that picture (a large photo is drawn from one)."""
     from matplotlib import colormaps
 
     from rcnnops.data.masks import decode
 
-    h, w = image.shape[:2]
+    h, w = size or image.shape[:2]
+    ch, cw = image.shape[:2]
+    rows, cols = (np.arange(ch) * h) // ch, (np.arange(cw) * w) // cw  # nearest
     canvas = image.astype(np.float32) / 255.0
     colours = colormaps["tab10"]
     for i, r in enumerate(records):
         if "segmentation" in r:
             m = decode(r["segmentation"], w, h).astype(bool)
+            if (ch, cw) != (h, w):
+                m = m[np.ix_(rows, cols)]
             canvas[m] = 0.5 * canvas[m] + 0.5 * np.asarray(colours(i % 10)[:3])
-    ax.imshow(canvas)
+    ax.imshow(canvas, extent=(0, w, h, 0))
     for i, r in enumerate(records):
         x, y, bw, bh = r["bbox"]
         c = colours(i % 10)

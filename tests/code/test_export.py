@@ -5,6 +5,8 @@ R-CNN, trained (small backbone) and on a torchvision backbone, parity asserted."
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -69,6 +71,26 @@ def test_export_command_writes_checks_logs_and_tags(project, capsys):
     assert sorted(p.name for p in (project / "exports").iterdir()) == [
         "mask_rcnn-v1-onnx", "mask_rcnn-v1-torchscript",
     ]  # fmt: skip
+    # each export's README code runs as written, on a file as users have them (RGBA,
+    # stored turned, with an EXIF orientation): it was a shape error for TorchScript
+    from PIL import Image
+
+    (first,) = sorted((project / "data/raw/shapes/val").glob("*.png"))[:1]
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    with Image.open(first) as im:
+        im.convert("RGBA").transpose(Image.Transpose.ROTATE_90).save(project / "p.png", exif=exif)
+    for folder in ("mask_rcnn-v1-onnx", "mask_rcnn-v1-torchscript"):
+        readme = (project / "exports" / folder / "README.md").read_text()
+        code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+        code = code.replace('"photo.jpg"', repr(str(project / "p.png")))
+        shape = "print(tuple(image.shape))\n"
+        done = subprocess.run(
+            [sys.executable, "-c", code + shape], cwd=project / "exports" / folder,
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.split()[-3:] == ["(3,", f"{im.height},", f"{im.width})"]
 
 
 def trained(project: Path, variant: str) -> torch.nn.Module:

@@ -205,7 +205,7 @@ def test_predict_explains_bad_inputs_in_one_line(project, tmp_path, capsys):
     fake.write_text("not an image")
     cases = [
         (["predict", "faster_rcnn", str(tmp_path)], "is a folder; name the image files"),
-        (["predict", "faster_rcnn", str(fake)], f"row 0 is {fake}"),
+        (["predict", "faster_rcnn", str(fake)], f"error: {fake}: not an image file"),
     ]
     with inside(project):
         for argv, message in cases:
@@ -440,3 +440,41 @@ def test_a_version_that_cannot_load_and_a_registry_that_is_down_are_one_line(
         with pytest.raises(tracking.TrackingUnavailable, match="still serving the version"):
             follower._resolve_alias("rcnnops-faster_rcnn", "champion")
         assert time.monotonic() - t0 < 30
+
+
+def test_predict_takes_any_number_of_files_and_keeps_every_drawing(
+    project, tmp_path, capsys, monkeypatch
+):
+    """More files than a request holds (``max_images``) are predicted in batches
+    (they were refused); two images with one stem each keep their drawing (the
+    second overwrote the first); a ``--draw`` that is a file fails before any work;
+    a large photo is drawn at most MAX_DRAWN_SIDE pixels wide (a 50 M-pixel photo
+    took 5 GB drawn at twice its size)."""
+    from rcnnops.serving import files
+
+    image = _val_image(project)
+    other = tmp_path / "b" / image.name
+    other.parent.mkdir()
+    with Image.open(image) as im:
+        im.save(other)
+        im.resize((im.width * 10, im.height * 10)).save(tmp_path / "large.png")
+    args = [str(image), str(other), str(tmp_path / "large.png")]
+    with inside(project):
+        assert main(["predict", "faster_rcnn", *args, "--json", "--max-images", "1"]) == 0
+        single = json.loads(capsys.readouterr().out)
+        assert [d["image"] for d in single] == args
+        assert main(["predict", "faster_rcnn", *args, "--json"]) == 0
+        assert json.loads(capsys.readouterr().out) == single
+        (tmp_path / "afile").write_text("")
+        assert main(["predict", "faster_rcnn", *args, "--draw", str(tmp_path / "afile")]) == 2
+        out = capsys.readouterr()
+        assert out.err.endswith(f"error: --draw {tmp_path / 'afile'}: not a folder\n")
+        assert out.out == ""  # nothing predicted or printed before the error
+        monkeypatch.setattr(files, "MAX_DRAWN_SIDE", 1000)
+        assert main(["predict", "faster_rcnn", *args, "--draw", str(tmp_path / "d")]) == 0
+    drawn = sorted(p.name for p in (tmp_path / "d").iterdir())
+    assert drawn == [f"{image.stem}-2.png", f"{image.stem}.png", "large.png"]
+    with Image.open(tmp_path / "d" / "large.png") as im:
+        assert max(im.size) == 1000
+    with Image.open(tmp_path / "d" / f"{image.stem}.png") as im, Image.open(image) as src:
+        assert im.size == (src.width * 2, src.height * 2)  # small: drawn twice as large

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -57,14 +58,22 @@ def cmd_predict(args: argparse.Namespace) -> int:
     s = serve_settings(args)
     resolve_device(s.device)
     images = files.read_images(args.images)
+    if args.draw:  # before any work: a --draw that is a file fails now, not after it
+        if Path(args.draw).exists() and not Path(args.draw).is_dir():
+            raise InputError(f"--draw {args.draw}: not a folder")
+        Path(args.draw).mkdir(parents=True, exist_ok=True)
     experiment = params(args).register.experiment
     model = registry.load_pyfunc(args.variant, args.alias, experiment, model_config(s))
-    frame = pd.DataFrame({"image": [b64 for _, b64 in images]})
-    try:
-        dets = model.predict(frame, params={"score_threshold": args.score_threshold})
-    except MlflowException as e:  # a file that is not an image: the model says which row
-        rows = "; ".join(f"row {i} is {p}" for i, (p, _) in enumerate(images))
-        raise InputError(f"{e.message} ({rows})") from None
+    dets = []
+    for start in range(0, len(images), s.max_images):  # max_images limits a request
+        chunk = images[start : start + s.max_images]
+        frame = pd.DataFrame({"image": [b64 for _, b64 in chunk]})
+        try:
+            dets += model.predict(frame, params={"score_threshold": args.score_threshold})
+        except MlflowException as e:  # a file that is not an image: say which
+            row = re.search(r"input row (\d+)", e.message)
+            named = e.message.replace(row[0], str(chunk[int(row[1])][0]), 1) if row else e.message
+            raise InputError(named) from None
     if args.json:
         out = [{"image": str(p), **d} for (p, _), d in zip(images, dets, strict=True)]
         print(json.dumps(out, indent=2))
@@ -72,8 +81,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
         for (path, _), det in zip(images, dets, strict=True):
             print(files.format_detections(path, det))
     if args.draw:
-        for (path, _), det in zip(images, dets, strict=True):
-            written = files.draw(path, det, Path(args.draw))
+        names = files.drawing_names([path for path, _ in images])
+        for (path, _), det, name in zip(images, dets, names, strict=True):
+            written = files.draw(path, det, Path(args.draw) / name)
             print(f"drew {written}", file=sys.stderr if args.json else sys.stdout)
     return 0
 

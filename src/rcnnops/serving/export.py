@@ -182,18 +182,20 @@ USAGE = {
 
 ```python
 import numpy as np, onnxruntime as ort
-from PIL import Image
+from PIL import Image, ImageOps
 session = ort.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])
-image = np.asarray(Image.open("photo.jpg").convert("RGB"), np.float32).transpose(2, 0, 1) / 255
+photo = ImageOps.exif_transpose(Image.open("photo.jpg")).convert("RGB")  # as shown, RGB
+image = np.asarray(photo, np.float32).transpose(2, 0, 1) / 255
 boxes, labels, scores, *masks = session.run(None, {"image": image})
 ```""",
     "torchscript": """Run it with PyTorch (no rcnnops needed), or TorchServe:
 
 ```python
 import torch
-from torchvision.io import read_image
+from torchvision.io import ImageReadMode, decode_image
 model = torch.jit.load("model.torchscript.pt").eval()
-image = read_image("photo.jpg").float() / 255
+# RGB (a grey or RGBA file too), turned as its EXIF orientation says (as rcnnops reads it)
+image = decode_image("photo.jpg", mode=ImageReadMode.RGB, apply_exif_orientation=True).float() / 255
 losses, (detections,) = model([image])   # detections: boxes, labels, scores[, masks]
 ```""",
 }

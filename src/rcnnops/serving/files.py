@@ -45,24 +45,45 @@ def as_records(det: dict) -> list[dict]:
     return records
 
 
-def draw(image_path: Path, det: dict, out_dir: Path) -> Path:
-    """``out_dir/<stem>.png``: the image with its detections (boxes, labels, masks)."""
+MAX_DRAWN_SIDE = 2048  # pixels: a 50 M-pixel photo drawn at twice its size took 5 GB
+
+
+def drawing_names(paths: Sequence[Path]) -> list[str]:
+    """``<stem>.png`` per image; a stem met again gets ``-2``, ``-3``... (photo.jpg
+    and photo.png, or two folders' 001.jpg, each keep their drawing)."""
+    seen: dict[str, int] = {}
+    names = []
+    for p in paths:
+        seen[p.stem] = seen.get(p.stem, 0) + 1
+        names.append(f"{p.stem}.png" if seen[p.stem] == 1 else f"{p.stem}-{seen[p.stem]}.png")
+    return names
+
+
+def draw(image_path: Path, det: dict, out: Path) -> Path:
+    """``out`` (a PNG): the image with its detections (boxes, labels, masks), small
+    images at twice their size (readable labels), large ones at most
+    :data:`MAX_DRAWN_SIDE` pixels on their longer side."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
+    from PIL import Image
 
     from rcnnops.data.io import load_image_array
     from rcnnops.plots import draw_detections
 
     image = load_image_array(image_path)
     h, w = image.shape[:2]
-    fig = plt.figure(figsize=(max(w, 64) / 50, max(h, 64) / 50), dpi=100)
+    k = min(2.0, MAX_DRAWN_SIDE / max(w, h, 64))
+    shown = image
+    if k < 1:
+        small = Image.fromarray(image).resize((max(1, round(w * k)), max(1, round(h * k))))
+        shown = np.asarray(small)
+    fig = plt.figure(figsize=(max(w, 64) * k / 100, max(h, 64) * k / 100), dpi=100)
     ax = fig.add_axes((0, 0, 1, 1))
     names = dict(zip(det["labels"], det["names"], strict=True))
-    draw_detections(ax, image, as_records(det), names)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    out = out_dir / f"{image_path.stem}.png"
+    draw_detections(ax, shown, as_records(det), names, size=(h, w))
     fig.savefig(out)
     plt.close(fig)
     return out
