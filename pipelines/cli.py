@@ -15,7 +15,7 @@ from typing import Any, NoReturn
 
 from rcnnops.cli import exit_now
 from rcnnops.cli import main as library_main
-from rcnnops.cli.common import add, assignments
+from rcnnops.cli.common import add, assignments, known_variants
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -23,6 +23,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     # One run per project (params.yaml, DVC outputs, registry); taken before the
     # params edit, and before importing Prefect so a second run refuses at once.
+    known_variants(args.variants)  # a typo stops here, not at its train stage
     with project_lock(Path.cwd()):
         named, given = preset(args.preset), assignments(args.data, args.epochs, args.set)
         changes = named | given
@@ -104,6 +105,8 @@ def _up_to_date(args: argparse.Namespace) -> str | None:
 
 def cmd_schedule(args: argparse.Namespace) -> int:
     from pipelines import schedule
+
+    known_variants(args.variants)
 
     dep = schedule.deployment(
         Path.cwd(), args.cron, args.variants, args.name, args.timezone, not args.no_push

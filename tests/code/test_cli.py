@@ -81,3 +81,27 @@ def test_prepare_reads_photos_up_to_the_params_limit_whatever_pillows_guard(
     assert main(["-C", str(tiny_project), "prepare"]) == 2
     err = capsys.readouterr().err
     assert "64x64 = 4096 pixels is above the limit of 4000 (raise prepare.max_image_pixels" in err
+
+
+def test_run_refuses_an_unknown_variant_at_once(tiny_project, capsys):
+    """A typo in `run --variants` ran generate and prepare, then failed at DVC's
+    `train@<typo>` with a traceback; it stops before anything runs now."""
+    from pipelines.cli import main as pipeline_main
+
+    assert pipeline_main(["-C", str(tiny_project), "run", "--variants", "fastr_rcnn"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --variants: unknown fastr_rcnn (variants: rcnn, fast_rcnn, " in err
+    assert not (tiny_project / "data").exists()
+
+
+def test_data_folder_is_read_from_the_shells_folder_with_dash_c(tmp_path, monkeypatch):
+    """`rcnnops -C proj run --data single`: ``single`` is where the shell is, as any
+    command-line path; it was looked for inside proj."""
+    from rcnnops.cli import _from_project
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "proj" / "data").mkdir(parents=True)
+    assert _from_project("single", "proj") == str(tmp_path / "single")
+    assert _from_project("proj/data/coco", "proj") == "data/coco"  # inside: portable
+    monkeypatch.chdir(tmp_path / "proj")
+    assert _from_project("data/coco", ".") == "data/coco"

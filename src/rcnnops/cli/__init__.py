@@ -17,6 +17,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, NoReturn
 
 from rcnnops.cli import data, registry_commands, serving, stages
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None, extra: tuple[AddCommands, ...] = ()) -> 
     args = build_parser(extra).parse_args(argv)
     no_telemetry()  # no network: Prefect's server, MLflow and DVC send nothing
     name_the_user()  # DVC fails for a uid without a name (docker run -u, OpenShift)
+    if getattr(args, "data", None):  # `-C proj run --data DIR`: DIR as the shell sees it
+        args.data = _from_project(args.data, args.project)
     os.chdir(args.project)
     from rcnnops.errors import UserError
 
@@ -94,6 +97,13 @@ def main(argv: list[str] | None = None, extra: tuple[AddCommands, ...] = ()) -> 
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _from_project(path: str, project: str) -> str:
+    """``path`` (relative to the shell's folder) as seen from ``project``: relative
+    inside it (params.yaml stays portable), absolute outside it."""
+    full, root = Path(path).resolve(), Path(project).resolve()
+    return str(full.relative_to(root)) if full.is_relative_to(root) else str(full)
 
 
 def exit_now(code: int) -> NoReturn:

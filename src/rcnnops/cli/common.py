@@ -65,3 +65,16 @@ def assignments(
             raise ParamsError(f"--set {item!r}: expected KEY=VALUE, e.g. train.faster_rcnn.lr=0.01")
         out[key.strip()] = read_yaml(value, f"--set {item!r}")
     return out
+
+
+def known_variants(names: list[str] | None) -> list[str] | None:
+    """``--variants`` as given, or a one-line error naming those that are not
+    variants (they were left out without a word: a typo compared nothing)."""
+    from rcnnops.config import VARIANTS
+
+    unknown = [n for n in names or [] if n not in VARIANTS]
+    if unknown:
+        raise ValueError(
+            f"--variants: unknown {', '.join(unknown)} (variants: {', '.join(VARIANTS)})"
+        )
+    return names

@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from rcnnops.cli.common import add, params
+from rcnnops.cli.common import add, known_variants, params
 
 MODEL_COLUMNS = (
     "model", "version", "aliases", "bbox_AP", "segm_AP", "decision",
@@ -93,19 +93,6 @@ def cmd_models(args: argparse.Namespace) -> int:
     else:
         print(text_table(MODEL_COLUMNS, [[_short(c, r[c]) for c in MODEL_COLUMNS] for r in rows]))
     return 0
-
-
-def known_variants(names: list[str] | None) -> list[str] | None:
-    """``--variants`` as given, or a one-line error naming those that are not
-    variants (they were left out without a word: a typo compared nothing)."""
-    from rcnnops.config import VARIANTS
-
-    unknown = [n for n in names or [] if n not in VARIANTS]
-    if unknown:
-        raise ValueError(
-            f"--variants: unknown {', '.join(unknown)} (variants: {', '.join(VARIANTS)})"
-        )
-    return names
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
