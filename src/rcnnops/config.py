@@ -85,18 +85,18 @@ class GenerateParams(Section):
     num_val: int = positive(80)
     image_size: int = positive(128)
     classes: list[str] = Field(default_factory=lambda: ["circle", "square", "triangle"])
-    max_objects: int = 4
+    max_objects: int = Field(4, ge=0)
     min_object_size: int = positive(16)
     max_object_size: int = positive(48)
     max_rotation: float = 15.0  # degrees, each shape turned uniformly within +-this
     empty_fraction: float = Field(0.05, ge=0.0, le=1.0)
-    seed: int = 0
+    seed: int = Field(0, ge=0)  # numpy's generators take non-negative seeds
 
 
 class PrepareParams(Section):
     out: str = "data/prepared"
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     # Drop (and count) annotations with zero-size boxes instead of failing.
     drop_degenerate: bool = False
     # Boxes may overhang the image by this many pixels (rounding in real
@@ -113,8 +113,8 @@ class ProposalsParams(Section):
     out: str = "data/proposals"
     mode: Literal["fast", "quality", "single"] = "fast"
     max_boxes: int = positive(2000)
-    min_size: int = 8
-    dedup_iou: float = 0.95
+    min_size: int = Field(8, ge=0)
+    dedup_iou: float = Field(0.95, gt=0.0, le=1.0)  # 1: no duplicates removed
     # Longer image sides above this are searched downscaled (boxes scaled back):
     # real photos cost what the papers report. null: full resolution.
     max_side: int | None = Field(640, gt=0)

@@ -1,10 +1,13 @@
 """Rules across params fields, checked after the types and ranges of
 :mod:`rcnnops.config`'s models: variants known, generator sizes consistent,
-gate metrics that evaluate reports, stage outputs inside the project."""
+gate metrics that evaluate reports, stage outputs inside the project, each
+variant's model keys and counts."""
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
+from typing import Any
 
 from rcnnops.config import MASK_VARIANTS, STAT_NAMES, VARIANTS, Params, ParamsError
 
@@ -35,14 +38,83 @@ def check(p: Params, src: str) -> None:
     for section in ("generate", "prepare", "proposals", "train", "evaluate"):
         _check_output(getattr(p, section).out, f"{src}: {section}.out")
     for name, vp in p.train.variants.items():
-        for key in ("min_size", "max_size"):
-            value = vp.model.get(key)
-            sizes = value if isinstance(value, list) else [value]
-            if value is not None and not all(isinstance(v, int) and v > 0 for v in sizes):
-                raise ParamsError(
-                    f"{src}: train.{name}.model.{key}: must be a positive integer "
-                    f"(or a list of them), got {value!r}"
-                )
+        _check_model(name, vp.model, src)
+
+
+# The keys each variant's ``train.<variant>.model`` takes: its builder's parameters
+# (tests/code/test_models.py holds them equal). Checked when params load, so a typo
+# stops the run before its data stages, not at its training (the builders live in
+# the torch modules, which loading params does not import).
+_DETECTOR = {
+    "backbone",
+    "box_batch_size_per_image",
+    "box_detections_per_img",
+    "box_head",
+    "box_nms_thresh",
+    "box_score_thresh",
+    "max_size",
+    "min_size",
+    "norm",
+    "pretrained",
+    "representation_size",
+    "roi_op",
+    "sampling_ratio",
+    "stride",
+}
+_RPN = {
+    "anchor_sizes",
+    "aspect_ratios",
+    "rpn_post_nms_top_n_test",
+    "rpn_post_nms_top_n_train",
+    "rpn_pre_nms_top_n_test",
+    "rpn_pre_nms_top_n_train",
+    "rpn_score_thresh",
+}
+_SAMPLED = {"bg_iou_low", "box_positive_fraction", "fg_iou", "proposals_test", "proposals_train"}
+MODEL_KEYS: dict[str, frozenset[str]] = {
+    "rcnn": frozenset(
+        (_DETECTOR - {"backbone", "box_head", "roi_op", "sampling_ratio", "stride"})
+        | _SAMPLED | {"classifier", "context", "crop_chunk", "crop_net", "warp_size", "width"}
+    ),
+    "fast_rcnn": frozenset(_DETECTOR | _SAMPLED),
+    "faster_rcnn": frozenset(_DETECTOR | _RPN),
+    "mask_rcnn": frozenset(
+        _DETECTOR | _RPN | {"mask_head_channels", "mask_head_layers", "mask_head_norm",
+                            "mask_roi_op", "mask_roi_size", "mask_sampling_ratio"}
+    ),
+}  # fmt: skip
+# Counts and sizes: positive integers (0 failed deep in the model, or as a loss that
+# blamed the learning rate).
+_COUNTS = {"box_batch_size_per_image", "box_detections_per_img", "context", "crop_chunk",
+           "mask_head_channels", "mask_head_layers", "mask_roi_size", "proposals_test",
+           "proposals_train", "representation_size", "rpn_post_nms_top_n_test",
+           "rpn_post_nms_top_n_train", "rpn_pre_nms_top_n_test", "rpn_pre_nms_top_n_train",
+           "warp_size", "width"}  # fmt: skip
+
+
+def _positive_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v > 0
+
+
+def _check_model(variant: str, model: dict, src: str) -> None:
+    where = f"{src}: train.{variant}.model"
+    allowed = MODEL_KEYS.get(variant, frozenset())
+    unknown = sorted(set(model) - allowed)
+    if unknown:
+        hints = [m for k in unknown for m in difflib.get_close_matches(k, allowed, n=1)]
+        hint = f" (did you mean {', '.join(map(repr, hints))}?)" if hints else ""
+        raise ParamsError(f"{where}: unknown key(s) {unknown}{hint}; allowed: {sorted(allowed)}")
+    for key in ("min_size", "max_size"):
+        value = model.get(key)
+        sizes = value if isinstance(value, list) else [value]
+        if value is not None and not (sizes and all(_positive_int(v) for v in sizes)):
+            raise ParamsError(
+                f"{where}.{key}: must be a positive integer (or a non-empty list of "
+                f"them), got {value!r}"
+            )
+    for key in sorted(_COUNTS & set(model)):
+        if not _positive_int(model[key]):
+            raise ParamsError(f"{where}.{key}: must be a positive integer, got {model[key]!r}")
 
 
 def gate_metrics(variant: str) -> list[str]:

@@ -1,3 +1,4 @@
+import re
 import shutil
 
 import pytest
@@ -51,6 +52,32 @@ def test_repo_params_parse():
             {"train": {"faster_rcnn": {"model": {"min_size": 0}}}},
             "train.faster_rcnn.model.min_size: must be a positive integer",
         ),
+        # values that passed params and failed in the stage, or misled (found in review)
+        (
+            {"train": {"faster_rcnn": {"model": {"backbon": "small"}}}},
+            "train.faster_rcnn.model: unknown key(s) ['backbon'] (did you mean 'backbone'?)",
+        ),
+        (
+            {"train": {"mask_rcnn": {"model": {"mask_head_layers": 0}}}},
+            "train.mask_rcnn.model.mask_head_layers: must be a positive integer, got 0",
+        ),
+        (
+            {"train": {"faster_rcnn": {"model": {"min_size": []}}}},
+            "train.faster_rcnn.model.min_size: must be a positive integer (or a non-empty",
+        ),
+        (
+            {"train": {"faster_rcnn": {"model": {"max_size": True}}}},
+            "train.faster_rcnn.model.max_size: must be a positive integer",
+        ),
+        (
+            {"train": {"faster_rcnn": {"model": {"box_batch_size_per_image": 0}}}},
+            "train.faster_rcnn.model.box_batch_size_per_image: must be a positive integer",
+        ),
+        ({"generate": {"max_objects": -3}}, "generate.max_objects: must be >= 0"),
+        ({"generate": {"seed": -1}}, "generate.seed: must be >= 0"),
+        ({"proposals": {"dedup_iou": -1.0}}, "proposals.dedup_iou: must be > 0"),
+        ({"proposals": {"dedup_iou": 7.0}}, "proposals.dedup_iou: must be <= 1"),
+        ({"proposals": {"min_size": -5}}, "proposals.min_size: must be >= 0"),
         ({"train": {"out": "/"}}, "train.out: an output folder inside the project"),
         ({"evaluate": {"out": "../elsewhere"}}, "evaluate.out: an output folder inside"),
         ({"prepare": {"out": "."}}, "prepare.out: an output folder inside"),
@@ -71,7 +98,7 @@ def test_bad_params_name_the_field(patch, field):
                     raw[section][k] = v
         else:
             raw[section] = values
-    with pytest.raises(ParamsError, match=field.replace("[", r"\[").replace(".", r"\.")):
+    with pytest.raises(ParamsError, match=re.escape(field)):
         parse_params(raw, "params.yaml")
 
 

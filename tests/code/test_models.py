@@ -161,6 +161,27 @@ def test_gpu_backbones_build_and_run_on_cpu(backbone):
         assert len(model([torch.rand(3, 64, 64)])) == 1
 
 
+def test_params_know_each_variants_model_keys():
+    """params check ``train.<variant>.model`` keys when they load (a typo stopped
+    only at its training, after the data stages) from a list of their own: it must
+    be the builders' parameters."""
+    import inspect
+
+    from rcnnops.models import MODELS
+    from rcnnops.params_rules import MODEL_KEYS
+
+    for variant, keys in MODEL_KEYS.items():
+        builder = MODELS[variant]
+        taken = {
+            name
+            for fn in getattr(builder, "params", (builder,))
+            for name, p in inspect.signature(fn).parameters.items()
+            if p.kind is not p.VAR_KEYWORD
+        } - {"num_classes"}
+        assert keys == taken, variant
+    assert set(MODEL_KEYS) == set(MODELS)
+
+
 def test_unknown_model_param_is_named():
     with pytest.raises(ValueError, match=r"train.faster_rcnn.model: unknown key\(s\) \['depth'\]"):
         build_model("faster_rcnn", 3, {"depth": 3})
