@@ -32,6 +32,36 @@ def _node(value: Any) -> Any:
     return value
 
 
+def _keep_comments(old: Any, new: Any) -> None:
+    """Carry a replaced mapping's comments over to the mapping replacing it (a preset
+    sets whole sections): each key's end-of-line comment stays with the key, and
+    what followed the old mapping (ruamel keeps it on its last key: blank lines and
+    the next section's heading) follows the new one. Without this, presets dropped
+    the heading of the section after the one they set."""
+    from ruamel.yaml.comments import CommentedMap
+    from ruamel.yaml.tokens import CommentToken
+
+    if not (isinstance(old, CommentedMap) and isinstance(new, CommentedMap) and old and new):
+        return
+    for k in new:
+        if k in old:
+            if k in old.ca.items:
+                new.ca.items[k] = list(old.ca.items[k])
+            _keep_comments(old[k], new[k])
+    old_last, new_last = list(old)[-1], list(new)[-1]
+    token = (old.ca.items.get(old_last) or [None] * 4)[2]
+    if old_last == new_last or token is None or "\n" not in token.value.rstrip("\n"):
+        return
+    own, _, after = token.value.partition("\n")  # its end-of-line comment, then the rest
+    if old_last in new:
+        new.ca.items[old_last][2] = CommentToken(own + "\n", token.start_mark, None)
+    slot = new.ca.items.setdefault(new_last, [None, None, None, None])
+    if slot[2] is None:
+        slot[2] = CommentToken("\n" + after, token.start_mark, None)
+    else:
+        slot[2] = CommentToken(slot[2].value + after, slot[2].start_mark, None)
+
+
 def _assign(node: Any, keys: list[str], value: Any, where: str) -> int:
     """Set ``keys`` (``*`` matches every key of a mapping) under ``node``; count the hits."""
     if not isinstance(node, dict):
@@ -41,7 +71,10 @@ def _assign(node: Any, keys: list[str], value: Any, where: str) -> int:
     hits = 0
     for k in targets:
         if not rest:
-            node[k] = _node(value)  # a fresh node each time: no YAML aliases
+            new = _node(value)  # a fresh node each time: no YAML aliases
+            if k in node:
+                _keep_comments(node[k], new)
+            node[k] = new
             hits += 1
         else:
             if k not in node:
