@@ -113,12 +113,15 @@ EXIF_ORIENTATION = 0x0112
 
 
 def _resized(im: Any, w: int, h: int) -> Any:
-    """``im`` resized to ``w`` x ``h``; 16-bit greyscale through 32-bit (Pillow's
-    bilinear resize takes no 16-bit image)."""
+    """``im`` resized to ``w`` x ``h``, bilinear: 16-bit greyscale through 32-bit
+    (Pillow's bilinear resize takes no 16-bit image), palette and 1-bit images
+    through RGB (Pillow would resize them nearest-neighbour)."""
     from PIL import Image
 
     if im.mode.startswith("I;16"):
         im = im.convert("I")
+    elif im.mode in ("1", "P", "PA"):  # Pillow resizes these nearest-neighbour only
+        im = im.convert("RGB")
     return im.resize((w, h), Image.Resampling.BILINEAR)
 
 
