@@ -513,3 +513,9 @@ def test_sent_images_are_read_as_shown_and_as_training_reads_them(tmp_path):
         as16 = decode_base64_image(_encoded(deep), "row 0", ImageLimits(), fit=fit).pixels
         as8 = decode_base64_image(_encoded(Image.fromarray(grey)), "row 0", ImageLimits(), fit=fit)
         assert np.abs(as16.astype(int) - as8.pixels.astype(int)).max() <= 1
+    palette = shown.quantize(64)  # fitted bilinear, as its RGB copy (not nearest)
+    fitted = [
+        decode_base64_image(_encoded(im), "row 0", ImageLimits(), fit=(20, 30)).pixels
+        for im in (palette, palette.convert("RGB"))
+    ]
+    assert np.array_equal(*fitted)
