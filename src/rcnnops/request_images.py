@@ -145,10 +145,11 @@ def decode_base64_image(
             # the image as shown (EXIF orientation applied, as training reads it):
             # its frame is the one detections come back in
             w, h = im.size
+            limits.check(h, w, where)  # first: from the header alone (the limits are
+            # the same turned); a bomb's header may be all there is to read
             turned = im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
             if turned:
                 w, h = h, w
-            limits.check(h, w, where)
             nh, nw = fitted_size(h, w, fit)
             if (nh, nw) != (h, w):  # JPEG: decode at 1/2, 1/4, 1/8 scale, no smaller
                 im.draft(im.mode, (nh, nw) if turned else (nw, nh))

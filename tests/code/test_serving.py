@@ -513,6 +513,10 @@ def test_sent_images_are_read_as_shown_and_as_training_reads_them(tmp_path):
         as16 = decode_base64_image(_encoded(deep), "row 0", ImageLimits(), fit=fit).pixels
         as8 = decode_base64_image(_encoded(Image.fromarray(grey)), "row 0", ImageLimits(), fit=fit)
         assert np.abs(as16.astype(int) - as8.pixels.astype(int)).max() <= 1
+    from tests.code.test_serving_load import b64, bomb_header
+
+    with pytest.raises(TooLarge, match="81,000,000 pixels"):  # from the header, not read
+        decode_base64_image(b64(bomb_header(9000, 9000)), "row 0", ImageLimits())
     palette = shown.quantize(64)  # fitted bilinear, as its RGB copy (not nearest)
     fitted = [
         decode_base64_image(_encoded(im), "row 0", ImageLimits(), fit=(20, 30)).pixels
