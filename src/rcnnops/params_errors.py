@@ -46,6 +46,14 @@ def _where(raw: Any, loc: tuple) -> tuple[str, Any]:
     return ".".join(parts).replace(".[", "["), node
 
 
+def did_you_mean(unknown: list[str], allowed: list[str]) -> str:
+    """`` (did you mean 'x'?)`` for the unknown names close to an allowed one."""
+    import difflib
+
+    close = [m for k in unknown for m in difflib.get_close_matches(k, allowed, n=1)]
+    return f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+
+
 def message(raw: dict, errors: list[dict], src: str, root: type[BaseModel]) -> str:
     """Today's wording for pydantic's first error (file and dotted field first)."""
     err = errors[0]
@@ -53,12 +61,11 @@ def message(raw: dict, errors: list[dict], src: str, root: type[BaseModel]) -> s
     if kind == "extra_forbidden":
         parent, node = _where(raw, loc[:-1])
         unknown = sorted(str(e["loc"][-1]) for e in errors if e["type"] == kind)
-        if not parent:
-            return f"{src}: unknown section(s) {unknown}"
         allowed = sorted(set(node) - set(unknown)) if isinstance(node, dict) else []
         model = _model_at(root, loc[:-1])
         allowed = sorted(model.model_fields) if model is not None else allowed
-        return f"{src}: {parent}: unknown key(s) {unknown}; allowed: {allowed}"
+        what = f"{parent}: unknown key(s)" if parent else "unknown section(s)"
+        return f"{src}: {what} {unknown}{did_you_mean(unknown, allowed)}; allowed: {allowed}"
     field, value = _where(raw, loc)
     # A union (``bool | Literal[...]``) fails once per member: name the choices.
     same = [e for e in errors if _where(raw, tuple(e["loc"]))[0] == field]

@@ -5,11 +5,11 @@ variant's model keys and counts."""
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any
 
 from rcnnops.config import MASK_VARIANTS, STAT_NAMES, VARIANTS, Params, ParamsError
+from rcnnops.params_errors import did_you_mean
 
 
 def check(p: Params, src: str) -> None:
@@ -101,8 +101,7 @@ def _check_model(variant: str, model: dict, src: str) -> None:
     allowed = MODEL_KEYS.get(variant, frozenset())
     unknown = sorted(set(model) - allowed)
     if unknown:
-        hints = [m for k in unknown for m in difflib.get_close_matches(k, allowed, n=1)]
-        hint = f" (did you mean {', '.join(map(repr, hints))}?)" if hints else ""
+        hint = did_you_mean(unknown, sorted(allowed))
         raise ParamsError(f"{where}: unknown key(s) {unknown}{hint}; allowed: {sorted(allowed)}")
     for key in ("min_size", "max_size"):
         value = model.get(key)

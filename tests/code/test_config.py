@@ -25,6 +25,10 @@ def test_repo_params_parse():
         ({"train": {"faster_rcnn": {"lr": "fast"}}}, "train.faster_rcnn.lr"),
         ({"train": {"faster_rcnn": {"epochs": 0}}}, "train.faster_rcnn.epochs"),
         ({"generate": {"colour": 1}}, "generate: unknown key"),
+        (
+            {"evaluat": 2},
+            "params.yaml: unknown section(s) ['evaluat'] (did you mean 'evaluate'?); allowed: [",
+        ),
         ({"variants": ["yolo"]}, "unknown variant 'yolo'"),
         ({"train": {"device": "tpu"}}, "train.device"),
         ({"prepare": {"val_fraction": 1.5}}, "prepare.val_fraction"),
