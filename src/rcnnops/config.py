@@ -298,32 +298,6 @@ def parse_params(raw: Any, src: str = "params.yaml") -> Params:
     return params
 
 
-def read_yaml(text: str, where: str) -> Any:
-    """YAML as DVC reads ``params.yaml`` (ruamel's safe loader, YAML 1.2: ``1e-3``
-    is a number and ``on`` a string, where PyYAML's YAML 1.1 read a string and a
-    boolean), so rcnnops uses the values DVC tracks. A syntax error or a
-    duplicate key (DVC refuses those too) is a :class:`ParamsError` naming
-    ``where`` and the line."""
-    from ruamel.yaml import YAML, YAMLError
-
-    try:
-        return YAML(typ="safe").load(text)
-    except YAMLError as e:
-        raise yaml_error(e, text, where) from None
-
-
-def yaml_error(e: Exception, text: str, where: str) -> ParamsError:
-    """A ruamel YAML error as one line naming ``where``, the line and the problem."""
-    mark = getattr(e, "problem_mark", None)
-    problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
-    if mark is None:
-        return ParamsError(f"{where}: not valid YAML: {problem}")
-    lines = text.splitlines()
-    line = lines[mark.line] if mark.line < len(lines) else ""
-    tabs = " (YAML indents with spaces, not tabs)" if "\t" in line else ""
-    return ParamsError(f"{where}: line {mark.line + 1}: not valid YAML: {problem}{tabs}")
-
-
 def load_params(path: str | Path = "params.yaml") -> Params:
     """Read and validate a params file."""
     path = Path(path)
@@ -331,6 +305,8 @@ def load_params(path: str | Path = "params.yaml") -> Params:
         text = path.read_text()
     except FileNotFoundError:
         raise ParamsError(f"{path}: params file not found (run from the project folder)") from None
+    from rcnnops.params_errors import read_yaml
+
     return parse_params(read_yaml(text, str(path)), str(path))
 
 

@@ -10,8 +10,9 @@ import io
 from pathlib import Path
 from typing import Any
 
-from rcnnops.config import Params, ParamsError, parse_params, read_yaml, yaml_error
+from rcnnops.config import Params, ParamsError, parse_params
 from rcnnops.files import write_atomic
+from rcnnops.params_errors import read_yaml, yaml_error
 
 
 def _null(representer: Any, _value: None) -> Any:

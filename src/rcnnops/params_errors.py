@@ -1,14 +1,18 @@
 """Pydantic's validation errors in the words params.yaml's users read: the file,
 then the dotted field as written in the file, then what was expected and what
-was found (``params.yaml: train.faster_rcnn.lr: expected a number, got 'fast'``).
+was found (``params.yaml: train.faster_rcnn.lr: expected a number, got 'fast'``);
+and the YAML it is read from, as DVC reads it, its errors naming the line.
 """
 
 from __future__ import annotations
 
 import typing
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
+
+if TYPE_CHECKING:
+    from rcnnops.config import ParamsError
 
 _WORDS = {
     "int_type": "expected an integer",
@@ -105,3 +109,31 @@ def _model_at(root: type[BaseModel], loc: tuple) -> type[BaseModel] | None:
 
 def _is_model(t: Any) -> bool:
     return isinstance(t, type) and issubclass(t, BaseModel)
+
+
+def read_yaml(text: str, where: str) -> Any:
+    """YAML as DVC reads ``params.yaml`` (ruamel's safe loader, YAML 1.2: ``1e-3``
+    is a number and ``on`` a string, where PyYAML's YAML 1.1 read a string and a
+    boolean), so rcnnops uses the values DVC tracks. A syntax error or a
+    duplicate key (DVC refuses those too) is a :class:`ParamsError` naming
+    ``where`` and the line."""
+    from ruamel.yaml import YAML, YAMLError
+
+    try:
+        return YAML(typ="safe").load(text)
+    except YAMLError as e:
+        raise yaml_error(e, text, where) from None
+
+
+def yaml_error(e: Exception, text: str, where: str) -> ParamsError:
+    """A ruamel YAML error as one line naming ``where``, the line and the problem."""
+    from rcnnops.config import ParamsError
+
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
+    if mark is None:
+        return ParamsError(f"{where}: not valid YAML: {problem}")
+    lines = text.splitlines()
+    line = lines[mark.line] if mark.line < len(lines) else ""
+    tabs = " (YAML indents with spaces, not tabs)" if "\t" in line else ""
+    return ParamsError(f"{where}: line {mark.line + 1}: not valid YAML: {problem}{tabs}")

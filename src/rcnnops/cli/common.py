@@ -50,7 +50,8 @@ def assignments(
 ) -> dict[str, Any]:
     """``--data DIR``, ``--epochs N`` and ``--set KEY=VALUE`` as params assignments
     (values are YAML), for :func:`rcnnops.params_edit.set_params`."""
-    from rcnnops.config import ParamsError, read_yaml
+    from rcnnops.config import ParamsError
+    from rcnnops.params_errors import read_yaml
 
     out: dict[str, Any] = {}
     if data is not None:

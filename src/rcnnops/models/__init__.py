@@ -47,7 +47,21 @@ class _Builders(Mapping[str, Callable[..., nn.Module]]):
 MODELS: Mapping[str, Callable[..., nn.Module]] = _Builders()
 
 
-__all__ = ["MASK_VARIANTS", "MODELS", "USES_PROPOSALS", "VARIANT_MODULES", "build_model"]
+__all__ = [
+    "MASK_VARIANTS", "MODELS", "USES_PROPOSALS", "VARIANT_MODULES", "build_model", "model_keys",
+]  # fmt: skip
+
+
+def model_keys(variant: str) -> set[str]:
+    """The ``train.<variant>.model`` keys ``variant``'s builder takes (its
+    parameters, and those of the builders it passes them on to)."""
+    builder = MODELS[variant]
+    return {
+        name
+        for fn in getattr(builder, "params", (builder,))
+        for name, p in inspect.signature(fn).parameters.items()
+        if p.kind is not p.VAR_KEYWORD
+    } - {"num_classes"}
 
 
 def build_model(variant: str, num_classes: int, model_params: dict[str, Any]) -> nn.Module:
@@ -61,12 +75,7 @@ def build_model(variant: str, num_classes: int, model_params: dict[str, Any]) ->
             f"unknown or not yet available variant {variant!r}; available: {sorted(MODELS)}"
         )
     builder = MODELS[variant]
-    allowed = {
-        name
-        for fn in getattr(builder, "params", (builder,))
-        for name, p in inspect.signature(fn).parameters.items()
-        if p.kind is not p.VAR_KEYWORD
-    } - {"num_classes"}
+    allowed = model_keys(variant)
     unknown = sorted(set(model_params) - allowed)
     if unknown:
         raise ValueError(
