@@ -16,15 +16,21 @@ Param ``score_threshold`` (default 0.5). Output: one dict per image, see
 per request, ``max_image_pixels`` and ``max_image_side`` per image; override them
 with ``mlflow.pyfunc.load_model(uri, model_config={"max_image_pixels": N})`` or,
 for ``mlflow models serve``, ``MLFLOW_PYFUNC_INFERENCE_CONFIG``
-(``rcnnops serve`` passes the ``serve`` params). ``model_config`` ``device``
+(``rcnnops serve`` passes the ``serve`` params). ``model_config`` ``serve_device``
 (default ``auto``: CUDA when present, else CPU; or ``cpu``, ``cuda:N``) is where
-the model runs, chosen when it loads (``rcnnops serve/predict --device``).
+the model runs, chosen when it loads (``rcnnops serve/predict --device``; ``device``
+in :func:`load`'s config). MLflow also logs the config as params of the run the
+model is logged in, the run that trained it, whose ``device`` is the training's.
 """
 
 from __future__ import annotations
 
 import base64
 import io
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
@@ -39,7 +45,7 @@ from rcnnops.detect import Detector, ImageLimits, InputError, images_from_input
 ENTRY = Path(__file__).with_name("pyfunc_model.py")
 DEFAULT_THRESHOLD = 0.5
 LOGGED_CONFIG = {  # the defaults, written into each version's MLmodel for readers
-    "device": "auto",  # MLflow passes only the keys a version logged to load_context
+    "serve_device": "auto",  # MLflow passes only the keys a version logged to load_context
     "max_images": ImageLimits().max_images,
     "max_image_pixels": ImageLimits().max_pixels,
     "max_image_side": ImageLimits().max_side,
@@ -50,12 +56,14 @@ _LOAD_DEVICE: ContextVar[str | None] = ContextVar("rcnnops_load_device", default
 
 def load(uri: str, model_config: dict | None = None) -> Any:
     """``mlflow.pyfunc.load_model(uri, model_config)`` with the config's ``device``
-    honoured for every version. MLflow drops the config keys a version did not log
-    (with a warning), and versions registered before ``device`` was logged did not:
-    their ``--device`` was ignored (the model ran on ``auto``). So the device is
-    handed to ``load_context`` beside MLflow's config."""
+    (or ``serve_device``) honoured for every version. MLflow drops the config keys a
+    version did not log (with a warning), and versions registered before the device
+    was logged did not: their ``--device`` was ignored (the model ran on ``auto``).
+    So the device is handed to ``load_context`` beside MLflow's config."""
     config = dict(model_config or {})
-    token = _LOAD_DEVICE.set(config.pop("device", None))
+    device = config.pop("device", None)
+    device = config.pop("serve_device", None) or device
+    token = _LOAD_DEVICE.set(device)
     try:
         return mlflow.pyfunc.load_model(uri, model_config=config or None)
     finally:
@@ -67,7 +75,10 @@ class DetectorPyfunc(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context: Any) -> None:
         config = context.model_config or {}
-        device = _LOAD_DEVICE.get() or str(config.get("device", "auto"))
+        # "device": what versions logged before (it clashed with the training run's
+        # param of that name, so MLflow logged none of the config as params)
+        logged = config.get("serve_device", config.get("device", "auto"))
+        device = _LOAD_DEVICE.get() or str(logged)
         self.detector = Detector.from_dir(Path(context.artifacts["model_dir"]), device)
         self.limits = ImageLimits.from_config(config)
         allow_pixels(self.limits.max_pixels)  # Pillow's guard no lower than the limit
@@ -142,17 +153,73 @@ def requirements() -> list[str]:
     ]
 
 
+class ServingCheckError(RuntimeError):
+    """The logged model did not load, or did not predict its input example, as a
+    server would (MLflow's check when it logs a model); the message is MLflow's error."""
+
+
+# MLflow's check of a logged model (load it as served, predict the input example)
+# only warns when it fails, with this text, from this logger.
+_CHECK_LOGGER = "mlflow.models.model"
+_CHECK_FAILED = "Failed to validate serving input example"
+
+
+class _ServingCheck(logging.Filter):
+    """Takes MLflow's warning that the check failed, so :func:`log` raises instead."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.error: str | None = None
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith(_CHECK_FAILED):
+            return True
+        self.error = message.rsplit("Got error: ", 1)[-1].strip()
+        return False
+
+
+@contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """MLflow draws a progress bar for each copy of the model's three files (its check
+    loads the model from a copy): lines of noise in a run's log."""
+    name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(name)
+    os.environ[name] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = before
+
+
 def log(bundle: Path) -> Any:
-    """Log the model (in the active run) from a bundle folder; returns MLflow's ModelInfo."""
-    return mlflow.pyfunc.log_model(
-        name="model",
-        python_model=str(ENTRY),
-        artifacts={"model_dir": str(bundle)},
-        model_config=LOGGED_CONFIG,
-        pip_requirements=requirements(),
-        signature=signature(),
-        input_example=input_example(),
-    )
+    """Log the model (in the active run) from a bundle folder; returns MLflow's
+    ModelInfo. Raises :class:`ServingCheckError` when the logged model does not load
+    or predict its input example as served (MLflow only warns); that logged model is
+    deleted first."""
+    check = _ServingCheck()
+    logger = logging.getLogger(_CHECK_LOGGER)
+    logger.addFilter(check)
+    try:
+        with _no_progress_bars():
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(ENTRY),
+                artifacts={"model_dir": str(bundle)},
+                model_config=LOGGED_CONFIG,
+                pip_requirements=requirements(),
+                signature=signature(),
+                input_example=input_example(),
+            )
+    finally:
+        logger.removeFilter(check)
+    if check.error is not None:  # nothing of the failed model is left listed in the run
+        mlflow.MlflowClient().delete_logged_model(info.model_id)
+        raise ServingCheckError(check.error)
+    return info
 
 
 def warm_up() -> None:

@@ -243,7 +243,6 @@ def test_register_refuses_a_model_its_metrics_did_not_measure(project, tmp_path)
     import shutil
 
     from rcnnops.files import sha256_file
-    from rcnnops.models.io import CheckpointError
     from rcnnops.registry.store import RegistryError, versions
 
     model_dir, report_dir = tmp_path / "faster_rcnn", tmp_path / "report"
@@ -262,22 +261,28 @@ def test_register_refuses_a_model_its_metrics_did_not_measure(project, tmp_path)
             register()
         metrics["model_hash"] = sha256_file(pt)  # metrics that claim the broken file
         (report_dir / "metrics.json").write_text(json.dumps(metrics))
-        with pytest.raises(CheckpointError, match="cannot load model weights"):
+        # MLflow's check of the logged model (load it as served, predict the input
+        # example) only warns: registration refuses instead, saying why
+        with pytest.raises(RegistryError, match="does not work as served.*cannot load model"):
             register()
         assert len(versions(registry.model_name("faster_rcnn"))) == before
 
 
 def test_a_model_trained_against_another_store_registers_in_this_one(
-    project, tmp_path, monkeypatch
+    project, tmp_path, monkeypatch, capfd
 ):
     """A clone with its own mlflow.db pulls a model whose training run is in the
     teammate's store: it registers in a run made for it (naming the training run,
-    holding the evaluation metrics), and a failed registration leaves no run."""
+    holding the evaluation metrics), and a failed registration leaves no run, also
+    when the logged model fails MLflow's check of it as served. Registering prints
+    no progress bars (MLflow drew three for its check's copy of the model) and no
+    warning (the served device's config key clashed with the training's param)."""
     import shutil
 
     import pandas as pd
 
     from rcnnops import pyfunc, tracking
+    from rcnnops.registry.store import RegistryError
 
     clone = tmp_path / "clone"
     for part in ("models/faster_rcnn", "reports/faster_rcnn"):
@@ -294,10 +299,18 @@ def test_a_model_trained_against_another_store_registers_in_this_one(
             m.setattr(pyfunc, "log", lambda bundle: (_ for _ in ()).throw(OSError("disk full")))
             with pytest.raises(OSError, match="disk full"):
                 register()
+        with monkeypatch.context() as m:
+            boom = lambda self, context: (_ for _ in ()).throw(RuntimeError("no GPU 7"))  # noqa: E731
+            m.setattr(pyfunc.DetectorPyfunc, "load_context", boom)
+            with pytest.raises(RegistryError, match=r"does not work as served.*no GPU 7"):
+                register()
         client = tracking.client()
         exp = client.get_experiment_by_name("rcnnops-test")
         assert client.search_runs([exp.experiment_id]) == []  # no stray run
+        capfd.readouterr()
         r = register()
+        err = capfd.readouterr().err
+        assert "Downloading artifacts" not in err and "WARNING" not in err, err
         assert (r.version, r.created, r.trained_in_run) == ("1", True, trained_in)
         mv = client.get_model_version("rcnnops-faster_rcnn", "1")
         run = client.get_run(mv.run_id)
@@ -316,7 +329,7 @@ def test_what_the_mlflow_ui_shows(project):
     """The experiment opens on training runs (its kind tag); the training run lists
     its train/val datasets (digest: the prepared splits' content hashes, source:
     the DVC-tracked files); the registered model and version have descriptions."""
-    from rcnnops import tracking
+    from rcnnops import pyfunc, tracking
 
     with inside(project):
         tracking.setup("rcnnops-test")
@@ -344,6 +357,11 @@ def test_what_the_mlflow_ui_shows(project):
     # again: its duration in the UI is its training and evaluation
     assert run.info.status == "FINISHED"
     assert run.info.end_time < logged.creation_timestamp
+    # MLflow logs the model's config as the run's params; the served device's key
+    # is not the training's `device` (a clash made MLflow log none of them)
+    assert run.data.params["device"] == "cpu"
+    assert run.data.params["serve_device"] == "auto"
+    assert run.data.params["max_images"] == str(pyfunc.LOGGED_CONFIG["max_images"])
     assert "`champion` is what `rcnnops serve` follows" in model.description
     assert mv.description.startswith(f"`faster_rcnn` trained on data {manifest['data_hash']}")
     assert "bbox_AP" in mv.description and "Gate: promoted" in mv.description
@@ -379,6 +397,7 @@ def test_device_reaches_the_model_for_versions_logged_before_and_after(project, 
     import shutil
 
     import mlflow.artifacts
+    import mlflow.pyfunc
     import yaml
 
     from rcnnops import pyfunc
@@ -390,14 +409,24 @@ def test_device_reaches_the_model_for_versions_logged_before_and_after(project, 
         )
     old = shutil.copytree(new, tmp_path / "old")
     meta = yaml.safe_load((old / "MLmodel").read_text())
-    assert meta["flavors"]["python_function"]["config"].pop("device") == "auto"
+    assert meta["flavors"]["python_function"]["config"].pop("serve_device") == "auto"
     (old / "MLmodel").write_text(yaml.safe_dump(meta))
-    for path in (new, str(old)):
+    interim = shutil.copytree(new, tmp_path / "interim")  # logged the key as `device`
+    meta = yaml.safe_load((interim / "MLmodel").read_text())
+    config = meta["flavors"]["python_function"]["config"]
+    config["device"] = config.pop("serve_device")
+    (interim / "MLmodel").write_text(yaml.safe_dump(meta))
+    for path in (new, str(old), str(interim)):
         if not torch.cuda.is_available():
             with pytest.raises(DeviceError, match="cuda:7"):
                 pyfunc.load(path, {"device": "cuda:7"})
         model = pyfunc.load(path, {"device": "cpu", "max_images": 3}).unwrap_python_model()
         assert (str(model.detector.device), model.limits.max_images) == ("cpu", 3)
+    # MLflow's own load takes the logged key
+    for path, key in ((new, "serve_device"), (str(interim), "device")):
+        if not torch.cuda.is_available():
+            with pytest.raises(DeviceError, match="cuda:7"):
+                mlflow.pyfunc.load_model(path, model_config={key: "cuda:7"})
     assert "were ignored" not in caplog.text
 
 

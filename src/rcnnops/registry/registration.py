@@ -20,7 +20,7 @@ import mlflow
 
 from rcnnops import tracking
 from rcnnops.files import sha256_file
-from rcnnops.models.io import load_model, read_model_meta
+from rcnnops.models.io import read_model_meta
 from rcnnops.registry.describe import describe
 from rcnnops.registry.store import (
     CHALLENGER,
@@ -64,7 +64,8 @@ def register(
     Idempotent on the model's content hash: registering the same weights again
     returns the existing version and creates nothing. Refuses (``RegistryError``,
     nothing registered) a ``model.pt`` other than the one ``metrics.json`` measured
-    (its ``model_hash``), or one that does not load.
+    (its ``model_hash``), or a logged model that does not load and predict its input
+    example as served (MLflow's check when it logs a model, which only warns).
     """
     from rcnnops import pyfunc
 
@@ -86,7 +87,6 @@ def register(
             f"nothing registered: rerun `dvc repro evaluate@{variant}` (or `dvc repro "
             f"train@{variant}` if model.pt is damaged)"
         )
-    load_model(model_dir)  # weights and model.json must load, or nothing is registered
     name = model_name(variant)
     serving = serving or {"proposals": None}
     serving_tag = json.dumps(serving, sort_keys=True)
@@ -119,6 +119,13 @@ def register(
             with tracking.added_to(run_id):
                 info = pyfunc.log(bundle)
         mv = mlflow.register_model(info.model_uri, name, tags=tags)
+    except pyfunc.ServingCheckError as e:
+        if elsewhere:
+            tracking.client().delete_run(run_id)
+        raise RegistryError(
+            f"{model_dir}: the model does not work as served: loaded from its logged "
+            f"copy, it failed on the input example ({e}); nothing registered"
+        ) from None
     except BaseException:
         if elsewhere:  # nothing registered, and no stray run (a retry makes another)
             tracking.client().delete_run(run_id)
