@@ -123,6 +123,16 @@ BAD = {
         lambda c: _first_ann(c).update(bbox="1,2,3,4"),
         "annotation id 1: 'bbox' must be 4 finite numbers",
     ),
+    "one file, two images": (  # listed twice: counted twice, and split to train and val
+        lambda c: c["images"].append(dict(c["images"][0], id=999)),
+        r"image id 999: file_name '.*\.png' is image id 1's file too; .* list it once",
+    ),
+    "one file, two names": (
+        lambda c: c["images"].append(
+            dict(c["images"][0], id=999, file_name="./" + c["images"][0]["file_name"])
+        ),
+        r"image id 999: file_name '\./.*' is image id 1's file too",
+    ),
     "wrong size": (
         lambda c: c["images"][0].update(width=99),
         "image id 1: .* is 64x64 but the annotation says 99x64",
@@ -140,6 +150,51 @@ def test_bad_input_names_file_and_record_and_writes_nothing(tiny_raw, tmp_path, 
     assert "instances_train.json" in str(err.value)
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".prepare-")]
+
+
+def test_a_size_of_the_stored_pixels_of_a_turned_photo_says_why(tiny_raw, tmp_path):
+    """A phone photo stored 64x48 with an EXIF orientation that shows it 48x64, and a
+    record of the stored size: refused, saying that photos are read as shown."""
+    from PIL import Image
+
+    coco = _edit(tiny_raw, lambda c: c["images"][0].update(width=64, height=48))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # shown turned 90 degrees
+    Image.new("RGB", (64, 48), "grey").save(
+        tiny_raw / "train" / coco["images"][0]["file_name"], exif=exif
+    )
+    with pytest.raises(DataError, match=(
+        r"image id 1: .* is 48x64 but the annotation says 64x48 \(its pixels are stored at "
+        r"that size, but its EXIF orientation turns the photo: .*as shown\)"
+    )):  # fmt: skip
+        prepare(_data(tiny_raw), PrepareParams(out=str(tmp_path / "prepared")))
+    coco["images"][0].update(width=48, height=64)  # a size that is simply wrong: no hint
+    (tiny_raw / ANN).write_text(json.dumps(coco))
+    Image.new("RGB", (64, 64), "grey").save(tiny_raw / "train" / coco["images"][0]["file_name"])
+    with pytest.raises(DataError, match=r"is 64x64 but the annotation says 48x64$"):
+        prepare(_data(tiny_raw), PrepareParams(out=str(tmp_path / "prepared")))
+
+
+def test_a_photo_in_both_splits_is_refused(tiny_raw, tmp_path):
+    """A val file naming a photo the train file names (one image folder for both):
+    the model would be validated on what it trained on."""
+    train = json.loads((tiny_raw / ANN).read_text())
+    shared = dict(train["images"][1], id=5000)
+    val = {"images": [shared], "annotations": [], "categories": train["categories"]}
+    (tiny_raw / "annotations/instances_shared.json").write_text(json.dumps(val))
+    data = DataParams(
+        root=str(tiny_raw),
+        train=SplitSource(annotations=ANN, images="train"),
+        val=SplitSource(annotations="annotations/instances_shared.json", images="train"),
+    )
+    out = tmp_path / "prepared"
+    with pytest.raises(DataError, match=(
+        r"instances_shared.json: image id 5000 \('.*\.png'\) is also in the train split "
+        rf"\(image id {train['images'][1]['id']} of .*instances_train"
+        r".json\): .*keep it in one split"
+    )):  # fmt: skip
+        prepare(data, PrepareParams(out=str(out)))
+    assert not out.exists()
 
 
 def test_bad_input_keeps_previous_outputs(tiny_raw, tmp_path):

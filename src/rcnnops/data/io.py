@@ -130,6 +130,18 @@ def load_image(path: Path) -> torch.Tensor:
     return torch.from_numpy(load_image_array(path)).permute(2, 0, 1).float().div_(255.0)
 
 
+def stored_size(path: Path) -> tuple[int, int] | None:
+    """(width, height) of the pixels as stored, before any EXIF rotation; None if
+    the header cannot be read. For error messages."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                return im.size
+    except (OSError, ValueError, Image.DecompressionBombError):
+        return None
+
+
 def image_size(
     path: Path,
     where: str,

@@ -26,7 +26,7 @@ import numpy as np
 
 from rcnnops.config import DataParams, PrepareParams
 from rcnnops.data.dataset import LabelMap
-from rcnnops.data.io import DataError, read_json, safe_image_path
+from rcnnops.data.io import DataError, read_json, safe_image_path, short
 from rcnnops.data.validate import validate_coco
 from rcnnops.files import replaced_dir, sha256_bytes, sha256_file
 
@@ -90,6 +90,22 @@ def _read_split(data: DataParams, split: str, p: PrepareParams) -> tuple[dict, P
     return coco, image_root, asdict(report)
 
 
+def _refuse_shared_images(data: DataParams, train: dict, train_root: Path, val: dict,
+                          val_root: Path) -> None:  # fmt: skip
+    """A photo in both splits is validated on after being trained on: its AP says
+    nothing about new photos. Same file (resolved, as validation resolved it)."""
+    trained = {(train_root / im["file_name"]).resolve(): im["id"] for im in train["images"]}
+    for im in val["images"]:
+        iid = trained.get((val_root / im["file_name"]).resolve())
+        if iid is not None:
+            raise DataError(
+                f"{Path(data.root) / data.val.annotations}: image id {im['id']} "
+                f"({short(im['file_name'])}) is also in the train split (image id {iid} of "
+                f"{Path(data.root) / data.train.annotations}): a photo trained on inflates "
+                "the validation AP; keep it in one split"
+            )
+
+
 def prepare(data: DataParams, p: PrepareParams) -> dict:
     """Validate ``data`` and write ``p.out`` atomically. Returns the manifest."""
     train, train_root, train_report = _read_split(data, "train", p)
@@ -100,6 +116,7 @@ def prepare(data: DataParams, p: PrepareParams) -> dict:
     else:
         val, val_root, reports["val"] = _read_split(data, "val", p)
         roots = {"train": train_root, "val": val_root}
+        _refuse_shared_images(data, train, train_root, val, val_root)
         a = sorted((c["id"], c["name"]) for c in train["categories"])
         b = sorted((c["id"], c["name"]) for c in val["categories"])
         if a != b:

@@ -20,6 +20,7 @@ from rcnnops.data.io import (
     image_size,
     safe_image_path,
     short,
+    stored_size,
 )
 from rcnnops.data.masks import check_segmentation
 
@@ -68,6 +69,7 @@ def _check_images(
     setting: str,
 ) -> dict[int, tuple[int, int]]:
     sizes: dict[int, tuple[int, int]] = {}
+    files: dict[Path, int] = {}  # resolved image file -> the first image id naming it
     for i, im in enumerate(coco["images"]):
         if not isinstance(im, dict):
             raise DataError(f"{src}: images[{i}]: expected an object, got {short(im)}")
@@ -85,6 +87,13 @@ def _check_images(
                 f"(raise {setting} to accept it)"
             )
         path = safe_image_path(image_root, im.get("file_name"), where)
+        if (first := files.setdefault(path, iid)) != iid:
+            raise DataError(
+                f"{where}: file_name {short(im['file_name'])} is image id {first}'s file "
+                "too; a photo listed as two images is counted twice and, split by "
+                "val_fraction, can land in train and val both: list it once, with all "
+                "its annotations"
+            )
         if check_files:
             _check_image_file(path, (w, h), where, max_pixels, setting)
         sizes[iid] = (w, h)
@@ -103,9 +112,17 @@ def _check_image_file(
         raise DataError(f"{where}: image file {path} not found")
     actual = image_size(path, where, max_pixels, decode=True, setting=setting)
     if actual != size:
+        turned = actual == size[::-1] and stored_size(path) == size
         raise DataError(
             f"{where}: {path} is {actual[0]}x{actual[1]} but the annotation says "
             f"{size[0]}x{size[1]}"
+            + (
+                " (its pixels are stored at that size, but its EXIF orientation turns the "
+                "photo: rcnnops reads photos as shown, so the sizes, boxes and masks must "
+                "be of the photo as shown)"
+                if turned
+                else ""
+            )
         )
 
 
