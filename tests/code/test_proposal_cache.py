@@ -195,3 +195,29 @@ def test_a_dask_cluster_makes_the_local_store(tiny_prepared, tmp_path):
         (bad / victim).write_bytes(b"not an image")
         with pytest.raises(DataError, match=Path(victim).name):
             search_split(coco, bad, S, 2, cluster=address)
+
+
+def test_the_stage_reports_recall_at_the_boxes_it_keeps(tmp_path, capsys):
+    """The summary line said "recall@0.5 (2000)" whatever `max_boxes` was; it is the
+    recall of the boxes kept (recorded in metrics.json too)."""
+    import yaml
+
+    from rcnnops.config import load_params
+    from rcnnops.data import prepare as prepare_stage
+    from rcnnops.proposals import precompute as stage
+    from tests.code.trained import inside, write_project
+
+    root = write_project(tmp_path / "p", ["fast_rcnn"])
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["proposals"]["max_boxes"] = 50
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    with inside(root):
+        p = load_params("params.yaml")
+        generate(p.generate)
+        prepare_stage.run(p)
+        capsys.readouterr()
+        stage.run(p)
+        lines = [line for line in capsys.readouterr().out.splitlines() if "recall@0.5" in line]
+        metrics = json.loads((Path(p.evaluate.out) / "proposals/metrics.json").read_text())
+    assert len(lines) == 2 and all("recall@0.5 (top 50) " in line for line in lines), lines
+    assert f"(top 50) {metrics['val']['recall@0.5/50']:.3f}, @0.7 " in lines[1]

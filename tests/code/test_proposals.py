@@ -47,6 +47,28 @@ def test_min_size_and_max_boxes():
     assert ((boxes[:, 2] - boxes[:, 0]) >= 12).all() and ((boxes[:, 3] - boxes[:, 1]) >= 12).all()
 
 
+def test_large_regions_rank_first_as_in_the_paper():
+    """The paper ranks from the top of the hierarchy (the whole image first), so a
+    small box budget still holds a large object's box; OpenCV's inverted order
+    (smallest first) filled it with small fragments."""
+    rng = np.random.default_rng(0)
+    img = np.full((160, 160, 3), 90, np.uint8)
+    for _ in range(60):  # clutter: small patches of many colours
+        y, x = rng.integers(0, 150, 2)
+        img[y : y + 8, x : x + 8] = rng.integers(0, 255, 3)
+    img[30:130, 34:130] = (40, 60, 210)  # a large object, with small things on it
+    for _ in range(10):
+        y, x = rng.integers(34, 120, 2)
+        img[y : y + 6, x : x + 6] = rng.integers(0, 255, 3)
+    boxes, _ = selective_search(img, "fast", max_boxes=10, min_size=4)
+    big = torch.tensor([[34.0, 30.0, 130.0, 130.0]])
+    assert best_overlaps(big, torch.from_numpy(boxes), [10])[0, 0] > 0.7  # was 0.52
+    ranked, _ = selective_search(img, "fast", max_boxes=2000, min_size=4)
+    area = (ranked[:, 2] - ranked[:, 0]) * (ranked[:, 3] - ranked[:, 1])
+    quarter = len(area) // 4
+    assert area[:quarter].mean() > 2 * area[-quarter:].mean()
+
+
 def test_dedup_keeps_rank_order():
     b = np.array([[0, 0, 10, 10], [0, 0, 10, 10.2], [20, 20, 30, 30], [0, 0, 10.1, 10]], np.float32)
     assert dedup(b, 0.95).tolist() == [[0, 0, 10, 10], [20, 20, 30, 30]]

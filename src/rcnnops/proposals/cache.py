@@ -37,7 +37,8 @@ import numpy as np
 
 from rcnnops.files import write_atomic
 
-VERSION = 1  # bump when selective_search's output changes for the same settings
+VERSION = 2  # bump when selective_search's output changes for the same settings
+# (2: regions ranked largest first, as the paper does; 1 ranked the smallest first)
 
 
 def settings_key(settings: dict) -> str:

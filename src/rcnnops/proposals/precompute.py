@@ -215,7 +215,7 @@ def run(params) -> dict:
     """The stage: proposals for both splits, then the recall report."""
     from rcnnops.data.dataset import DetectionDataset
     from rcnnops.data.prepare import load_split
-    from rcnnops.proposals.recall import plot_recall, recall_report
+    from rcnnops.proposals.recall import TOP_K, plot_recall, recall_report
 
     p = params.proposals
     cluster = executors.cluster_address(p.cluster)
@@ -229,20 +229,23 @@ def run(params) -> dict:
         p.cache_keep,
     )
     reports = {}
+    # the summary's recall: at the boxes kept per image (max_boxes), up to TOP_K's last
+    kept = min(params.proposals.max_boxes, TOP_K[-1])
+    top_k = tuple(sorted(set(TOP_K) | {kept}))
     for split in ("train", "val"):
         coco, root, labels = load_split(Path(params.prepare.out), split)
         store = open_store(params, split)
         ds = DetectionDataset(coco, root, labels)
         pairs = ((ds.gt_boxes(k), store.boxes_for(im["id"])) for k, im in enumerate(ds.images))
-        reports[split] = recall_report(pairs) | summary[split]
+        reports[split] = recall_report(pairs, top_k) | summary[split]
         print(
             f"{split}: {summary[split]['images']} images ({summary[split]['searched']} searched"
             f"{' on ' + cluster if cluster else ''}, {summary[split]['from_cache']} from the "
             f"cache), "
             f"{summary[split]['mean_boxes']:.0f} proposals/image, "
             f"{summary[split]['images_without_proposals']} without any; recall@0.5 "
-            f"(2000) {reports[split]['recall@0.5/2000']:.3f}, @0.7 "
-            f"{reports[split]['recall@0.7/2000']:.3f}"
+            f"(top {kept}) {reports[split][f'recall@0.5/{kept}']:.3f}, @0.7 "
+            f"{reports[split][f'recall@0.7/{kept}']:.3f}"
         )
     out = Path(params.evaluate.out) / "proposals"
     out.mkdir(parents=True, exist_ok=True)

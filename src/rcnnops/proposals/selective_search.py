@@ -63,21 +63,26 @@ def selective_search(
 
 
 def rank(rects: np.ndarray, seed: int = 0) -> np.ndarray:
-    """Order ``(x, y, w, h)`` regions as the paper does, ``level x RND``, but
-    reproducibly.
+    """Order ``(x, y, w, h)`` regions as the paper does, ``level x RND``
+    ascending, but reproducibly.
 
-    OpenCV draws its ranking randomness from ``std::random_device``, so the
-    same image gives the same *set* of regions in a different order each call.
-    Here ``level`` is the region's rank by area (small regions are merged
-    first, low in the hierarchy) and ``RND`` a uniform number hashed from the
-    region's coordinates and ``seed``, so the order depends on the image alone.
+    In the paper (Uijlings et al. 2013, section 3.3) ``level`` counts from the top
+    of the hierarchy: the region covering the whole image is 1, so large regions
+    tend to come first and a cut at the first N boxes keeps large objects' boxes.
+    OpenCV inverts that (its code says so: the lowest, smallest regions first) and
+    draws its randomness from ``std::random_device``, so the same image gives the
+    same *set* of regions in a different order each call. Here ``level`` is the
+    region's rank by area, largest first (merged regions are larger than their
+    parts, so this follows the hierarchy from the top), and ``RND`` a uniform
+    number hashed from the region's coordinates and ``seed``, so the order depends
+    on the image alone.
     """
     rects = np.unique(rects, axis=0)  # strategies repeat regions; sorted, deterministic
     if len(rects) == 0:
         return rects.reshape(0, 4)
     area = rects[:, 2] * rects[:, 3]
     level = np.empty(len(rects))
-    level[np.lexsort((rects[:, 1], rects[:, 0], area))] = np.arange(1, len(rects) + 1)
+    level[np.lexsort((rects[:, 1], rects[:, 0], -area))] = np.arange(1, len(rects) + 1)
     mix = np.uint64(0x9E3779B97F4A7C15)
     h = np.full(len(rects), np.uint64(seed) * mix + np.uint64(1))
     for col in range(4):  # a splitmix-style hash of the coordinates
