@@ -162,6 +162,7 @@ class Progress:
     steps_log: list[dict] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
     best: dict[str, Any] = field(default_factory=dict)  # epoch, value, model, stale
+    seconds: float = 0.0  # training time up to this checkpoint, across resumes
 
     def improve(self, record: dict, model: nn.Module, key: str) -> None:
         """Remember the weights of the best validated epoch by ``key`` (higher is
@@ -222,6 +223,7 @@ def restore(
         state.get("steps_log", []),
         state.get("extra", extra),
         state.get("best", {}),
+        float(state.get("seconds", 0.0)),  # checkpoints before it was kept: 0
     )
 
 
@@ -255,6 +257,7 @@ def save_state(
             "fingerprint": fingerprint,
             "extra": p.extra,
             "best": p.best,
+            "seconds": p.seconds,
         }
         checkpoints.save(state, p.epoch)
     distributed.barrier(world)

@@ -143,15 +143,16 @@ def _train_epoch(
     bar = tqdm(loader, **bar_args)
     seen, t0 = 0, time.perf_counter()
     for images, targets in bar:
+        lr = run.solver.lr  # the step's own rate (the scheduler moves it after the step)
         loss_value, values = _train_step(run, p, images, targets)
         p.step += 1
         seen += len(images)
         for k, v in values.items():
             sums[k] = sums.get(k, 0.0) + v
-        bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{run.solver.lr:.4f}")
+        bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{lr:.4f}")
         if p.step % run.cfg.log_every == 0:
             logged = {"train/loss_total": loss_value} | {f"train/{k}": v for k, v in values.items()}
-            logged["train/lr"] = run.solver.lr
+            logged["train/lr"] = lr
             p.steps_log.append({"step": p.step, **logged})
             if run.log is not None:
                 run.log(logged, p.step)
@@ -210,7 +211,9 @@ def fit(
     term) and ``train/lr`` every ``log_every`` steps, and the epoch means
     (``train_epoch/loss_*``) and validation metrics with step = epoch.
     ``extra_state`` (e.g. the MLflow run id) is stored in each checkpoint and
-    returned as ``state["extra"]``. Returns the final state's summary.
+    returned as ``state["extra"]``. Returns the final state's summary, with
+    ``resumed_seconds``: the training time of the processes before this one, up to
+    the checkpoint it resumed from (each checkpoint keeps the running total).
 
     In a ``world`` of several processes the model is wrapped in DDP, each rank
     trains on its share of every batch, the logged losses are the mean over the
@@ -224,6 +227,7 @@ def fit(
     solver = Solver.build(model, cfg, iters, device)
     state = resume_state(checkpoints, fingerprint, world)
     p = restore(state, model, solver, cfg, world, dict(extra_state or {}), device)
+    resumed, started = p.seconds, time.perf_counter()
     run = _Run(_wrap(model, device, world), solver, cfg, device, world, checkpoints, log)
     while p.epoch < cfg.epochs and not _stop_early(run, p):
         run.net.train()
@@ -238,6 +242,7 @@ def fit(
         sums, speed = _train_epoch(run, p, _loader(train_set, cfg, sampler, device), bar_args)
         _end_epoch(run, p, model, sums, speed, iters, validate)
         p.epoch += 1
+        p.seconds = resumed + time.perf_counter() - started
         save_state(checkpoints, p, model, solver, fingerprint, device, world)
     return {
         "epochs": p.epoch,
@@ -246,6 +251,7 @@ def fit(
         "steps_log": p.steps_log,
         "extra": p.extra,
         "best": p.best,
+        "resumed_seconds": resumed,  # trained before this call (by the checkpoint)
     }
 
 

@@ -242,7 +242,8 @@ def _run(params: Params, variant: str, world: World, device: torch.device, progr
             f"{world.size * vp.batch_size} ({world.size} x {vp.batch_size}), "
             f"lr {vp.lr:g} x {world.size} = {cfg.lr:g}"
         )
-    for stale in ("model.pt", "model.json"):  # as `dvc repro` does: a failed run leaves none
+    # as `dvc repro` does: a failed run leaves none (nor an earlier training's loss curve)
+    for stale in ("model.pt", "model.json", "loss.csv", "loss.png"):
         (out_dir / stale).unlink(missing_ok=True)
     tags = {
         "variant": variant,
@@ -340,7 +341,8 @@ def _tracked_fit(job: _Job, tags: dict, out_dir: Path, progress: bool) -> tuple[
         )  # fmt: skip
         _keep_best(job, summary, log)
         _second_stage(job.model, data, validate, log, job.cfg.epochs)
-        seconds = time.perf_counter() - t0
+        # a resumed training's time includes the interrupted runs' (up to its checkpoint)
+        seconds = summary.get("resumed_seconds", 0.0) + time.perf_counter() - t0
         log({"train_seconds": seconds} | peak_memory(job.device))
         write_loss_csv(summary["steps_log"], out_dir / "loss.csv")
         plot_loss(summary["steps_log"], out_dir / "loss.png", job.variant)

@@ -56,6 +56,22 @@ def test_flip_moves_boxes_with_pixels():
     assert flipped[0, 2:4, 15:19].eq(1).all() and flipped.sum() == image.sum()
 
 
+def test_logged_lr_is_the_rate_each_step_trained_with(tiny_prepared, tmp_path):
+    """``train/lr`` (and the progress bar's ``lr=``) at step s is the rate step s
+    used: it was read after the scheduler had moved on to the next step's."""
+    ds, labels = _data(tiny_prepared)
+    rates = {}
+
+    def log(metrics, step):
+        if "train/lr" in metrics:
+            rates[step] = metrics["train/lr"]
+
+    fit(_model(labels), ds, CFG, Checkpoints(tmp_path / "c"), "fp", torch.device("cpu"), log=log,
+        progress=False)  # fmt: skip
+    f = lr_factor(CFG.warmup_iters, 3, CFG.lr_steps, CFG.gamma)  # 3 batches per epoch
+    assert rates == {s: pytest.approx(CFG.lr * f(s - 1)) for s in range(1, 7)}
+
+
 def test_resume_after_interruption_matches_uninterrupted_run(tiny_prepared, tmp_path):
     """Killed mid-epoch 2 and rerun: resumes from the epoch-1 checkpoint and ends
     with bit-identical weights on CPU (RNG state and data order are restored)."""

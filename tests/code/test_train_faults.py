@@ -8,6 +8,7 @@ stage right after MLflow recorded a mid-epoch step.
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -98,18 +99,30 @@ def test_stage_stopped_mid_epoch_resumes_its_mlflow_run(tmp_path, monkeypatch):
             raise KeyboardInterrupt
 
     monkeypatch.setattr(tracking, "log_metrics", dies_after_step_3)
+    model_dir(proj).mkdir(parents=True)
+    for earlier in ("loss.csv", "loss.png"):  # an earlier training's curve
+        (model_dir(proj) / earlier).write_text("from another training")
     assert main(["-C", str(proj), *TRAIN]) == 130
     folder = model_dir(proj) / "checkpoints"
     assert sorted(p.name for p in folder.iterdir()) == ["epoch_0001.pt"]
-    assert not (model_dir(proj) / "model.pt").exists()
+    for gone in ("model.pt", "loss.csv", "loss.png"):  # nothing beside no model
+        assert not (model_dir(proj) / gone).exists(), gone
     (killed,) = runs(store)
     logged = [s for s, _ in histories(store, killed.info.run_id)["train/loss_total"]]
     assert logged == [1, 2, 3]  # step 3 came after the checkpoint
 
+    before = torch.load(folder / "epoch_0001.pt", weights_only=True)["seconds"]
+    assert before > 0  # the interrupted process's training time, kept by its checkpoint
     monkeypatch.setattr(tracking, "log_metrics", real)
+    t0 = time.perf_counter()
     assert main(["-C", str(proj), *TRAIN]) == 0
+    rerun = time.perf_counter() - t0
     (run,) = runs(store)
     assert run.info.run_id == killed.info.run_id and run.info.status == "FINISHED"
+    # the training time counts the part before the interruption too (it was only the rerun's)
+    meta = json.loads((model_dir(proj) / "model.json").read_text())
+    assert before < meta["train_seconds"] <= before + rerun + 0.01
+    assert run.data.metrics["train_seconds"] == pytest.approx(meta["train_seconds"], abs=0.01)
     (ref_run,) = runs(store, "ref")
     assert_continues(histories(store, ref_run.info.run_id), histories(store, run.info.run_id))
     assert_same_weights(weights(model_dir(ref) / "model.pt"), weights(model_dir(proj) / "model.pt"))
