@@ -42,7 +42,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         with local_api(meanwhile=_import_flow_modules):  # Prefect: only when there is work
             from pipelines import flush_logs
-            from pipelines.retrain import retrain
+            from pipelines.retrain import decision_word, retrain
 
             try:
                 decisions = retrain(
@@ -51,7 +51,11 @@ def cmd_run(args: argparse.Namespace) -> int:
             finally:
                 flush_logs()
     for d in decisions:
-        outcome = "champion" if d["promoted"] else "kept previous champion"
+        outcome = {
+            "promoted": "champion",
+            "kept": "kept previous champion",
+            "unchanged": "unchanged",
+        }[decision_word(d)]
         print(f"{d['name']} v{d['version']}: {outcome} ({d['reason']})")
     _print_ui_hint(args)
     return 0

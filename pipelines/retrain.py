@@ -203,6 +203,7 @@ def unchanged(reg: dict) -> dict:
     return {
         "name": reg["name"],
         "version": reg["version"],
+        "unchanged": True,  # neither promoted nor kept: not decided again
         "promoted": False,
         "reason": "model unchanged since its registration; no new decision",
         "metric": None,
@@ -236,6 +237,11 @@ def push(project: str) -> None:
     dvcproj.dvc(Path(project), "push", "-q")
 
 
+def decision_word(d: dict) -> str:
+    """promoted, kept (the gate kept the champion) or unchanged (not decided again)."""
+    return "unchanged" if d.get("unchanged") else "promoted" if d["promoted"] else "kept"
+
+
 def _summary(decisions: list[dict]) -> str:
     from rcnnops.tables import markdown_table
 
@@ -244,7 +250,7 @@ def _summary(decisions: list[dict]) -> str:
         [
             d["name"],
             str(d["version"]),
-            "promoted" if d["promoted"] else "kept",
+            decision_word(d),
             d["metric"] or "-",
             "n/a" if d["value"] is None else f"{d['value']:.4f}",
             d["reason"],

@@ -30,16 +30,17 @@ def check_cron(cron: str, timezone: str | None = None) -> CronSchedule:
     """A validated cron schedule; ``ValueError`` naming the bad expression or timezone."""
     from pydantic import ValidationError
 
+    hint = f"a cron expression is minute hour day month weekday, e.g. {DEFAULT_CRON!r}"
+    if len(cron.split()) != 5:  # Prefect also takes a sixth field (seconds)
+        raise ValueError(f"--cron {cron!r}: {len(cron.split())} fields, not 5 ({hint})")
     try:
         return CronSchedule(cron=cron, timezone=timezone)
     except ValidationError as e:
+        zone = [err["msg"] for err in e.errors() if "timezone" in map(str, err["loc"])]
+        if zone:
+            raise ValueError(f"--timezone {timezone!r}: {'; '.join(zone)}") from None
         why = "; ".join(err["msg"] for err in e.errors())
-        raise ValueError(
-            f"--cron {cron!r}"
-            + ("" if timezone is None else f" --timezone {timezone!r}")
-            + f": {why} (a cron expression is minute hour day month weekday, "
-            f"e.g. {DEFAULT_CRON!r})"
-        ) from None
+        raise ValueError(f"--cron {cron!r}: {why} ({hint})") from None
 
 
 def parameters(

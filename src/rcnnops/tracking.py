@@ -74,7 +74,7 @@ def check_reachable(uri: str | None = None, timeout: float = 5.0, then: str = RE
 
 
 @contextmanager
-def unreachable_explained() -> Iterator[None]:
+def unreachable_explained(then: str = RERUN) -> Iterator[None]:
     """Turn an error from a tracking server that went away mid-call into
     :class:`TrackingUnavailable` (other errors pass through unchanged)."""
     try:
@@ -82,7 +82,7 @@ def unreachable_explained() -> Iterator[None]:
     except TrackingUnavailable:
         raise
     except Exception:
-        check_reachable()
+        check_reachable(then=then)
         raise
 
 

@@ -105,3 +105,42 @@ def test_data_folder_is_read_from_the_shells_folder_with_dash_c(tmp_path, monkey
     assert _from_project("proj/data/coco", "proj") == "data/coco"  # inside: portable
     monkeypatch.chdir(tmp_path / "proj")
     assert _from_project("data/coco", ".") == "data/coco"
+
+
+def test_registry_commands_say_at_once_that_the_tracking_server_is_down(
+    tiny_project, capsys, monkeypatch
+):
+    """With MLFLOW_TRACKING_URI on a server that does not answer, MLflow's client
+    retried for about 4 minutes in silence, then `models` printed a traceback; every
+    command that reads the registry now says so in one line, at once."""
+    import time
+
+    from rcnnops.serving.process import free_port
+
+    monkeypatch.chdir(tiny_project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    commands = [
+        ["models"], ["compare"], ["register", "faster_rcnn"], ["promote", "faster_rcnn", "1"],
+        ["rollback", "faster_rcnn"], ["predict", "faster_rcnn", "x.png"],
+        ["export", "faster_rcnn", "--format", "onnx"],
+    ]  # fmt: skip
+    for argv in commands:
+        t0 = time.monotonic()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert "does not answer" in err and "Traceback" not in err, (argv, err)
+        assert time.monotonic() - t0 < 30, argv
+
+
+def test_serve_and_predict_flags_are_checked_as_params_are(tiny_project, capsys, monkeypatch):
+    """`--poll-s 0` made the server poll the registry in a loop at 100 % CPU, and
+    `--max-images 0` failed inside Python ('range() arg 3 must not be zero'): the
+    flags skipped the checks params.yaml's values get."""
+    monkeypatch.chdir(tiny_project)
+    for argv, said in (
+        (["serve", "faster_rcnn", "--poll-s", "0"], "--poll-s: Input should be greater than 0"),
+        (["predict", "faster_rcnn", "x.png", "--max-images", "0"], "--max-images: Input should"),
+        (["serve", "faster_rcnn", "--max-queue", "-1"], "--max-queue: Input should be greater"),
+    ):
+        assert main(argv) == 2, argv
+        assert said in capsys.readouterr().err, argv

@@ -83,7 +83,7 @@ LEARNED_AP50 = 0.25  # every variant; well above chance (~0), with margin below 
 def test_flow_end_to_end_then_noop_then_param_change(
     harness, tiny_project, monkeypatch, nameless_env
 ):
-    from pipelines.retrain import retrain
+    from pipelines.retrain import decision_word, retrain
     from rcnnops.params_edit import set_params
 
     monkeypatch.chdir(tiny_project)
@@ -160,6 +160,7 @@ def test_flow_end_to_end_then_noop_then_param_change(
         assert client.read_flow_run(flow_run.id).state.is_completed()
     for d in decisions:
         assert d["version"] == "1" and not d["promoted"] and "model unchanged" in d["reason"]
+        assert decision_word(d) == "unchanged"  # not "kept": it was not decided against v1
     champion = _mlflow(tiny_project, monkeypatch)
     assert champion.tags["promotion.decision"] == "promoted"  # the audit trail is intact
     assert (tiny_project / "dvc.lock").read_text() == lock

@@ -13,8 +13,12 @@ from pipelines.cli import main
 def test_bad_cron_is_refused_before_serving(capsys):
     assert main(["schedule", "--cron", "61 3 * * *"]) == 2
     assert "Invalid cron string" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="Invalid timezone"):
+    with pytest.raises(ValueError, match="Invalid timezone") as bad_zone:
         schedule.check_cron("0 3 * * 1", "Mars/Olympus")
+    assert "cron" not in str(bad_zone.value)  # the cron was fine: no cron advice
+    # Prefect also takes six fields (seconds): not what `--help`'s five fields say
+    with pytest.raises(ValueError, match=r"--cron '\* \* \* \* \* \*': 6 fields, not 5"):
+        schedule.check_cron("* * * * * *")
 
 
 def test_deployment_is_created_with_its_cron_schedule(harness, tmp_path):

@@ -11,15 +11,39 @@ Handler = Callable[[argparse.Namespace], int]
 
 
 def add(
-    sub: Any, name: str, fn: Handler, help_: str, locked: bool = False, **kwargs: Any
+    sub: Any,
+    name: str,
+    fn: Handler,
+    help_: str,
+    locked: bool = False,
+    tracked: bool = False,
+    **kwargs: Any,
 ) -> argparse.ArgumentParser:
     """A subcommand ``name`` running ``fn(args)``; its help is also its description.
     ``locked``: it holds the project's run lock (see :mod:`rcnnops.lock`), so it
     refuses while a pipeline run is going, and a run refuses while it goes (the
-    run's own stage commands inherit the run's lock)."""
+    run's own stage commands inherit the run's lock). ``tracked``: it talks to the
+    MLflow tracking store, so a server that does not answer is one line at once
+    (MLflow's client retries for minutes, then fails with a traceback), also when
+    it goes away during the command."""
     sp = sub.add_parser(name, help=help_, description=help_, **kwargs)
-    sp.set_defaults(fn=_locked(fn) if locked else fn)
+    handler = _tracked(fn) if tracked else fn
+    sp.set_defaults(fn=_locked(handler) if locked else handler)
     return sp
+
+
+def _tracked(fn: Handler) -> Handler:
+    def run(args: argparse.Namespace) -> int:
+        from rcnnops import tracking
+
+        then = "try again once it answers, or set MLFLOW_TRACKING_URI to one that does"
+        tracking.check_reachable(then=then)
+        with tracking.unreachable_explained(then):
+            return fn(args)
+
+    run.__name__ = run.__qualname__ = fn.__name__
+    run.__doc__ = fn.__doc__
+    return run
 
 
 def _locked(fn: Handler) -> Handler:

@@ -125,7 +125,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
 def add_parsers(sub: Any) -> None:
     add(sub, "presets", cmd_presets, "list the named param sets `run --preset` writes")
     sp = add(sub, "register", cmd_register, "register a trained, evaluated variant in MLflow",
-             locked=True)  # fmt: skip
+             locked=True, tracked=True)  # fmt: skip
     sp.add_argument("variant")
     sp = add(
         sub,
@@ -133,11 +133,13 @@ def add_parsers(sub: Any) -> None:
         cmd_promote,
         "run the promotion gate: move 'champion' to VERSION if it beats the champion",
         locked=True,
+        tracked=True,
     )
     sp.add_argument("variant")
     sp.add_argument("version")
     sp.add_argument("--force", action="store_true", help="promote without comparing")
-    sp = add(sub, "models", cmd_models, "list registered versions with aliases and lineage")
+    sp = add(sub, "models", cmd_models, "list registered versions with aliases and lineage",
+             tracked=True)  # fmt: skip
     sp.add_argument("--json", action="store_true", help="JSON instead of a table")
     sp.add_argument("--variants", nargs="+", help="only these variants (default: all)")
     sp = add(
@@ -146,6 +148,7 @@ def add_parsers(sub: Any) -> None:
         cmd_rollback,
         "move 'champion' back to the version it replaced (from the audit trail tags)",
         locked=True,
+        tracked=True,
     )
     sp.add_argument("variant", help="e.g. faster_rcnn (model rcnnops-VARIANT)")
     add(
@@ -160,6 +163,7 @@ def add_parsers(sub: Any) -> None:
         "compare",
         cmd_compare,
         "compare variants (latest run and champion): AP, cost, lineage; --plot draws them",
+        tracked=True,
     )
     sp.add_argument("--variants", nargs="+", help="variants (default: params variants)")
     sp.add_argument(

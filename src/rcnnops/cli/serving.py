@@ -13,10 +13,21 @@ from rcnnops.cli.common import add, params
 
 
 def serve_settings(args: argparse.Namespace) -> Any:
-    """params ``serve`` with the command's flags over it."""
+    """params ``serve`` with the command's flags over it, checked as params are."""
+    from pydantic import ValidationError
+
+    from rcnnops.config import ParamsError
+
     settings = params(args).serve
     flags = {k: getattr(args, k, None) for k in type(settings).model_fields}
-    return settings.model_copy(update={k: v for k, v in flags.items() if v is not None})
+    flags = {k: v for k, v in flags.items() if v is not None}
+    try:  # validated as params.yaml's values are (model_copy would not check them)
+        return type(settings).model_validate(settings.model_dump() | flags)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']}" for err in e.errors()
+        )
+        raise ParamsError(problems) from None
 
 
 def model_config(s: Any) -> dict:
@@ -197,6 +208,7 @@ def add_parsers(sub: Any) -> None:
         "export",
         cmd_export,
         "export a registered version to TorchScript or ONNX, checked against the eager model",
+        tracked=True,
     )
     sp.add_argument("variant", help="faster_rcnn or mask_rcnn (model rcnnops-VARIANT)")
     sp.add_argument(
@@ -211,7 +223,8 @@ def add_parsers(sub: Any) -> None:
         metavar="DIR",
         help="where to write (default: exports/VARIANT-vN-FORMAT; must not exist)",
     )
-    sp = add(sub, "predict", cmd_predict, "run a registered model on image files; print or draw")
+    sp = add(sub, "predict", cmd_predict, "run a registered model on image files; print or draw",
+             tracked=True)  # fmt: skip
     sp.add_argument("variant", help="e.g. faster_rcnn (model rcnnops-VARIANT)")
     sp.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
     sp.add_argument("--alias", default="champion", help="alias to load (default: champion)")
