@@ -93,7 +93,11 @@ def _read_split(data: DataParams, split: str, p: PrepareParams) -> tuple[dict, P
 def _refuse_shared_images(data: DataParams, train: dict, train_root: Path, val: dict,
                           val_root: Path) -> None:  # fmt: skip
     """A photo in both splits is validated on after being trained on: its AP says
-    nothing about new photos. Same file (resolved, as validation resolved it)."""
+    nothing about new photos. Same file (resolved, as validation resolved it; every
+    file lies inside its resolved image folder, so folders apart share none)."""
+    a, b = train_root.resolve(), val_root.resolve()
+    if not (a.is_relative_to(b) or b.is_relative_to(a)):
+        return
     trained = {(train_root / im["file_name"]).resolve(): im["id"] for im in train["images"]}
     for im in val["images"]:
         iid = trained.get((val_root / im["file_name"]).resolve())

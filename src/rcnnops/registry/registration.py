@@ -119,16 +119,14 @@ def register(
             with tracking.added_to(run_id):
                 info = pyfunc.log(bundle)
         mv = mlflow.register_model(info.model_uri, name, tags=tags)
-    except pyfunc.ServingCheckError as e:
-        if elsewhere:
-            tracking.client().delete_run(run_id)
-        raise RegistryError(
-            f"{model_dir}: the model does not work as served: loaded from its logged "
-            f"copy, it failed on the input example ({e}); nothing registered"
-        ) from None
-    except BaseException:
+    except BaseException as e:
         if elsewhere:  # nothing registered, and no stray run (a retry makes another)
             tracking.client().delete_run(run_id)
+        if isinstance(e, pyfunc.ServingCheckError):
+            raise RegistryError(
+                f"{model_dir}: the model does not work as served: loaded from its logged "
+                f"copy, it failed on the input example ({e}); nothing registered"
+            ) from None
         raise
     describe(name, str(mv.version))
     tracking.client().set_registered_model_alias(name, CHALLENGER, mv.version)
