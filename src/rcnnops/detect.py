@@ -142,23 +142,30 @@ class Detector:
 
         return torch.from_numpy(selective_search(pixels, **self.proposals)[0]).to(self.device)
 
-    def _forward(self, tensor: Any, proposals: Any, score_threshold: float) -> dict:
+    def _forward(self, tensor: Any, proposals: Any, score_threshold: float, fitted: bool) -> dict:
         """One image through the model with the request's threshold as the heads'
         score threshold, so nothing below it is decoded or pasted (Mask R-CNN pastes
-        each kept mask at full image size). One forward at a time per model: the
-        threshold is set on the shared heads."""
+        each kept mask at full image size). A ``fitted`` image is already at the
+        size the model's transform would resize it to: the transform is told that
+        size, so it keeps the pixels as they are (its own rule, applied to the
+        reduced size, can be a pixel off and resample them again). One forward at a
+        time per model: both are set on the shared model."""
         import torch
 
-        heads = self.model.roi_heads
+        heads, transform = self.model.roi_heads, getattr(self.model, "transform", None)
         with self.lock, torch.no_grad():
             before = heads.score_thresh
             heads.score_thresh = max(before, score_threshold)
+            if fitted:  # (w, h), as torchvision takes it
+                fixed, transform.fixed_size = transform.fixed_size, tuple(tensor.shape[:0:-1])
             try:
                 if proposals is None:
                     return self.model([tensor])[0]
                 return self.model([tensor], proposals=[proposals])[0]
             finally:
                 heads.score_thresh = before
+                if fitted:
+                    transform.fixed_size = fixed
 
     def __call__(
         self,
@@ -175,14 +182,17 @@ class Detector:
         for i, image in enumerate(images):
             picture = image if isinstance(image, Picture) else fit_array(image, self.fit)
             _check_deadline(deadline, i, len(images))
-            # uint8 to the device (a quarter of the bytes), then to float there
-            tensor = torch.from_numpy(picture.pixels).to(self.device)
-            tensor = tensor.permute(2, 0, 1).float().div(255.0)
+            fitted = picture.exact is not None
+            if fitted:  # reduced as the model's transform would: its float pixels
+                tensor = picture.exact.to(self.device)
+            else:  # uint8 to the device (a quarter of the bytes), then to float there
+                tensor = torch.from_numpy(picture.pixels).to(self.device)
+                tensor = tensor.permute(2, 0, 1).float().div(255.0)
             proposals = None
             if self.proposals is not None:
                 proposals = self._proposals(picture.pixels)
                 _check_deadline(deadline, i, len(images))
-            output = self._forward(tensor, proposals, score_threshold)
+            output = self._forward(tensor, proposals, score_threshold, fitted)
             out.append(to_detections(output, self.names, score_threshold, picture))
         return out
 

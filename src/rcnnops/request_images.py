@@ -1,11 +1,13 @@
 """A request's images, decoded within bounds: what :mod:`rcnnops.detect` runs on.
 
 The number of images and the decoded pixels of each are checked from the request
-and the image headers before any pixel is decoded (:class:`ImageLimits`); an image
-larger than the model works at is decoded straight to that size (JPEG's
-reduced-scale decoding, then a resize), so neither the tensors nor selective
-search ever see more pixels than the model would use (:class:`Picture` keeps the
-size as sent, the frame answers are returned in).
+and the image headers before any pixel is decoded (:class:`ImageLimits`). An image
+larger than the model works at is reduced to that size as soon as it is decoded,
+the way the model's own transform reduces an image in training and evaluation
+(torch's bilinear at torchvision's scale factor, in float, a channel at a time),
+so the served model sees the pixels the evaluated one saw, and neither the tensors
+nor selective search ever see more pixels than the model would use
+(:class:`Picture` keeps the size as sent, the frame answers are returned in).
 """
 
 from __future__ import annotations
@@ -72,11 +74,15 @@ class ImageLimits:
 
 @dataclass
 class Picture:
-    """A decoded image ``pixels`` (``uint8 [h, w, 3]``, possibly downscaled) and the
-    ``size`` ``(H, W)`` of the image as sent, the frame detections are returned in."""
+    """A decoded image ``pixels`` (``uint8 [h, w, 3]``, possibly reduced) and the
+    ``size`` ``(H, W)`` of the image as sent, the frame detections are returned in.
+    A reduced image also keeps ``exact``, its float pixels (``[3, h, w]`` in [0, 1])
+    before rounding to 8 bits: what the model's transform would have made of the
+    image as sent, and what the model is given."""
 
     pixels: np.ndarray
     size: tuple[int, int]
+    exact: Any = None  # torch.Tensor when reduced
 
     @property
     def scale(self) -> tuple[float, float]:
@@ -85,44 +91,49 @@ class Picture:
         return self.size[0] / h, self.size[1] / w
 
 
+def _scale(h: int, w: int, fit: tuple[int, int]) -> float:
+    # torchvision's GeneralizedRCNNTransform at inference, to the same float
+    return min(fit[0] / min(h, w), fit[1] / max(h, w))
+
+
 def fitted_size(h: int, w: int, fit: tuple[int, int] | None) -> tuple[int, int]:
     """The size ``(h, w)`` an image is resized to by a detector that works at
-    ``fit = (min_size, max_size)`` (torchvision's rule: shorter side to
-    ``min_size`` unless the longer side would pass ``max_size``), when that is a
-    reduction; otherwise ``(h, w)``."""
+    ``fit = (min_size, max_size)`` when that is a reduction, otherwise ``(h, w)``:
+    torchvision's rule and arithmetic (shorter side to ``min_size`` unless the
+    longer side would pass ``max_size``; each side times that scale, floored, as
+    ``torch.nn.functional.interpolate`` sizes its output)."""
     if fit is None:
         return h, w
-    scale = min(fit[0] / min(h, w), fit[1] / max(h, w))
+    scale = _scale(h, w, fit)
     if scale >= 1.0:
         return h, w
-    return max(1, round(h * scale)), max(1, round(w * scale))
+    return max(1, math.floor(h * scale)), max(1, math.floor(w * scale))
 
 
 def fit_array(arr: np.ndarray, fit: tuple[int, int] | None) -> Picture:
+    """``uint8 [h, w, 3]`` pixels as the model's transform would reduce them, when
+    they are larger than ``fit`` (see :func:`fitted_size`): in float, each channel
+    through torch's bilinear at torchvision's scale factor (no antialiasing), then
+    scaled to [0, 1] as training scales its images. A channel at a time: a 50 MP
+    photo is 200 MB a float channel. The result is ``exact``; ``pixels`` its 8-bit
+    rounding (for selective search)."""
     h, w = arr.shape[:2]
     nh, nw = fitted_size(h, w, fit)
     if (nh, nw) == (h, w):
         return Picture(arr, (h, w))
-    from PIL import Image
+    import torch
 
-    small = Image.fromarray(arr).resize((nw, nh), Image.Resampling.BILINEAR)
-    return Picture(np.asarray(small, dtype=np.uint8).copy(), (h, w))
-
-
-EXIF_ORIENTATION = 0x0112
-
-
-def _resized(im: Any, w: int, h: int) -> Any:
-    """``im`` resized to ``w`` x ``h``, bilinear: 16-bit greyscale through 32-bit
-    (Pillow's bilinear resize takes no 16-bit image), palette and 1-bit images
-    through RGB (Pillow would resize them nearest-neighbour)."""
-    from PIL import Image
-
-    if im.mode.startswith("I;16"):
-        im = im.convert("I")
-    elif im.mode in ("1", "P", "PA"):  # Pillow resizes these nearest-neighbour only
-        im = im.convert("RGB")
-    return im.resize((w, h), Image.Resampling.BILINEAR)
+    scale = _scale(h, w, fit)
+    view = torch.from_numpy(arr)  # [h, w, 3]: each channel read in place, one at a time
+    exact = torch.empty(3, nh, nw)
+    for c in range(3):
+        exact[c] = torch.nn.functional.interpolate(
+            view[..., c].float()[None, None], scale_factor=scale, mode="bilinear",
+            recompute_scale_factor=True, align_corners=False,
+        )[0, 0]  # fmt: skip
+    exact.div_(255.0)  # bilinear is linear: the same pixels as scaling first, to float rounding
+    pixels = exact.mul(255.0).round_().clamp_(0, 255).to(torch.uint8).permute(1, 2, 0)
+    return Picture(pixels.contiguous().numpy(), (h, w), exact)
 
 
 def decode_base64_image(
@@ -131,32 +142,25 @@ def decode_base64_image(
     """A base64-encoded image file (PNG, JPEG, ...) -> :class:`Picture` (RGB).
 
     The size is checked from the header, before any pixel is decoded; an image
-    larger than ``fit`` (see :func:`fitted_size`) is decoded to that size."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
+    larger than ``fit`` (see :func:`fitted_size`) is reduced to that size as soon
+    as it is decoded (:func:`fit_array`)."""
+    from PIL import Image, UnidentifiedImageError
 
     try:
         raw = base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError, TypeError):
         raise InputError(f"{where}: not base64 (expected a base64-encoded image file)") from None
-    from rcnnops.data.io import rgb_array
+    from rcnnops.data.io import shown_array
 
     try:
         with Image.open(io.BytesIO(raw)) as im:
-            # the image as shown (EXIF orientation applied, as training reads it):
-            # its frame is the one detections come back in
             w, h = im.size
             limits.check(h, w, where)  # first: from the header alone (the limits are
             # the same turned); a bomb's header may be all there is to read
-            turned = im.getexif().get(EXIF_ORIENTATION, 1) in (5, 6, 7, 8)
-            if turned:
-                w, h = h, w
-            nh, nw = fitted_size(h, w, fit)
-            if (nh, nw) != (h, w):  # JPEG: decode at 1/2, 1/4, 1/8 scale, no smaller
-                im.draft(im.mode, (nh, nw) if turned else (nw, nh))
-            shown = ImageOps.exif_transpose(im)
-            if (nh, nw) != (h, w):
-                shown = _resized(shown, nw, nh)
-            return Picture(rgb_array(shown), (h, w))
+            # The image as shown (EXIF orientation applied), decoded in full, as
+            # training reads it; its frame is the one detections come back in. No
+            # JPEG reduced-scale decoding: its pixels are not the full image's.
+            return fit_array(shown_array(im), fit)
     except InputError:
         raise
     except Image.DecompressionBombError:  # Pillow's own guard, before our check runs

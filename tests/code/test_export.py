@@ -71,26 +71,39 @@ def test_export_command_writes_checks_logs_and_tags(project, capsys):
     assert sorted(p.name for p in (project / "exports").iterdir()) == [
         "mask_rcnn-v1-onnx", "mask_rcnn-v1-torchscript",
     ]  # fmt: skip
-    # each export's README code runs as written, on a file as users have them (RGBA,
-    # stored turned, with an EXIF orientation): it was a shape error for TorchScript
+    # each export's README code runs as written, on files as users have them: RGBA,
+    # stored turned with an EXIF orientation (it was a shape error for TorchScript),
+    # and a 16-bit grey PNG (Pillow's convert clipped it white, torchvision's uint16
+    # divided by 255 was up to 257): the input is the tensor rcnnops reads
+    import numpy as np
     from PIL import Image
+
+    from rcnnops.data.io import load_image
 
     (first,) = sorted((project / "data/raw/shapes/val").glob("*.png"))[:1]
     exif = Image.Exif()
     exif[0x0112] = 6
     with Image.open(first) as im:
         im.convert("RGBA").transpose(Image.Transpose.ROTATE_90).save(project / "p.png", exif=exif)
-    for folder in ("mask_rcnn-v1-onnx", "mask_rcnn-v1-torchscript"):
-        readme = (project / "exports" / folder / "README.md").read_text()
-        code = readme.split("```python\n", 1)[1].split("```", 1)[0]
-        code = code.replace('"photo.jpg"', repr(str(project / "p.png")))
-        shape = "print(tuple(image.shape))\n"
-        done = subprocess.run(
-            [sys.executable, "-c", code + shape], cwd=project / "exports" / folder,
-            capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr[-2000:]
-        assert done.stdout.split()[-3:] == ["(3,", f"{im.height},", f"{im.width})"]
+        grey = np.asarray(im.convert("L"), np.uint16) * 257
+    Image.fromarray(grey).save(project / "deep.png")  # Pillow: mode I;16
+    show = "import torch\nread = torch.load('../x.pt')\n"
+    show += "print(tuple(image.shape), float((torch.as_tensor(image) - read).abs().max()))\n"
+    for photo in ("p.png", "deep.png"):
+        torch.save(load_image(project / photo), project / "exports" / "x.pt")
+        for folder in ("mask_rcnn-v1-onnx", "mask_rcnn-v1-torchscript"):
+            readme = (project / "exports" / folder / "README.md").read_text()
+            code = readme.split("```python\n", 1)[1].split("```", 1)[0]
+            code = code.replace('"photo.jpg"', repr(str(project / photo)))
+            done = subprocess.run(
+                [sys.executable, "-c", code + show],
+                cwd=project / "exports" / folder, capture_output=True, text=True, timeout=300,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr[-2000:]
+            *shape, diff = done.stdout.split()[-4:]
+            assert shape == ["(3,", f"{im.height},", f"{im.width})"], (photo, folder)
+            assert float(diff) <= 1 / 255 + 1e-6, (photo, folder)  # rcnnops rounds to 8 bits
+    (project / "exports" / "x.pt").unlink()
 
 
 def trained(project: Path, variant: str) -> torch.nn.Module:

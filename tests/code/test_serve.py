@@ -96,6 +96,8 @@ def test_served_model_answers_images_and_refuses_the_rest(project, tmp_path):
     finally:
         serve.stop_server(proc)
     assert proc.poll() is not None
+    # MLflow's download progress bars stay out of the server's log
+    assert "Downloading artifacts" not in (tmp_path / "server.log").read_text()
 
 
 def test_serve_command_refuses_a_port_in_use(project, capsys):

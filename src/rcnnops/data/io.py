@@ -94,7 +94,14 @@ def load_image_array(path: Path) -> np.ndarray:
     palette and 16-bit images converted). Errors name the file."""
     errors = _pillow_errors(f"{path}: image file not found", f"{path}: cannot read image")
     with errors, Image.open(path) as im:
-        return rgb_array(ImageOps.exif_transpose(im))
+        return shown_array(im)
+
+
+def shown_array(im: Image.Image) -> np.ndarray:
+    """An opened image as shown (its EXIF orientation applied, in place: a 12 MP
+    photo's copy is 36 MB) -> :func:`rgb_array`."""
+    ImageOps.exif_transpose(im, in_place=True)
+    return rgb_array(im)
 
 
 def rgb_array(im: Image.Image) -> np.ndarray:
@@ -106,7 +113,8 @@ def rgb_array(im: Image.Image) -> np.ndarray:
         peak = 65535.0 if arr16.size and arr16.max() > 255 else 255.0
         grey = np.clip(arr16 / peak * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return np.repeat(grey[..., None], 3, axis=2)
-    return np.asarray(im.convert("RGB"), dtype=np.uint8).copy()
+    rgb = im if im.mode == "RGB" else im.convert("RGB")  # converting to its own mode copies
+    return np.asarray(rgb, dtype=np.uint8).copy()
 
 
 @contextmanager

@@ -184,8 +184,11 @@ USAGE = {
 import numpy as np, onnxruntime as ort
 from PIL import Image, ImageOps
 session = ort.InferenceSession("model.onnx", providers=["CPUExecutionProvider"])
-photo = ImageOps.exif_transpose(Image.open("photo.jpg")).convert("RGB")  # as shown, RGB
-image = np.asarray(photo, np.float32).transpose(2, 0, 1) / 255
+photo = ImageOps.exif_transpose(Image.open("photo.jpg"))  # as shown
+if photo.mode.startswith("I;16"):  # 16-bit grey: Pillow's convert("RGB") would clip it
+    image = np.repeat(np.asarray(photo, np.float32)[None] / 65535, 3, axis=0)
+else:
+    image = np.asarray(photo.convert("RGB"), np.float32).transpose(2, 0, 1) / 255
 boxes, labels, scores, *masks = session.run(None, {"image": image})
 ```""",
     "torchscript": """Run it with PyTorch (no rcnnops needed), or TorchServe:
@@ -193,9 +196,12 @@ boxes, labels, scores, *masks = session.run(None, {"image": image})
 ```python
 import torch
 from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.v2.functional import to_dtype
 model = torch.jit.load("model.torchscript.pt").eval()
-# RGB (a grey or RGBA file too), turned as its EXIF orientation says (as rcnnops reads it)
-image = decode_image("photo.jpg", mode=ImageReadMode.RGB, apply_exif_orientation=True).float() / 255
+# RGB (a grey, RGBA or 16-bit file too), turned as its EXIF orientation says (as rcnnops
+# reads it); to [0, 1] by the file's own range (a 16-bit PNG decodes as uint16)
+image = decode_image("photo.jpg", mode=ImageReadMode.RGB, apply_exif_orientation=True)
+image = to_dtype(image, torch.float32, scale=True)
 losses, (detections,) = model([image])   # detections: boxes, labels, scores[, masks]
 ```""",
 }

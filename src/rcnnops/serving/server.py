@@ -13,6 +13,7 @@ and swapped in place; ``workers`` threads compute (torch releases the GIL).
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 
@@ -37,6 +38,9 @@ def serve(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
     )
     check_port_free(host, port)
+    # MLflow draws a progress bar for each download of a version (at start and at
+    # every swap): lines of noise in a server's log. A user's own setting stands.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     if not is_loopback(host):
         log.warning("serving on %s, reachable from other machines, with no authentication: "
                     "put an authenticating proxy in front", host)  # fmt: skip
