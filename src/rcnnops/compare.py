@@ -57,13 +57,28 @@ def _int(value: Any) -> int | None:
         return None
 
 
+def read_report(path: Path, kind: type) -> Any:
+    """A JSON report a stage wrote (``model.json``, ``metrics.json``: an object;
+    ``predictions.json``: a list); a damaged one is a :class:`DataError` naming it."""
+    from rcnnops.data.io import DataError, read_json
+
+    value = read_json(path)
+    if not isinstance(value, kind):
+        expected = "an object" if kind is dict else "a list"
+        raise DataError(
+            f"{path}: expected {expected}, found {type(value).__name__}; "
+            "rerun the stage that writes it (`dvc repro`)"
+        )
+    return value
+
+
 def latest_row(variant: str, models: Path, reports: Path) -> dict | None:
     """The project's latest trained + evaluated model of ``variant`` (None if not trained)."""
     meta_path, metrics_path = models / variant / "model.json", reports / variant / "metrics.json"
     if not meta_path.is_file():
         return None
-    meta = json.loads(meta_path.read_text())
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    meta = read_report(meta_path, dict)
+    metrics = read_report(metrics_path, dict) if metrics_path.is_file() else {}
     return {
         "variant": variant,
         "source": "latest",
@@ -196,14 +211,14 @@ def side_by_side(
     images, one row per image; None when no variant has predictions."""
     from rcnnops.data.io import load_image_array, safe_image_path
     from rcnnops.data.prepare import load_split
-    from rcnnops.plots import draw_detections, pyplot
+    from rcnnops.plots import draw_detections, pyplot, save_figure
 
     reports = Path(params.evaluate.out)
     preds = {}
     for v in variants or params.variants:
         path = reports / v / "predictions.json"
         if path.is_file():
-            preds[v] = json.loads(path.read_text())
+            preds[v] = read_report(path, list)
     if not preds:
         return None
     coco, root, labels = load_split(Path(params.prepare.out), "val")
@@ -225,11 +240,7 @@ def side_by_side(
                 ax.set_title(title, fontsize=9)
     fig.suptitle(f"validation images, detections scoring >= {score_threshold}", fontsize=10)
     fig.tight_layout()
-    out = Path(out or reports / PLOT)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, Path(out or reports / PLOT))
 
 
 # --- MLflow ------------------------------------------------------------------------

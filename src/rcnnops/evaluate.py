@@ -60,7 +60,7 @@ def run(params, variant: str, progress: bool = True) -> dict:
     from rcnnops.data.io import DataError
     from rcnnops.data.prepare import load_manifest, load_split
     from rcnnops.device import resolve_device
-    from rcnnops.files import sha256_file
+    from rcnnops.files import sha256_file, write_atomic
     from rcnnops.models import MASK_VARIANTS, USES_PROPOSALS
     from rcnnops.models.io import load_model
 
@@ -92,12 +92,16 @@ def run(params, variant: str, progress: bool = True) -> dict:
 
     out_dir = Path(params.evaluate.out) / variant
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "predictions.json").write_text(json.dumps(results))
+    # metrics.json last: its presence means the report is complete. An earlier
+    # one goes first (a kill left the new predictions beside the old metrics,
+    # and `compare` showed one model's AP over another's detections); each file
+    # is written whole.
+    (out_dir / "metrics.json").unlink(missing_ok=True)
+    write_atomic(out_dir / "predictions.json", json.dumps(results))
     plot_pr(curves, labels.names, out_dir / "pr_curve.png", variant)
     write_samples(dataset, results, labels, out_dir / "samples.png", variant)
     plots = ["pr_curve.png", "samples.png"]
-    # metrics.json last: its presence means the report is complete.
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, allow_nan=False))
+    write_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2, allow_nan=False))
     with tracking.stage_run(params.register.experiment, variant, meta["run_id"]):
         tracking.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
         for t, (_, per_class) in evals.items():

@@ -7,6 +7,7 @@ model) sees either the old file or folder or the complete new one.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import shutil
 import tempfile
@@ -18,18 +19,62 @@ from pathlib import Path
 @contextmanager
 def replaced_dir(out: Path, prefix: str = ".tmp-") -> Iterator[Path]:
     """A fresh temporary sibling of ``out`` to fill; swapped in as ``out`` when
-    the block succeeds, removed (``out`` untouched) when it raises."""
+    the block succeeds, removed (``out`` untouched) when it raises.
+
+    The swap moves the old ``out`` aside before the new one takes its name, so a
+    kill at any moment leaves the old folder, the new one, or (between the two
+    renames) none, never half of one. Siblings a killed process left (named
+    ``<prefix><pid>-...`` by a process no longer running, or by an rcnnops before
+    2026-12-03 without a pid) are removed first. The new folder gets the
+    permissions of any folder made under the process's umask (a temporary folder
+    is private to its owner)."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
+    _remove_left_behind(out.parent, prefix)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=out.parent))
+    old = tmp.with_name(tmp.name + ".old")
     try:
         yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        os.chmod(tmp, 0o777 & ~_umask())
+        moved = out.exists()
+        if moved:
+            os.rename(out, old)
+        try:
+            os.replace(tmp, out)
+        except BaseException:
+            if moved:  # put the old folder back
+                os.rename(old, out)
+            raise
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
+        for left in (tmp, old):
+            if left.exists():
+                shutil.rmtree(left)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _remove_left_behind(parent: Path, prefix: str) -> None:
+    for sibling in parent.glob(f"{prefix}*"):
+        pid = sibling.name[len(prefix) :].split("-", 1)[0]
+        if sibling.is_dir() and not sibling.is_symlink() and not _running(pid):
+            shutil.rmtree(sibling, ignore_errors=True)
+
+
+def _running(pid: str) -> bool:
+    """Whether ``pid`` (text from a folder's name) is a running process here."""
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def write_atomic(path: Path, data: str | bytes) -> Path:
@@ -46,6 +91,15 @@ def write_atomic(path: Path, data: str | bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_figure(fig, path: Path, dpi: int | None = 100) -> Path:
+    """A matplotlib figure as a PNG at ``path``, whole: drawn in memory, then
+    :func:`write_atomic` (a kill while saving left a 0-byte picture in place of
+    the previous one)."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return write_atomic(path, buf.getvalue())
 
 
 def sha256_bytes(data: str | bytes) -> str:

@@ -24,6 +24,16 @@ def pyplot():
     return plt
 
 
+def save_figure(fig, path: Path, dpi: int | None = 100) -> Path:
+    """:func:`rcnnops.files.write_figure`, then close ``fig``."""
+    from rcnnops.files import write_figure
+
+    try:
+        return write_figure(fig, Path(path), dpi)
+    finally:
+        pyplot().close(fig)
+
+
 def write_loss_csv(steps_log: list[dict], path: Path) -> None:
     """Per-step training losses as CSV (``step``, ``loss_total``, ``loss_*``, ``lr``)."""
     keys = sorted({k for row in steps_log for k in row} - {"step"})
@@ -53,8 +63,7 @@ def plot_loss(steps_log: list[dict], path: Path, title: str) -> None:
         ax.set_yscale("log")
         ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_pr(curves: dict[str, np.ndarray], names: Sequence[str], path: Path, title: str) -> None:
@@ -88,8 +97,23 @@ def plot_pr(curves: dict[str, np.ndarray], names: Sequence[str], path: Path, tit
         if 0 < len(row[1].lines) <= 12:
             row[1].legend(loc="lower left", fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
+
+
+DRAWN_SIDE = 1024  # pixels: a figure's panel is a few hundred
+
+
+def shrunk(image: np.ndarray, max_side: int) -> np.ndarray:
+    """``image`` (``uint8 [H, W, 3]``) reduced to at most ``max_side`` pixels on its
+    longer side (Pillow's antialiased bilinear), or itself."""
+    h, w = image.shape[:2]
+    k = max_side / max(h, w)
+    if k >= 1:
+        return image
+    from PIL import Image
+
+    small = Image.fromarray(image).resize((max(1, round(w * k)), max(1, round(h * k))))
+    return np.asarray(small)
 
 
 def draw_detections(
@@ -98,16 +122,19 @@ def draw_detections(
     records: Sequence[dict],
     names: dict[int, str],
     size: tuple[int, int] | None = None,
+    max_side: int = DRAWN_SIDE,
 ) -> None:
     """Draw COCO result ``records`` (``bbox`` xywh, ``category_id``, ``score``,
     optional ``segmentation`` RLE) on ``image`` (``uint8 [H, W, 3]``) in ``ax``.
     ``size`` ``(H, W)``: the frame the records are in, when ``image`` is a smaller
-    copy of that picture (a large photo is drawn from one)."""
+    copy of that picture. An image longer than ``max_side`` pixels is drawn from
+    such a copy (a 7000x5000 photo's float canvas alone is 420 MB)."""
     from matplotlib import colormaps
 
     from rcnnops.data.masks import decode
 
     h, w = size or image.shape[:2]
+    image = shrunk(image, max_side)
     ch, cw = image.shape[:2]
     rows, cols = (np.arange(ch) * h) // ch, (np.arange(cw) * w) // cw  # nearest
     canvas = image.astype(np.float32) / 255.0
@@ -162,5 +189,4 @@ def plot_samples(
         draw_detections(ax, image, recs, names)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)

@@ -5,6 +5,7 @@ import csv
 import io
 import json
 
+import numpy as np
 import pytest
 import yaml
 from PIL import Image
@@ -120,6 +121,53 @@ def test_cli_compare_and_plot(project, capsys):
         assert main([command, "--variants", "faster_rcnn", "fasterrcnn"]) == 2
         err = capsys.readouterr().err
         assert "error: --variants: unknown fasterrcnn (variants: rcnn, fast_rcnn, " in err
+
+
+def test_bad_image_counts_and_damaged_reports_are_named(project, capsys):
+    """--images 0 or -100 drew empty axes, -1 dropped the last image, 100000 drew a
+    whole validation set; a damaged report was a JSON error naming no file, or a
+    traceback (a list where an object belongs)."""
+    picture = project / "reports/compare/side_by_side.png"
+    for value, why in (("0", "must be 1 to 50, got 0"), ("-1", "must be 1 to 50, got -1"),
+                       ("51", "must be 1 to 50, got 51"),
+                       ("two", "not a whole number: 'two'")):  # fmt: skip
+        with pytest.raises(SystemExit) as e:
+            main(["compare", "--plot", "--images", value])
+        assert e.value.code == 2 and f"argument --images: {why}" in capsys.readouterr().err
+    assert not picture.exists()
+    assert main(["compare", "--images", "2"]) == 0
+    assert "--images draws nothing without --plot" in capsys.readouterr().err
+    assert not picture.exists()
+    reports = project / "reports/faster_rcnn"
+    good = (reports / "predictions.json").read_text()
+    (reports / "predictions.json").write_text(good[:100])
+    assert main(["compare", "--plot"]) == 2
+    err = capsys.readouterr().err
+    assert "reports/faster_rcnn/predictions.json: not valid JSON" in err and not picture.exists()
+    (reports / "predictions.json").write_text(good)
+    (reports / "metrics.json").write_text("[]")
+    assert main(["compare"]) == 2
+    assert "metrics.json: expected an object, found list" in capsys.readouterr().err
+
+
+def test_a_large_photo_is_drawn_from_a_small_copy(project, monkeypatch):
+    """Each panel is a few hundred pixels wide, yet every photo got a float canvas
+    of its full size: one 7000x5000 photo took 4.4 GB."""
+    from rcnnops import plots
+
+    sizes = []
+    shrunk = plots.shrunk
+    monkeypatch.setattr(plots, "shrunk", lambda im, side: sizes.append(im.shape) or
+                        shrunk(im, side))  # fmt: skip
+    big = (np.arange(2000 * 3000 * 3) % 251).astype(np.uint8).reshape(2000, 3000, 3)
+    assert plots.shrunk(big, 1024).shape == (683, 1024, 3)
+    coco, root, _ = load_split(project / "prepared", "val")
+    first = compare.pick_images(coco, 1)[0]
+    Image.fromarray(big).save(root / first["file_name"])  # the first image drawn, now large
+    plot = compare.side_by_side(load_params("params.yaml"), n_images=1)
+    assert sizes[0] == (2000, 3000, 3)  # handed to shrunk, which draws 683x1024
+    with Image.open(plot) as im:
+        assert im.width < 1000
 
 
 def test_comparison_is_logged_to_mlflow_once(project):

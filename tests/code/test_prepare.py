@@ -275,3 +275,27 @@ def test_corrupt_prepared_file_is_detected(tiny_prepared):
     path.write_text(path.read_text()[:-20])
     with pytest.raises(DataError, match="checksum does not match .* `dvc repro prepare`"):
         load_split(tiny_prepared, "train")
+
+
+def test_a_fifo_in_place_of_an_image_is_refused_not_waited_on(tmp_path):
+    """`compare --plot` hung for good on a named pipe where a photo belonged."""
+    import threading
+
+    from rcnnops.data.io import load_image_array
+
+    fifo = tmp_path / "000001.png"
+    os.mkfifo(fifo)
+    caught = []
+    reader = threading.Thread(target=lambda: caught.append(_raised(load_image_array, fifo)),
+                              daemon=True)  # fmt: skip
+    reader.start()
+    reader.join(timeout=10)
+    assert caught and f"{fifo}: cannot read image: not a regular file" in caught[0]
+
+
+def _raised(fn, *args) -> str:
+    try:
+        fn(*args)
+    except DataError as e:
+        return str(e)
+    return "no error"

@@ -106,6 +106,52 @@ def test_parallel_equals_serial(tiny_prepared):
     assert all(np.array_equal(a, b) for a, b in zip(serial, parallel, strict=True))
 
 
+def test_a_dead_worker_is_one_clear_error(tiny_prepared):
+    """A worker killed (say by the OOM killer) was a BrokenProcessPool traceback."""
+    import os
+    import signal
+
+    from rcnnops.data.io import DataError
+    from rcnnops.proposals.precompute import search_pool
+
+    coco, root, _ = load_split(tiny_prepared, "train")
+    with search_pool(1) as pool:
+        os.kill(pool.submit(os.getpid).result(), signal.SIGKILL)
+        time.sleep(1)  # the pool sees its worker gone
+        with pytest.raises(DataError, match="worker process died .* after 0 of 12 train images; "
+                           "lower proposals.workers"):  # fmt: skip
+            compute_split(coco, root, S, workers=2, desc="train", pool=pool)
+
+
+def test_workers_end_with_a_killed_stage(tmp_path):
+    """SIGKILL of `rcnnops proposals` left its spawned workers alive (0.8 GB each)."""
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "worker.pid"  # not a pipe: a live worker would hold it open
+    subprocess.run(
+        [sys.executable, "-c",
+         "import os, signal, sys\n"
+         "from rcnnops.proposals.precompute import search_pool\n"
+         "pool = search_pool(1)\n"
+         "open(sys.argv[1], 'w').write(str(pool.submit(os.getpid).result()))\n"
+         "os.kill(os.getpid(), signal.SIGKILL)\n", str(out)],
+        timeout=120,
+    )  # fmt: skip
+    worker = int(out.read_text())
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            os.kill(worker, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.1)
+    else:
+        os.kill(worker, 9)
+        pytest.fail(f"worker {worker} outlived its stage by 20 s")
+
+
 def test_proposals_rescaled_with_the_image():
     source = PrecomputedProposals(top_n_train=10, top_n_test=10).eval()
     props = [

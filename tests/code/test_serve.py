@@ -509,3 +509,30 @@ def test_predict_takes_any_number_of_files_and_keeps_every_drawing(
         assert max(im.size) == 1000
     with Image.open(tmp_path / "d" / f"{image.stem}.png") as im, Image.open(image) as src:
         assert im.size == (src.width * 2, src.height * 2)  # small: drawn twice as large
+
+
+def test_an_interrupted_evaluation_leaves_no_earlier_metrics_beside_new_predictions(
+    project, monkeypatch
+):
+    """Killed after writing predictions.json, evaluate left the previous
+    metrics.json, whose presence says the report is complete: `compare` showed the
+    old AP over the new detections."""
+    from rcnnops import evaluate
+    from rcnnops.config import load_params
+
+    reports = project / "reports/faster_rcnn"
+    assert (reports / "metrics.json").is_file()
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # stands in for the kill: after the predictions
+
+    with inside(project):
+        p = load_params("params.yaml")
+        with monkeypatch.context() as patched, pytest.raises(KeyboardInterrupt):
+            patched.setattr(evaluate, "plot_pr", killed)
+            evaluate.run(p, "faster_rcnn", progress=False)
+        assert not (reports / "metrics.json").exists()
+        assert isinstance(json.loads((reports / "predictions.json").read_text()), list)
+        assert not [f for f in reports.iterdir() if f.name.endswith(".tmp")]
+        assert evaluate.run(p, "faster_rcnn", progress=False)["bbox_AP"] >= 0
+    assert (reports / "metrics.json").is_file()

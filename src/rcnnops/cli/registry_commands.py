@@ -105,8 +105,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
         print("nothing to compare yet: no trained variant and no champion (run `rcnnops run`)")
         return 0
     print(compare.render(rows, args.format))
+    if args.images is not None and not args.plot:
+        print("--images draws nothing without --plot", file=sys.stderr)
     if args.plot:
-        out = compare.side_by_side(p, args.variants, n_images=args.images)
+        drawn = {} if args.images is None else {"n_images": args.images}
+        out = compare.side_by_side(p, args.variants, **drawn)
         msg = f"wrote {out}" if out else "no predictions.json yet: nothing to draw"
         print(msg, file=sys.stderr if args.format in ("csv", "json") else sys.stdout)
     return 0
@@ -120,6 +123,19 @@ def cmd_presets(args: argparse.Namespace) -> int:
         print(f"{name.ljust(width)}  {about}")
     print("\nuse one: rcnnops run --preset NAME (writes its params into params.yaml)")
     return 0
+
+
+MAX_DRAWN = 50  # rows of the side-by-side picture (one per image)
+
+
+def _images(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 1 <= n <= MAX_DRAWN:
+        raise argparse.ArgumentTypeError(f"must be 1 to {MAX_DRAWN}, got {n}")
+    return n
 
 
 def add_parsers(sub: Any) -> None:
@@ -177,4 +193,9 @@ def add_parsers(sub: Any) -> None:
         action="store_true",
         help="also draw reports/compare/side_by_side.png (predictions on validation images)",
     )
-    sp.add_argument("--images", type=int, default=3, help="validation images to draw (default: 3)")
+    sp.add_argument(
+        "--images",
+        type=_images,
+        metavar="N",
+        help=f"validation images to draw with --plot, 1 to {MAX_DRAWN} (default: 3)",
+    )

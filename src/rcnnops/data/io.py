@@ -12,7 +12,7 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -89,9 +89,11 @@ def safe_image_path(root: Path, file_name: Any, where: str) -> Path:
     return path
 
 
-def load_image_array(path: Path) -> np.ndarray:
+def load_image_array(path: Path | BinaryIO) -> np.ndarray:
     """Read an image as ``uint8 [H, W, 3]`` RGB (EXIF-rotated; grey, CMYK,
     palette and 16-bit images converted). Errors name the file."""
+    if isinstance(path, str | os.PathLike) and os.path.exists(path) and not os.path.isfile(path):
+        raise DataError(f"{path}: cannot read image: not a regular file")  # a FIFO would block
     errors = _pillow_errors(f"{path}: image file not found", f"{path}: cannot read image")
     with errors, Image.open(path) as im:
         return shown_array(im)

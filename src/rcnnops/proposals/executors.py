@@ -14,20 +14,41 @@ by Dask before the stage fails, naming the image.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import signal
+import sys
 import uuid
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from rcnnops.data.io import DataError, load_image_array
-from rcnnops.data.pixels import allow_pixels, pillow_limit
+from rcnnops.data.pixels import allow_pixels, pillow_limit, set_pillow_limit
 
 Result = tuple[np.ndarray, np.ndarray]
+
+
+def start_worker(pixels: int | None, parent: int) -> None:
+    """A local pool worker's start: the parent's Pillow limit, and the worker ends
+    when the parent does. A SIGKILLed stage left its spawned workers alive (0.8 GB
+    each, for minutes, until killed by hand): on Linux the kernel now sends them
+    SIGTERM when their parent dies (``PR_SET_PDEATHSIG``; strictly, when the
+    thread that started them ends: a pool is used by the code that made it, and
+    workers are started by ``submit``)."""
+    set_pillow_limit(pixels)
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # it died before the line above
+        os._exit(1)
 
 
 def search_path(job: tuple[str, object]) -> Result:
@@ -69,8 +90,19 @@ def run_local(
     """In ``pool``, or in this process when it is None."""
     jobs = [(p, settings) for p in paths]
     # One image per task: the bar moves per image.
-    results = map(search_path, jobs) if pool is None else pool.map(search_path, jobs)
-    yield from enumerate(tqdm(results, total=len(jobs), desc=desc, unit="img", leave=False))
+    done = 0
+    try:
+        results = map(search_path, jobs) if pool is None else pool.map(search_path, jobs)
+        for i, result in enumerate(tqdm(results, total=len(jobs), desc=desc, unit="img",
+                                        leave=False)):  # fmt: skip
+            yield i, result
+            done = i + 1
+    except BrokenProcessPool:
+        raise DataError(
+            f"a selective-search worker process died (killed, or out of memory) after "
+            f"{done} of {len(jobs)} {desc} images; lower proposals.workers or "
+            "proposals.max_side and rerun (the images searched are cached)"
+        ) from None
 
 
 def run_dask(

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from rcnnops.data.io import safe_image_path
-from rcnnops.data.pixels import pillow_limit, set_pillow_limit
+from rcnnops.data.pixels import pillow_limit
 from rcnnops.files import replaced_dir, sha256_file
 from rcnnops.proposals import executors
 from rcnnops.proposals.cache import ProposalCache, prune
@@ -47,12 +48,13 @@ from rcnnops.proposals.store import (  # noqa: F401  (re-exported: the store's r
 def search_pool(workers: int) -> ProcessPoolExecutor:
     """A process pool for :func:`compute_split`. spawn, not fork: a process whose
     OpenMP pool (torch) has started can deadlock its forked children. The workers
-    take this process's Pillow limit (:mod:`rcnnops.data.pixels`)."""
+    take this process's Pillow limit (:mod:`rcnnops.data.pixels`) and end with it
+    (:func:`~rcnnops.proposals.executors.start_worker`)."""
     return ProcessPoolExecutor(
         workers,
         mp_context=mp.get_context("spawn"),
-        initializer=set_pillow_limit,
-        initargs=(pillow_limit(),),
+        initializer=executors.start_worker,
+        initargs=(pillow_limit(), os.getpid()),
     )
 
 
@@ -195,8 +197,8 @@ def precompute(
                     "images_without_proposals": len(index["empty"]),
                 }
     finally:
-        if pool is not None:
-            pool.shutdown()
+        if pool is not None:  # on Ctrl-C or an error, images not started are not searched
+            pool.shutdown(cancel_futures=True)
     if cache is not None and cache.unreadable:
         print(f"proposal cache: {cache.unreadable} damaged entries searched again and replaced")
     if cache is not None and cache_keep is not None:

@@ -55,6 +55,8 @@ def plot_recall(reports: dict[str, dict], path: Path, top_k=TOP_K, ious=IOUS) ->
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from rcnnops.files import write_figure
+
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     for split, rep in reports.items():
         for t, style in zip(ious, ("-", "--"), strict=False):
@@ -75,5 +77,5 @@ def plot_recall(reports: dict[str, dict], path: Path, top_k=TOP_K, ious=IOUS) ->
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    write_figure(fig, path)
     plt.close(fig)

@@ -63,27 +63,14 @@ def draw(image_path: Path, det: dict, out: Path) -> Path:
     """``out`` (a PNG): the image with its detections (boxes, labels, masks), small
     images at twice their size (readable labels), large ones at most
     :data:`MAX_DRAWN_SIDE` pixels on their longer side."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-    from PIL import Image
-
     from rcnnops.data.io import load_image_array
-    from rcnnops.plots import draw_detections
+    from rcnnops.plots import draw_detections, pyplot, save_figure
 
     image = load_image_array(image_path)
     h, w = image.shape[:2]
     k = min(2.0, MAX_DRAWN_SIDE / max(w, h, 64))
-    shown = image
-    if k < 1:
-        small = Image.fromarray(image).resize((max(1, round(w * k)), max(1, round(h * k))))
-        shown = np.asarray(small)
-    fig = plt.figure(figsize=(max(w, 64) * k / 100, max(h, 64) * k / 100), dpi=100)
+    fig = pyplot().figure(figsize=(max(w, 64) * k / 100, max(h, 64) * k / 100), dpi=100)
     ax = fig.add_axes((0, 0, 1, 1))
     names = dict(zip(det["labels"], det["names"], strict=True))
-    draw_detections(ax, shown, as_records(det), names, size=(h, w))
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    draw_detections(ax, image, as_records(det), names, max_side=MAX_DRAWN_SIDE)
+    return save_figure(fig, out)
