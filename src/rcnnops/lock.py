@@ -71,16 +71,25 @@ def _refusal(path: Path) -> LockedError:
 
 @contextmanager
 def flocked(
-    path: Path, wait: float | None = None, refusal: Callable[[], Exception] | None = None
+    path: Path,
+    wait: float | None = None,
+    refusal: Callable[[], Exception] | None = None,
+    waiting: Callable[[], None] | None = None,
 ) -> Iterator[int]:
     """Hold an exclusive ``flock`` on ``path`` (created if missing) for the block;
-    yields its fd. ``wait`` None blocks until it is free; otherwise after ``wait``
-    seconds ``refusal()`` is raised. ``flock`` excludes other processes and other
-    threads that open the file too, and dies with its process."""
+    yields its fd. ``wait`` None blocks until it is free (calling ``waiting()``
+    first when it is not); otherwise after ``wait`` seconds ``refusal()`` is
+    raised. ``flock`` excludes other processes and other threads that open the
+    file too, and dies with its process."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         if wait is None:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if waiting is not None:
+                    waiting()
+                fcntl.flock(fd, fcntl.LOCK_EX)
         else:
             _poll(
                 fd, time.monotonic() + wait, refusal or (lambda: LockedError(f"{path} is locked"))

@@ -441,3 +441,17 @@ def test_cli_import_pixel_limit_is_an_option_and_names_the_source(
     err = capsys.readouterr().err
     assert f"error: {images}/x.png: image id 1: image" in err and "(raise --max-image-pixels" in err
     assert main([*argv, "48"]) == 0
+
+
+def test_upper_case_extensions_and_macos_files_are_read_as_users_have_them(voc, masks, tmp_path):
+    """A.JPG was "image not found (tried A.jpg ...)", a mask x.PNG "no mask x.png",
+    and a macOS AppleDouble ._x.png beside the masks failed the whole import as a
+    mask without an image."""
+    (voc / "JPEGImages" / "a.jpg").rename(voc / "JPEGImages" / "a.JPG")
+    coco = _load(import_voc(voc, tmp_path / "voc-out").path)
+    assert [im["file_name"] for im in coco["images"]] == ["a.JPG", "b.jpg"]
+    images, mask_dir = masks
+    (mask_dir / "x.png").rename(mask_dir / "x.PNG")
+    (mask_dir / "._x.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    coco = _load(import_masks(images, mask_dir, tmp_path / "out", class_name="p").path)
+    assert [a["image_id"] for a in coco["annotations"]] == [1, 1, 1, 2]

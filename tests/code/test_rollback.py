@@ -2,6 +2,7 @@
 against a real (temporary) MLflow SQLite store."""
 
 import threading
+import time
 
 import pytest
 
@@ -185,3 +186,116 @@ def test_lock_file_sits_next_to_a_local_store(tmp_path):
         registry.lock_path(f"file://{tmp_path}/mlruns")
         == tmp_path / "mlruns/.rcnnops-registry.lock"
     )
+
+
+def test_an_interrupted_rollback_is_completed_not_repeated(store, monkeypatch):
+    """Killed after the alias moved, a rollback left no record; run again, it
+    rolled back a second step (v3 -> v2 -> v1)."""
+    from rcnnops.registry import gate
+
+    v1, v2, v3 = store(0.5), store(0.6), store(0.7)
+    for v in (v1, v2, v3):
+        assert _promote(v).promoted
+    with monkeypatch.context() as killed:
+        killed.setattr(gate, "_record_rollback", _interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            registry.rollback("faster_rcnn", experiment=EXP)
+    assert _champion() == v2 and "rollback.demoted_at" not in _tags(v3)
+    assert _tags(v3)["rollback.pending_to"] == v2
+    r = registry.rollback("faster_rcnn", actor="ops", experiment=EXP)
+    assert (r.from_version, r.to_version, r.completed) == (v3, v2, True) and _champion() == v2
+    assert _tags(v3)["rollback.demoted_to"] == v2 and "rollback.pending_to" not in _tags(v3)
+    assert _tags(v2)["rollback.restored_from"] == v3
+    assert registry.rollback("faster_rcnn", experiment=EXP).to_version == v1  # one more step
+    # killed before the alias moved: forgotten, and the rollback runs as asked
+    v4 = store(0.8)
+    assert _promote(v4).promoted
+    with monkeypatch.context() as killed:
+        killed.setattr(gate, "_move_champion", _interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            registry.rollback("faster_rcnn", experiment=EXP)
+    r = registry.rollback("faster_rcnn", experiment=EXP)
+    assert (r.from_version, r.to_version, r.completed) == (v4, v1, False)
+    assert "rollback.pending_to" not in _tags(v4)
+
+
+def _interrupt(*args, **kwargs):
+    raise KeyboardInterrupt
+
+
+def test_a_partial_rollback_record_is_read_and_its_version_promotable(store, capsys):
+    """Killed between two of its tags, a rollback left demoted_at without
+    demoted_to: `models` and every later promote of that version raised KeyError."""
+    v1, v2 = store(0.5), store(0.6)
+    assert _promote(v1).promoted and _promote(v2).promoted
+    tracking.client().set_registered_model_alias(NAME, registry.CHAMPION, v1)
+    tracking.client().set_model_version_tag(NAME, v2, "rollback.demoted_at", "2026-12-03")
+    row = next(r for r in registry.list_versions() if r["version"] == v2)
+    assert row["decision"] == "promoted, rolled back to v?"
+    assert _promote(v2).promoted and _champion() == v2
+
+
+def test_a_rolled_back_forced_promotion_is_not_completed_later(store, monkeypatch):
+    """Interrupted after its alias move, a forced promotion of a worse version kept
+    its `promoting` record through a rollback; a later plain promote then
+    'completed' it: the worse version was champion again with no --force."""
+    from rcnnops.registry import gate
+
+    good, worse = store(0.7), store(0.3)
+    assert _promote(good).promoted
+    with monkeypatch.context() as killed:
+        killed.setattr(gate, "_finish", _interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            _promote(worse, force=True)
+    assert _champion() == worse and _tags(worse)["promotion.decision"] == "promoting"
+    assert registry.rollback("faster_rcnn", experiment=EXP).to_version == good
+    assert _tags(worse)["promotion.decision"] == "promoted"  # the record was finished
+    again = _promote(worse)
+    assert not again.promoted and "does not beat" in again.reason and _champion() == good
+
+
+def test_a_promotion_overwritten_on_a_remote_store_is_decided_again(store, monkeypatch):
+    """MLflow has no compare-and-set of an alias: on a server store another
+    promotion's move can land after this one read its own back. Both then said
+    'promoted' while the worse one was champion."""
+    from rcnnops.registry import gate
+
+    base, a, b = store(0.5), store(0.6), store(0.7)
+    assert _promote(base).promoted
+    monkeypatch.setattr(gate, "lock_path", lambda: None)  # as for a server store
+    late = []
+
+    def settle(seconds):  # b's move lands while a waits
+        if not late:
+            late.append(seconds)
+            tracking.client().set_registered_model_alias(NAME, registry.CHAMPION, b)
+
+    monkeypatch.setattr(gate.time, "sleep", settle)
+    d = _promote(a)
+    assert late == [gate.SETTLE_S] and _champion() == b
+    assert not d.promoted and d.champion_before == b and "does not beat" in d.reason
+
+
+def test_the_lock_is_the_store_files_whatever_the_link_to_it_is_named(tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    (shared / "team.db").touch()
+    (tmp_path / "mlflow.db").symlink_to(shared / "team.db")
+    assert registry.lock_path(f"sqlite:///{tmp_path / 'mlflow.db'}") == (
+        shared / "team.db.registry.lock"
+    )
+
+
+def test_a_promotion_waiting_for_the_lock_says_so(store, capsys):
+    from rcnnops.lock import flocked
+
+    v1 = store(0.5)
+    path = registry.lock_path()
+    with flocked(path):
+        waiter = threading.Thread(target=_promote, args=(v1,))
+        waiter.start()
+        deadline = time.monotonic() + 30
+        while "waiting for" not in capsys.readouterr().err:
+            assert time.monotonic() < deadline, "no word while waiting"
+    waiter.join(timeout=60)
+    assert _champion() == v1

@@ -45,7 +45,12 @@ def cmd_rollback(args: argparse.Namespace) -> int:
     from rcnnops import registry
 
     r = registry.rollback_variant(params(args), args.variant)
-    print(f"{r.name}: champion rolled back from v{r.from_version} to v{r.to_version}")
+    if r.completed:
+        print(f"{r.name}: completed the interrupted rollback from v{r.from_version} to "
+              f"v{r.to_version} (champion v{r.to_version}; roll back again to go one more "
+              "step back)")  # fmt: skip
+    else:
+        print(f"{r.name}: champion rolled back from v{r.from_version} to v{r.to_version}")
     return 0
 
 

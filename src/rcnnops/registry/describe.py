@@ -45,7 +45,8 @@ def version_description(tags: dict[str, str]) -> str:
         lines.append("Gate: not decided yet.")
     if rolled_back(tags):
         lines.append(
-            f"Rolled back to v{tags['rollback.demoted_to']} by {tags.get('rollback.demoted_by')} "
+            f"Rolled back to v{tags.get('rollback.demoted_to', '?')} by "
+            f"{tags.get('rollback.demoted_by', '?')} "
             f"({tags.get('rollback.demoted_at')})."
         )
     return "\n\n".join(lines)

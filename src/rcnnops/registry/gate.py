@@ -11,16 +11,23 @@ Concurrency: promote and rollback hold an exclusive file lock next to a local
 store (``<db>.registry.lock`` beside a SQLite file, ``.rcnnops-registry.lock`` in
 a file store), so racing promotions on one machine run one after the other and
 each is decided against the champion the previous one left. A remote store
-(MLflow server, database) has no shared lock: there each move of ``champion``
-is re-read and verified (the champion is read again just before the move, the
-decision is retaken if it changed, and the alias is read back after), which
-narrows the race to a window of milliseconds; run promotions from one place
-(the flow) for a strict order.
+(MLflow server, database) has no shared lock, and MLflow has no compare-and-set
+of an alias: there each move of ``champion`` is verified (the champion is read
+again just before the move, and read back after it and once more
+:data:`SETTLE_S` later); a move that another promotion overwrote is decided
+again against the champion it left. Two promotions started at the same moment
+then end on the better version; run promotions from one place (the flow) for a
+strict order.
+
+A rollback writes ``rollback.pending_to`` on the champion before it moves the
+alias and removes it when its record is complete; the next rollback finishes
+a record an interrupted one left (and does not step back a second time).
 """
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -33,11 +40,14 @@ from rcnnops.registry.store import (
     actor_name,
     get_alias,
     get_version,
+    lock_path,
     metric_value,
     model_name,
     now,
     registry_lock,
     require_model,
+    rolled_back,
+    versions,
 )
 
 PENDING = "promoting"  # decided to promote, champion not moved yet
@@ -47,19 +57,22 @@ def _version_of(mv: Any | None) -> str | None:
     return None if mv is None else str(mv.version)
 
 
+SETTLE_S = 1.0  # remote stores: a racing move lands within a request's time
+
+
 def _move_champion(name: str, expected: Any | None, version: str) -> bool:
     """Point ``champion`` at ``version`` if it still points at ``expected``; verify.
 
-    False when someone moved it since it was read (the caller decides again)."""
+    False when someone moved it since it was read, or (remote stores, no lock)
+    moved it over this move (the caller decides again)."""
     if _version_of(get_alias(name, CHAMPION)) != _version_of(expected):
         return False
     tracking.client().set_registered_model_alias(name, CHAMPION, version)
-    now = _version_of(get_alias(name, CHAMPION))
-    if now != version:
-        raise RegistryError(
-            f"{name}: another promotion moved champion to v{now} at the same time as this "
-            f"one (v{version}); nothing recorded for v{version}, run the promotion again"
-        )
+    if _version_of(get_alias(name, CHAMPION)) != version:
+        return False
+    if lock_path() is None:  # another's move read the old champion before this one
+        time.sleep(SETTLE_S)  # and may land after it: look again
+        return _version_of(get_alias(name, CHAMPION)) == version
     return True
 
 
@@ -177,8 +190,8 @@ def _pending(candidate: Any, champion: Any | None, metric: str) -> Decision | No
     """The decision an interrupted promotion of ``candidate`` recorded, if it was
     taken against the champion that is still in place (so it only has to move)."""
     tags = candidate.tags or {}
-    if tags.get("promotion.decision") != PENDING:
-        return None
+    if tags.get("promotion.decision") != PENDING or rolled_back(tags):
+        return None  # (a rolled-back promotion is not completed: it is decided again)
     if tags.get("promotion.champion_before") != (_version_of(champion) or NO_CHAMPION):
         return None  # the champion changed since: decide again
     return Decision(
@@ -214,8 +227,15 @@ def promote(
             version = str(candidate.version)  # "03" (as typed) is "3": compared below
             champion = get_alias(name, CHAMPION)
             if _version_of(champion) == str(version):
-                if (candidate.tags or {}).get("promotion.decision") == PENDING:
+                tags = candidate.tags or {}
+                if tags.get("promotion.decision") == PENDING:
                     _finish(name, str(version))  # the alias moved, the record did not
+                    return Decision(
+                        name, version, True, tags.get("promotion.reason", "")
+                        + " (completing an interrupted promotion)", metric,
+                        metric_value(candidate, metric), tags.get("promotion.champion_before"),
+                        None,
+                    )  # fmt: skip
                 # already champion: nothing decided, the audit trail is kept
                 return _decision(candidate, champion, metric, min_improvement, force)
             decision = _pending(candidate, champion, metric)
@@ -239,13 +259,19 @@ class Rollback:
     name: str
     from_version: str
     to_version: str
+    completed: bool = False  # finished the record an interrupted rollback left
+
+
+PENDING_ROLLBACK = "rollback.pending_to"
 
 
 def rollback(variant: str, actor: str | None = None, experiment: str = "rcnnops") -> Rollback:
     """Move ``champion`` back to the version it replaced (the current champion's
     ``promotion.champion_before``). Records ``rollback.*`` tags on both versions;
-    rolling back again goes one more step back. :class:`RegistryError`, with
-    nothing changed, when there is no champion or no previous one."""
+    rolling back again goes one more step back; a rollback interrupted after the
+    alias moved is completed instead (see the module docstring).
+    :class:`RegistryError`, with nothing changed, when there is no champion or no
+    previous one."""
     tracking.setup(experiment)
     name = model_name(variant)
     with registry_lock():
@@ -253,6 +279,12 @@ def rollback(variant: str, actor: str | None = None, experiment: str = "rcnnops"
         current = get_alias(name, CHAMPION)
         if current is None:
             raise RegistryError(f"model {name} has no champion; nothing to roll back")
+        done = _interrupted_rollbacks(name, current)
+        if done is not None:
+            return done
+        if (current.tags or {}).get("promotion.decision") == PENDING:
+            _finish(name, str(current.version))  # champion moved to it: it was promoted
+            current = get_version(name, str(current.version))
         previous = current.tags.get("promotion.champion_before", NO_CHAMPION)
         if previous in ("", NO_CHAMPION):
             raise RegistryError(
@@ -271,28 +303,61 @@ def rollback(variant: str, actor: str | None = None, experiment: str = "rcnnops"
                 f"{name}: the previous champion v{previous} no longer exists; "
                 f"promote a version by hand with `rcnnops promote {variant} N --force`"
             ) from None
+        _set_tags(name, str(current.version), {PENDING_ROLLBACK: previous})
         if not _move_champion(name, current, str(target.version)):
+            tracking.client().delete_model_version_tag(name, str(current.version),
+                                                       PENDING_ROLLBACK)  # fmt: skip
             raise RegistryError(f"{name}: champion moved while rolling back; nothing changed")
-        by, when = actor_name(actor), now()
-        _set_tags(
-            name,
-            str(current.version),
-            {
-                "rollback.demoted_at": when,
-                "rollback.demoted_by": by,
-                "rollback.demoted_to": previous,
-                # which promotion was rolled back: a later one makes it history
-                "rollback.after_promotion": current.tags.get("promotion.count", "0"),
-            },
-        )
-        _set_tags(
-            name,
-            previous,
-            {
-                "rollback.restored_at": when,
-                "rollback.restored_by": by,
-                "rollback.restored_from": str(current.version),
-            },
-        )
-        describe(name, str(current.version))
+        _record_rollback(name, current, previous, actor)
     return Rollback(name, str(current.version), str(target.version))
+
+
+def _record_rollback(name: str, demoted: Any, previous: str, actor: str | None) -> None:
+    """The ``rollback.*`` tags of a rollback whose alias has moved: ``demoted_at``
+    last (its presence is what counts as rolled back), the pending tag removed."""
+    by, when = actor_name(actor), now()
+    version = str(demoted.version)
+    _set_tags(
+        name,
+        version,
+        {
+            "rollback.demoted_by": by,
+            "rollback.demoted_to": previous,
+            # which promotion was rolled back: a later one makes it history
+            "rollback.after_promotion": demoted.tags.get("promotion.count", "0"),
+            "rollback.demoted_at": when,
+        },
+    )
+    _set_tags(
+        name,
+        previous,
+        {
+            "rollback.restored_by": by,
+            "rollback.restored_from": version,
+            "rollback.restored_at": when,
+        },
+    )
+    tracking.client().delete_model_version_tag(name, version, PENDING_ROLLBACK)
+    describe(name, version)
+
+
+def _interrupted_rollbacks(name: str, champion: Any) -> Rollback | None:
+    """Settle what interrupted rollbacks left (``rollback.pending_to``): one whose
+    alias moved gets its record (returned when its target is still champion: the
+    rerun completes it instead of stepping back again); one whose alias never
+    moved is forgotten."""
+    done = None
+    for mv in versions(name):
+        target = (mv.tags or {}).get(PENDING_ROLLBACK)
+        if target is None:
+            continue
+        if str(mv.version) == str(champion.version):  # the alias never moved
+            tracking.client().delete_model_version_tag(name, str(mv.version), PENDING_ROLLBACK)
+        elif target == str(champion.version):
+            _record_rollback(name, mv, target, None)
+            done = Rollback(name, str(mv.version), target, completed=True)
+        elif (champion.tags or {}).get("promotion.champion_before") == target:
+            _record_rollback(name, mv, target, None)  # moved, then a promotion followed
+        else:
+            tracking.client().delete_model_version_tag(name, str(mv.version), PENDING_ROLLBACK)
+    return done

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -171,7 +172,10 @@ def lock_path(uri: str | None = None) -> Path | None:
     uri = uri or mlflow.get_tracking_uri()
     if uri.startswith("sqlite:///"):
         db = uri.removeprefix("sqlite:///").split("?", 1)[0]
-        return Path(unquote(db)).resolve().with_name(Path(db).name + ".registry.lock")
+        # the file itself resolved: a clone reaching it through a symlink of another
+        # name must take the same lock
+        path = Path(unquote(db)).resolve()
+        return path.with_name(path.name + ".registry.lock")
     parsed = urlparse(uri)
     if parsed.scheme in ("", "file"):
         return Path(unquote(parsed.path)).resolve() / ".rcnnops-registry.lock"
@@ -187,7 +191,12 @@ def registry_lock() -> Iterator[Path | None]:
         yield None
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    with flocked(path):
+
+    def waiting() -> None:  # a silent wait looked like a hang
+        print(f"waiting for {path}: another promotion or rollback on this store holds it",
+              file=sys.stderr, flush=True)  # fmt: skip
+
+    with flocked(path, waiting=waiting):
         yield path
 
 
@@ -213,7 +222,8 @@ def rolled_back(tags: dict) -> bool:
 def decision_text(tags: dict) -> str:
     text = tags.get("promotion.decision", "")
     if rolled_back(tags):
-        text = (text + ", " if text else "") + f"rolled back to v{tags['rollback.demoted_to']}"
+        to = tags.get("rollback.demoted_to", "?")  # (records an interrupted rollback left)
+        text = (text + ", " if text else "") + f"rolled back to v{to}"
     return text
 
 

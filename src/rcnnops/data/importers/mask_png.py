@@ -90,10 +90,20 @@ def mask_instances(mask: np.ndarray, ignore_value: int | None) -> tuple[list[dic
     return records, ignored
 
 
-def _orphan_masks(folders: dict[str, Path], stems: set[str], suffix: str) -> None:
-    for folder in folders.values():
-        for p in sorted(folder.glob(f"*{suffix}.png")):
-            stem = p.name[: -len(f"{suffix}.png")]
+def _mask_files(folder: Path, suffix: str) -> dict[str, Path]:
+    """``{stem: path}`` of the masks ``<stem><suffix>.png`` in ``folder`` (``.PNG``
+    too); hidden files (macOS's ``._name`` AppleDouble files) are not masks."""
+    end = f"{suffix}.png".lower()
+    return {
+        p.name[: -len(end)]: p
+        for p in sorted(folder.iterdir())
+        if p.name.lower().endswith(end) and not p.name.startswith(".") and p.is_file()
+    }
+
+
+def _orphan_masks(mask_files: list[dict[str, Path]], stems: set[str]) -> None:
+    for files in mask_files:
+        for stem, p in files.items():
             if stem not in stems:
                 raise DataError(f"{p}: mask without an image (no {stem}.* in the image folder)")
 
@@ -104,18 +114,18 @@ def _add_instances(
     path: Path,
     size: tuple[int, int],
     stem: str,
-    folders: dict[str, Path],
-    mask_suffix: str,
+    mask_files: list[dict[str, Path]],
     ignore_value: int | None,
 ) -> tuple[bool, int]:
     """Append the instances of image ``path`` (``size`` (w, h)), from each class folder's
-    ``<stem><mask_suffix>.png``, to ``coco["annotations"]`` (category ids 1..K in
-    folder order). Returns whether any mask was found and how many values were ignored."""
+    mask of ``stem`` (``mask_files``: one :func:`_mask_files` per folder), to
+    ``coco["annotations"]`` (category ids 1..K in folder order). Returns whether any
+    mask was found and how many values were ignored."""
     w, h = size
     found, ignored = False, 0
-    for cat_id, folder in enumerate(folders.values(), start=1):
-        mask_path = folder / f"{stem}{mask_suffix}.png"
-        if not mask_path.is_file():
+    for cat_id, files in enumerate(mask_files, start=1):
+        mask_path = files.get(stem)
+        if mask_path is None:
             continue
         found = True
         mask = read_mask(mask_path)
@@ -157,7 +167,8 @@ def import_masks(
     images, masks = Path(images), Path(masks)
     files = _list_images(images)
     folders = _mask_folders(masks, class_name)
-    _orphan_masks(folders, set(files), mask_suffix)
+    mask_files = [_mask_files(folder, mask_suffix) for folder in folders.values()]
+    _orphan_masks(mask_files, set(files))
     coco: dict = {"images": [], "annotations": [], "categories": categories(list(folders))}
     ignored = missing = 0
     for image_id, (stem, path) in enumerate(files.items(), start=1):
@@ -165,7 +176,7 @@ def import_masks(
         w, h = image_size(path, where, max_image_pixels, setting=LIMIT_OPTION)
         coco["images"].append({"id": image_id, "file_name": path.name, "width": w, "height": h})
         found, n_ignored = _add_instances(
-            coco, image_id, path, (w, h), stem, folders, mask_suffix, ignore_value
+            coco, image_id, path, (w, h), stem, mask_files, ignore_value
         )
         ignored += n_ignored
         if not found:

@@ -136,7 +136,7 @@ def _voc_image(images: Path, root: ET.Element, iid: str, where: str) -> Path:
     otherwise). ``<filename>`` is only a fallback because tools that copy or
     rename annotations leave it stale: taken first, it would put one image's boxes
     on another image's pixels."""
-    for ext in IMAGE_EXTENSIONS:
+    for ext in (*IMAGE_EXTENSIONS, *(e.upper() for e in IMAGE_EXTENSIONS)):  # A.JPG too
         path = safe_image_path(images, iid + ext, where)
         if path.is_file():
             return path
