@@ -144,3 +144,17 @@ def test_serve_and_predict_flags_are_checked_as_params_are(tiny_project, capsys,
     ):
         assert main(argv) == 2, argv
         assert said in capsys.readouterr().err, argv
+
+
+def test_a_ctrl_c_as_a_finished_command_exits_prints_no_traceback():
+    """SIGINT landing in the exit handlers (torch's, MLflow's) printed a 30-line
+    KeyboardInterrupt traceback after a rollback had finished."""
+    code = (
+        "import atexit, os, signal, time\n"
+        "from rcnnops.cli import exit_now\n"
+        "atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.2)))\n"
+        "exit_now(3)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert (done.returncode, done.stderr) == (3, "")

@@ -116,11 +116,16 @@ def exit_now(code: int) -> NoReturn:
     is kept. The console script calls this; ``main`` itself returns."""
     import atexit
     import contextlib
+    import signal
     import threading
 
     main = threading.main_thread()
     if any(t is not main and not t.daemon and t.is_alive() for t in threading.enumerate()):
         sys.exit(code)
+    # The command is done: a Ctrl-C now printed a 30-line traceback from inside
+    # torch's exit handler (and the exit status was the command's anyway).
+    with contextlib.suppress(ValueError):  # not the main thread
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(OSError, ValueError):  # closed, or a broken pipe

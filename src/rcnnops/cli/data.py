@@ -42,7 +42,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 IMPORT_EPILOG = """\
-Writes OUT/annotations/instances_SPLIT.json (no images are copied). Point
+Writes OUT/annotations/instances_SPLIT.json (no images are copied), replacing
+one an earlier import wrote (whole: a failed import leaves it as it was). Point
 params.yaml at it (the command prints the images folder relative to OUT):
   data:
     root: OUT
