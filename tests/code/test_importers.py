@@ -455,3 +455,15 @@ def test_upper_case_extensions_and_macos_files_are_read_as_users_have_them(voc, 
     (mask_dir / "._x.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
     coco = _load(import_masks(images, mask_dir, tmp_path / "out", class_name="p").path)
     assert [a["image_id"] for a in coco["annotations"]] == [1, 1, 1, 2]
+
+
+def test_voc_two_records_on_one_image_name_both_annotations(voc, tmp_path):
+    """The error named the output JSON (never written) and COCO id 2."""
+    (voc / "JPEGImages" / "b.jpg").unlink()  # b.xml's <filename> b.jpg: now a.jpg's copy
+    (voc / "Annotations" / "b.xml").write_text(_xml("a.jpg", ""))
+    with pytest.raises(DataError) as e:
+        import_voc(voc, tmp_path / "out")
+    message = str(e.value)
+    assert "b.xml: image id 'b': its image a.jpg is also the image of" in message
+    assert message.endswith("give each record its own image") and "a.xml" in message
+    assert not (tmp_path / "out").exists()

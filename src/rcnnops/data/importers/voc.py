@@ -231,6 +231,7 @@ def import_voc(
     if not ids:
         raise DataError(f"{listing or src / 'Annotations'}: no images to import")
     skipped = 0
+    taken: dict[str, Path] = {}  # image file -> the record that named it
     for image_id, iid in enumerate(ids, start=1):
         xml_path = src / "Annotations" / f"{iid}.xml"
         if not xml_path.is_file():
@@ -243,6 +244,12 @@ def import_voc(
         size = image_size(path, where, max_image_pixels, setting=LIMIT_OPTION)
         _check_voc_size(root, size, path, where)
         rel = path.relative_to(images.resolve()).as_posix()
+        if rel in taken:  # (the COCO check after would name the unwritten output)
+            raise DataError(
+                f"{where}: its image {rel} is also the image of {taken[rel]} (a <filename> "
+                "copied with the annotation?); give each record its own image"
+            )
+        taken[rel] = xml_path
         coco["images"].append(
             {"id": image_id, "file_name": rel, "width": size[0], "height": size[1]}
         )
