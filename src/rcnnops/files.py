@@ -25,7 +25,7 @@ def replaced_dir(out: Path, prefix: str = ".tmp-") -> Iterator[Path]:
     kill at any moment leaves the old folder, the new one, or (between the two
     renames) none, never half of one. Siblings a killed process left (named
     ``<prefix><pid>-...`` by a process no longer running, or by an rcnnops before
-    2026-12-03 without a pid) are removed first. The new folder gets the
+    2026-12-04 without a pid) are removed first. The new folder gets the
     permissions of any folder made under the process's umask (a temporary folder
     is private to its owner)."""
     out = Path(out)
