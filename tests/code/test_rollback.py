@@ -1,6 +1,7 @@
 """Rollback from the audit trail, racing promotions, and bad registry requests,
 against a real (temporary) MLflow SQLite store."""
 
+import json
 import threading
 import time
 
@@ -274,6 +275,13 @@ def test_a_promotion_overwritten_on_a_remote_store_is_decided_again(store, monke
     d = _promote(a)
     assert late == [gate.SETTLE_S] and _champion() == b
     assert not d.promoted and d.champion_before == b and "does not beat" in d.reason
+    # a was champion for that moment (a promotion decided then names it): its
+    # history says so, then the decision taken again
+    history = [json.loads(_tags(a)[f"promotion.{n}"]) for n in (1, 2)]
+    assert [(h["decision"], h["champion_before"]) for h in history] == [
+        ("promoted", base),
+        ("kept", b),
+    ]
 
 
 def test_the_lock_is_the_store_files_whatever_the_link_to_it_is_named(tmp_path):

@@ -60,13 +60,16 @@ def _version_of(mv: Any | None) -> str | None:
 SETTLE_S = 1.0  # remote stores: a racing move lands within a request's time
 
 
-def _move_champion(name: str, expected: Any | None, version: str) -> bool:
+def _move_champion(name: str, expected: Any | None, version: str) -> bool | None:
     """Point ``champion`` at ``version`` if it still points at ``expected``; verify.
 
-    False when someone moved it since it was read, or (remote stores, no lock)
-    moved it over this move (the caller decides again)."""
+    True when it points there; None when someone moved it since it was read
+    (nothing was set); False when it was set and (remote stores, no lock) another
+    move landed over it: ``version`` was champion for a moment, and a promotion
+    decided then names it as the champion before (the caller records that, then
+    decides again)."""
     if _version_of(get_alias(name, CHAMPION)) != _version_of(expected):
-        return False
+        return None
     tracking.client().set_registered_model_alias(name, CHAMPION, version)
     if _version_of(get_alias(name, CHAMPION)) != version:
         return False
@@ -244,8 +247,10 @@ def promote(
                 _record(name, str(version), decision, actor)
             if not decision.promoted:
                 return decision
-            if _move_champion(name, champion, str(version)):
+            moved = _move_champion(name, champion, str(version))
+            if moved is not None:  # it was champion, if only for a moment: recorded
                 _finish(name, str(version))
+            if moved:
                 return decision
         raise RegistryError(f"{name}: champion kept moving while v{version} was decided")
 
@@ -304,11 +309,18 @@ def rollback(variant: str, actor: str | None = None, experiment: str = "rcnnops"
                 f"promote a version by hand with `rcnnops promote {variant} N --force`"
             ) from None
         _set_tags(name, str(current.version), {PENDING_ROLLBACK: previous})
-        if not _move_champion(name, current, str(target.version)):
+        moved = _move_champion(name, current, str(target.version))
+        if moved is None:
             tracking.client().delete_model_version_tag(name, str(current.version),
                                                        PENDING_ROLLBACK)  # fmt: skip
             raise RegistryError(f"{name}: champion moved while rolling back; nothing changed")
         _record_rollback(name, current, previous, actor)
+        if not moved:
+            now_champion = _version_of(get_alias(name, CHAMPION))
+            raise RegistryError(
+                f"{name}: rolled back from v{current.version} to v{previous}, but another "
+                f"promotion moved champion to v{now_champion} at the same moment"
+            )
     return Rollback(name, str(current.version), str(target.version))
 
 
