@@ -192,13 +192,13 @@ def test_lock_file_sits_next_to_a_local_store(tmp_path):
 def test_an_interrupted_rollback_is_completed_not_repeated(store, monkeypatch):
     """Killed after the alias moved, a rollback left no record; run again, it
     rolled back a second step (v3 -> v2 -> v1)."""
-    from rcnnops.registry import gate
+    from rcnnops.registry import rollbacks as moves
 
     v1, v2, v3 = store(0.5), store(0.6), store(0.7)
     for v in (v1, v2, v3):
         assert _promote(v).promoted
     with monkeypatch.context() as killed:
-        killed.setattr(gate, "_record_rollback", _interrupt)
+        killed.setattr(moves, "_record_rollback", _interrupt)
         with pytest.raises(KeyboardInterrupt):
             registry.rollback("faster_rcnn", experiment=EXP)
     assert _champion() == v2 and "rollback.demoted_at" not in _tags(v3)
@@ -212,7 +212,7 @@ def test_an_interrupted_rollback_is_completed_not_repeated(store, monkeypatch):
     v4 = store(0.8)
     assert _promote(v4).promoted
     with monkeypatch.context() as killed:
-        killed.setattr(gate, "_move_champion", _interrupt)
+        killed.setattr(moves, "_move_champion", _interrupt)
         with pytest.raises(KeyboardInterrupt):
             registry.rollback("faster_rcnn", experiment=EXP)
     r = registry.rollback("faster_rcnn", experiment=EXP)

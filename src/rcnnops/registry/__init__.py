@@ -13,8 +13,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from rcnnops.registry.gate import Decision, Rollback, decide, decision_dict, promote, rollback
+from rcnnops.registry.gate import Decision, decide, decision_dict, promote
 from rcnnops.registry.registration import Registered, register
+from rcnnops.registry.rollbacks import Rollback, rollback
 from rcnnops.registry.store import (
     CHALLENGER,
     CHAMPION,
