@@ -62,13 +62,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _import_flow_modules() -> None:
-    """Import, while Prefect's local API starts (about 5 s, on the other core), what
-    the flow's process needs: the flow and Prefect, torch (the version-data task
-    reads the prepared manifest with it, between two stages), DVC's repository
+    """Import, while Prefect's local API starts (about 4 s, on the other core), what
+    the flow's process needs: the flow and Prefect, the prepared data's manifest
+    reader (the version-data task reads it between two stages), DVC's repository
     modules (the first tasks set DVC up and ask it what changed, in this process)
     and MLflow (the tracking-store task, the flow's first beside the stages, needs
-    it first): about 5 s of CPU. The registry's own imports load in the warm-up
-    task, beside the data stages."""
+    it first): about 3.5 s of CPU. The registry's own imports load in the warm-up
+    task, beside the data stages; torch never loads in this process."""
     import dvc.repo.status  # noqa: F401
     import dvc.stage  # noqa: F401
 

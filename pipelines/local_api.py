@@ -60,7 +60,9 @@ def _taken(port: int) -> bool:
 
 # The server's entry point: on Linux it first asks for SIGTERM when its parent
 # dies (PR_SET_PDEATHSIG; exits at once if the parent is already gone), then runs
-# uvicorn as ``python -m uvicorn`` would, with a calmer background worker.
+# uvicorn as ``python -m uvicorn`` would, with no background-task worker (unless
+# BACKGROUND_TASKS=1 in the environment).
+BACKGROUND_TASKS = "RCNNOPS_PREFECT_BACKGROUND_TASKS"
 _SERVE = """
 import ctypes, os, runpy, signal, sys
 parent = int(sys.argv.pop(1))
@@ -69,47 +71,46 @@ if sys.platform.startswith("linux"):
     if os.getppid() != parent:
         sys.exit(0)
 try:  # only an optimisation: a project's own `pipelines` package must not stop the server
-    from pipelines.local_api import calm_background_worker
-    calm_background_worker()
+    from pipelines.local_api import BACKGROUND_TASKS, idle_background_worker
+    if os.environ.get(BACKGROUND_TASKS) != "1":
+        idle_background_worker()
 except Exception:
     pass
 sys.argv[0] = "uvicorn"
 runpy.run_module("uvicorn", run_name="__main__", alter_sys=True)
 """
 
-# How often the temporary server's background-task worker (docket's Worker) looks
-# for due work. Prefect builds it with docket's defaults, two loops every 0.25 s,
-# which an idle server pays about 0.6 % of a core for: 1.9 % in all, against
-# 1.2-1.3 % with these (30 s idle, 2026-12-03). A server that lives for one run has no
-# background work that cannot wait that long (perpetual services, deleting a
-# deleted run's logs, cleaning up after a cancellation).
-WORKER_CHECK_SECONDS = 2.0
 
-
-def calm_background_worker(seconds: float = WORKER_CHECK_SECONDS) -> bool:
-    """In the server's process, before Prefect's server modules load: docket's
-    ``Worker`` checks every ``seconds`` unless told otherwise. Prefect exposes no
-    setting for this; if docket's ``Worker`` no longer takes these arguments,
-    nothing changes. Returns whether it did."""
-    import inspect
-    from datetime import timedelta
+def idle_background_worker() -> bool:
+    """In the temporary server's process, before Prefect's server modules load:
+    docket's ``Worker``, which Prefect's server runs for its background tasks, never
+    picks one up. A server that lives for one run has none worth running: in
+    ephemeral mode Prefect schedules database vacuums (its retention settings),
+    telemetry and the evaluation of proactive automation triggers there ("no
+    event within N minutes"; reactive triggers and their actions are services of
+    their own and still run), and its API queues the clean-up after a deleted or
+    cancelled run, which a server gone at the end of the run would not see through
+    anyway. ``RCNNOPS_PREFECT_BACKGROUND_TASKS=1`` keeps Prefect's worker; a
+    lasting server (``PREFECT_API_URL``), which automations want, is not touched.
+    Idle, that loop cost 0.7 % of a core (its cancellation listener polls ten times
+    a second): the server took 1.2 % of a core with it, 0.5 % without (30 s idle,
+    2026-12-04), about 1.2 s of CPU beside the quick project's 3 minutes of stages.
+    Prefect exposes no setting for this; if docket's ``Worker`` has no
+    ``run_forever``, nothing changes. Returns whether it did."""
+    import asyncio
 
     try:
         import docket
     except ImportError:
         return False
-    names = ("minimum_check_interval", "scheduling_resolution")
-    if not set(names) <= set(inspect.signature(docket.Worker.__init__).parameters):
+    if not callable(getattr(docket.Worker, "run_forever", None)):
         return False
 
-    class CalmWorker(docket.Worker):
-        def __init__(self, *args, **kwargs):
-            if len(args) <= 1:  # Prefect's call: Worker(docket)
-                for name in names:
-                    kwargs.setdefault(name, timedelta(seconds=seconds))
-            super().__init__(*args, **kwargs)
+    class IdleWorker(docket.Worker):
+        async def run_forever(self) -> None:  # until the server cancels it at shutdown
+            await asyncio.Event().wait()
 
-    docket.Worker = CalmWorker
+    docket.Worker = IdleWorker
     return True
 
 

@@ -95,16 +95,18 @@ def tracking_store(project: str, experiment: str) -> str:
 
 
 @task(name="warm-up")
-def warm_up(variants: list[str]) -> None:
-    """Load now what the last tasks would load first (a few seconds in all), beside
+def warm_up() -> None:
+    """Load now what the last tasks would load first (a second or two in all), beside
     the data stages and the first training, not between training and registering:
     see :func:`rcnnops.registry.warm_up`, and matplotlib for the comparison's
     picture. Only an optimisation: the flow waits for it before registering, and
-    what fails here is logged; the task that needs it then reports the error."""
+    what fails here is logged; the task that needs it then reports the error.
+    This process never loads torch: the evaluate stages checked the models as
+    served, which is the one thing registering would load them for."""
     try:
         from rcnnops import plots, registry
 
-        registry.warm_up(variants)
+        registry.warm_up()
         plots.pyplot()
     except Exception as e:  # noqa: BLE001 - see the docstring
         get_run_logger().warning(
@@ -294,7 +296,7 @@ def _retrain(root: Path, variants: list[str] | None, push_to_remote: bool) -> li
         # first training's stage slots are taken, and the registry's modules load
         # (not awaited before training: a run without proposals has no time to spare).
         store = tracking_store.submit(str(root), params.register.experiment) if stale else None
-        warm = warm_up.submit(variants) if stale else None
+        warm = warm_up.submit() if stale else None
         first = reserved.enter_context(stage_slots.reserve(slots)) if stale else None
         upstream = version_data(str(root), params, known)["ran"]
         if USES_PROPOSALS & set(variants):

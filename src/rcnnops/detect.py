@@ -107,7 +107,7 @@ class Detector:
     def from_dir(cls, model_dir: Path, device: str = "auto") -> Detector:
         """Load ``model.pt`` + ``model.json`` (+ ``serving.json``: proposal settings,
         ``svd_rank``) from a bundle onto ``device`` (``auto``: CUDA when present)."""
-        from rcnnops.data.dataset import LabelMap
+        from rcnnops.data.labels import LabelMap
         from rcnnops.device import resolve_device
         from rcnnops.models import USES_PROPOSALS
         from rcnnops.models.io import load_model, require_meta

@@ -5,16 +5,21 @@ standard COCO numbers as ``bbox_AP``, ``bbox_AP50``..., and ``segm_AP``... for
 mask variants, per-class AP, ``infer_ms_per_image``), ``predictions.json``
 (COCO results format: ``bbox`` xywh, ``segmentation`` compressed RLE for mask
 variants), ``pr_curve.png`` (precision-recall curves, bbox and segm) and
-``samples.png`` (detections drawn on validation images). Metrics
-and plots are also logged to the MLflow run that trained the model.
+``samples.png`` (detections drawn on validation images), and
+``serving_check.json``: the model as the registry will log it (weights bundle +
+pyfunc) passed MLflow's check of it as served (:func:`rcnnops.pyfunc.check`; the
+registry then does not load it again). Metrics and plots are also logged to the
+MLflow run that trained the model.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import tempfile
 from pathlib import Path
 
+from rcnnops.errors import UserError
 from rcnnops.metrics import coco_evaluate, predict
 from rcnnops.plots import plot_pr, plot_samples
 
@@ -51,6 +56,28 @@ def write_samples(dataset, results: list[dict], labels, path: Path, title: str) 
     images = [load_image_array(dataset.image_path(i)) for i in range(n)]
     records = [by_image.get(dataset.images[i]["id"], []) for i in range(n)]
     plot_samples(images, records, names, path, f"{title}: detections (score >= {SAMPLE_SCORE})")
+
+
+class NotServable(UserError, RuntimeError):
+    """The model fails as the registry would serve it (the message says how)."""
+
+
+def check_serving(params, variant: str, model_dir: Path, out_dir: Path) -> None:
+    """The registry's check of the model as served (:func:`rcnnops.pyfunc.check`), run
+    here where the model's modules are loaded already; its record in ``out_dir``."""
+    from rcnnops import pyfunc
+
+    with tempfile.TemporaryDirectory() as tmp:
+        serving = pyfunc.serving_settings(params, variant)
+        bundle = pyfunc.write_bundle(model_dir, Path(tmp) / "model_dir", serving)
+        try:
+            pyfunc.check(bundle, out_dir / pyfunc.CHECK_FILE)
+        except pyfunc.ServingCheckError as e:
+            raise NotServable(
+                f"{model_dir}: the model does not work as served: saved as the registry "
+                f"logs it and loaded as a server loads it, it failed on its input example "
+                f"({e}); nothing can be registered until it does"
+            ) from None
 
 
 def run(params, variant: str, progress: bool = True) -> dict:
@@ -97,6 +124,7 @@ def run(params, variant: str, progress: bool = True) -> dict:
     # and `compare` showed one model's AP over another's detections); each file
     # is written whole.
     (out_dir / "metrics.json").unlink(missing_ok=True)
+    check_serving(params, variant, model_dir, out_dir)
     write_atomic(out_dir / "predictions.json", json.dumps(results))
     plot_pr(curves, labels.names, out_dir / "pr_curve.png", variant)
     write_samples(dataset, results, labels, out_dir / "samples.png", variant)

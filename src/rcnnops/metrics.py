@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from rcnnops.config import STAT_NAMES
-from rcnnops.data.dataset import LabelMap
+from rcnnops.data.labels import LabelMap
 
 # ``evaluate.backend``: pycocotools, the reference, or faster-coco-eval (C++
 # evaluate/accumulate). Same matching and curves; pycocotools alone adds 2**-52 to

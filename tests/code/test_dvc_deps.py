@@ -45,6 +45,11 @@ def _imported(node: ast.AST) -> set[str]:
     return found
 
 
+# Files a module runs by their path, not by an import: MLflow runs the pyfunc's
+# "model from code" file when rcnnops.pyfunc saves and loads the model.
+RUNS_BY_PATH = {"rcnnops.pyfunc": {"rcnnops.pyfunc_model"}}
+
+
 def _with_parents(name: str) -> set[str]:
     parts = name.split(".")
     return {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
@@ -63,7 +68,7 @@ def closure(modules: set[str]) -> set[Path]:
             if path is None:
                 continue
             files.add(path.relative_to(REPO))
-            todo |= _imported(ast.parse(path.read_text()))
+            todo |= _imported(ast.parse(path.read_text())) | RUNS_BY_PATH.get(mod, set())
     return files
 
 

@@ -332,7 +332,7 @@ def test_a_failing_warm_up_is_logged_and_fails_nothing(harness, monkeypatch, cap
 
     @flow
     def warm_only():
-        future = retrain.warm_up.submit(["rcnn"])
+        future = retrain.warm_up.submit()
         future.wait()
         return future.state
 

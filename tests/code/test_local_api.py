@@ -234,31 +234,43 @@ def test_a_port_another_process_holds_is_retried_on_another(unconfigured, monkey
         holder.close()
 
 
-def test_the_local_server_s_background_worker_checks_less_often():
-    """The temporary server's docket ``Worker`` (built by Prefect with docket's
-    defaults, every 0.25 s) checks every ``WORKER_CHECK_SECONDS``, unless told
-    otherwise; in a process of its own, as in the server's."""
+def test_the_local_server_s_background_worker_runs_nothing():
+    """The temporary server's docket ``Worker`` (Prefect's, for its background
+    tasks) takes no task, and stops when cancelled, as Prefect's server does at
+    shutdown; a docket worker built the usual way takes the task. In a process of
+    its own, as in the server's."""
     import subprocess
     import sys
 
     code = (
-        "from pipelines.local_api import calm_background_worker, WORKER_CHECK_SECONDS\n"
-        "assert calm_background_worker()\n"
+        "import asyncio, sys\n"
+        "if sys.argv[1] == 'idle':\n"
+        "    from pipelines.local_api import idle_background_worker\n"
+        "    assert idle_background_worker()\n"
         "from docket import Docket, Worker\n"
-        "d = Docket(name='calm-test', url='memory://')\n"
-        "w = Worker(d)\n"
-        "assert w.minimum_check_interval.total_seconds() == WORKER_CHECK_SECONDS\n"
-        "assert w.scheduling_resolution.total_seconds() == WORKER_CHECK_SECONDS\n"
-        "from datetime import timedelta\n"
-        "w = Worker(d, minimum_check_interval=timedelta(seconds=0.5))\n"
-        "assert w.minimum_check_interval.total_seconds() == 0.5\n"
         "from prefect.server.api import background_workers\n"  # what Prefect's server builds
         "assert background_workers.Worker is Worker\n"
-        "print('ok')\n"
+        "ran = []\n"
+        "async def job(): ran.append(1)\n"
+        "async def main():\n"
+        "    async with Docket(name='idle-test', url='memory://') as d:\n"
+        "        d.register(job)\n"
+        "        await d.add(job)()\n"
+        "        async with Worker(d) as w:\n"
+        "            t = asyncio.create_task(w.run_forever())\n"
+        "            await asyncio.sleep(2)\n"
+        "            t.cancel()\n"
+        "            try:\n"
+        "                await t\n"
+        "            except asyncio.CancelledError:\n"
+        "                pass\n"
+        "    print(len(ran))\n"
+        "asyncio.run(main())\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "ok"
+    for mode, expected in (("idle", "0"), ("usual", "1")):
+        done = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.strip() == expected, (mode, done.stdout)
 
 
 def test_a_project_s_own_pipelines_package_does_not_stop_the_server(
@@ -266,7 +278,7 @@ def test_a_project_s_own_pipelines_package_does_not_stop_the_server(
 ):
     """The server's process starts in the project, first on its path: a project with
     a ``pipelines`` package of its own (here one that fails to import) still gets a
-    server; only the calmer worker is lost."""
+    server; only the idle background worker is lost."""
     (tmp_path / "pipelines").mkdir()
     (tmp_path / "pipelines" / "__init__.py").write_text("raise ImportError('not ours')\n")
     monkeypatch.chdir(tmp_path)

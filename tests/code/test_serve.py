@@ -239,6 +239,92 @@ def test_incomplete_model_json_names_what_is_missing(project, tmp_path):
         detect.Detector.from_dir(bundle, "cpu")
 
 
+FLOW_PROBE = """
+import json, sys
+from pathlib import Path
+from rcnnops import compare, plots, registry
+from rcnnops.config import load_params
+from rcnnops.data.prepare import load_manifest
+registry.warm_up()
+plots.pyplot()
+p = load_params(Path("params.yaml"))
+load_manifest(Path(p.prepare.out))
+r = registry.register_variant(p, "faster_rcnn")
+d = registry.promote_variant(p, "faster_rcnn", r.version)
+compare.collect(p, ["faster_rcnn"])
+drawn = compare.side_by_side(p, ["faster_rcnn"])
+print(json.dumps({"created": r.created, "promoted": d.promoted, "drawn": drawn is not None,
+                  "torch": "torch" in sys.modules}))
+"""
+
+
+def test_the_flow_registers_promotes_and_compares_without_torch(project, tmp_path):
+    """What the flow's process does besides running stages (manifest, warm-up,
+    register, promote, compare) never loads torch (about 4 s of CPU and 0.5 GB on
+    every run): the evaluate stage checked the model as served, and its record
+    (serving_check.json) spares registration loading it again."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    copy = tmp_path / "project"
+    shutil.copytree(project, copy)
+    env = os.environ | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'fresh.db'}"}
+    out = subprocess.run(
+        [sys.executable, "-c", FLOW_PROBE], cwd=copy, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result == {"created": True, "promoted": True, "drawn": True, "torch": False}
+    # the same without the record: registration loads the model to check it
+    (copy / "reports" / "faster_rcnn" / "serving_check.json").unlink()
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'fresh2.db'}"
+    out = subprocess.run(
+        [sys.executable, "-c", FLOW_PROBE], cwd=copy, env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1])["torch"] is True
+
+
+def test_evaluate_checks_the_model_as_served(project, tmp_path, monkeypatch):
+    """The evaluate stage fails on a model that does not load or predict as served
+    (saved as the registry logs it, loaded as a server loads it), leaving no
+    metrics.json and no record; the record of a passed check names what was checked
+    and stops matching when the bundle or the package's code changes."""
+    import shutil
+    from pathlib import Path
+
+    from rcnnops import evaluate, pyfunc
+    from rcnnops.config import load_params
+
+    copy = tmp_path / "project"
+    shutil.copytree(project, copy)
+    report = copy / "reports" / "faster_rcnn"
+    record = report / pyfunc.CHECK_FILE
+    with inside(copy):
+        params = load_params(Path("params.yaml"))
+        with monkeypatch.context() as m:
+            boom = lambda self, context: (_ for _ in ()).throw(RuntimeError("no GPU 7"))  # noqa: E731
+            m.setattr(pyfunc.DetectorPyfunc, "load_context", boom)
+            with pytest.raises(evaluate.NotServable, match=r"models/faster_rcnn: the model "
+                               r"does not work as served.*RuntimeError: no GPU 7"):  # fmt: skip
+                evaluate.run(params, "faster_rcnn", progress=False)
+        assert not (report / "metrics.json").exists() and not record.exists()
+        evaluate.run(params, "faster_rcnn", progress=False)
+        done = json.loads(record.read_text())
+        assert set(done["bundle"]) == {"model.pt", "model.json", "serving.json"}
+        assert {"pyfunc.py", "pyfunc_model.py", "detect.py"} <= set(done["code"])
+        serving = pyfunc.serving_settings(params, "faster_rcnn")
+        bundle = pyfunc.write_bundle(Path("models/faster_rcnn"), tmp_path / "b", serving)
+        assert pyfunc.checked(bundle, record)
+        other = pyfunc.write_bundle(Path("models/faster_rcnn"), tmp_path / "c", {"svd_rank": 4})
+        assert not pyfunc.checked(other, record)
+        done["code"]["pyfunc.py"] = "0" * 64  # as if the served code had changed since
+        record.write_text(json.dumps(done))
+        assert not pyfunc.checked(bundle, record)
+
+
 def test_register_refuses_a_model_its_metrics_did_not_measure(project, tmp_path):
     """metrics.json names the model.pt it measured (model_hash): a truncated or
     replaced model.pt, or one that does not load, registers nothing."""
@@ -276,9 +362,11 @@ def test_a_model_trained_against_another_store_registers_in_this_one(
     """A clone with its own mlflow.db pulls a model whose training run is in the
     teammate's store: it registers in a run made for it (naming the training run,
     holding the evaluation metrics), and a failed registration leaves no run, also
-    when the logged model fails MLflow's check of it as served. Registering prints
-    no progress bars (MLflow drew three for its check's copy of the model) and no
-    warning (the served device's config key clashed with the training's param)."""
+    when the logged model fails MLflow's check of it as served (run here when the
+    evaluate stage's record of that check is missing). With the record, the model is
+    not loaded at all. Registering prints no progress bars (MLflow drew three for its
+    check's copy of the model) and no warning (the served device's config key
+    clashed with the training's param)."""
     import shutil
 
     import pandas as pd
@@ -293,24 +381,37 @@ def test_a_model_trained_against_another_store_registers_in_this_one(
         shutil.copy(project / f, clone / f)
     trained_in = json.loads((project / "models/faster_rcnn/model.json").read_text())["run_id"]
     metrics = json.loads((clone / "reports/faster_rcnn/metrics.json").read_text())
+    from rcnnops.config import load_params
+
+    serving = registry.serving_settings(load_params(clone / "params.yaml"), "faster_rcnn")
     register = lambda: registry.register(  # noqa: E731
-        "faster_rcnn", clone / "models/faster_rcnn", clone / "reports/faster_rcnn", "rcnnops-test"
+        "faster_rcnn",
+        clone / "models/faster_rcnn",
+        clone / "reports/faster_rcnn",
+        "rcnnops-test",
+        serving=serving,  # as evaluation ran it (the flow's register_variant passes it)
     )
     with inside(clone):
         with monkeypatch.context() as m:
-            m.setattr(pyfunc, "log", lambda bundle: (_ for _ in ()).throw(OSError("disk full")))
+            m.setattr(
+                pyfunc, "log", lambda bundle, **_: (_ for _ in ()).throw(OSError("disk full"))
+            )
             with pytest.raises(OSError, match="disk full"):
                 register()
+        record = clone / "reports/faster_rcnn" / pyfunc.CHECK_FILE
+        kept = record.read_bytes()
+        boom = lambda self, context: (_ for _ in ()).throw(RuntimeError("no GPU 7"))  # noqa: E731
         with monkeypatch.context() as m:
-            boom = lambda self, context: (_ for _ in ()).throw(RuntimeError("no GPU 7"))  # noqa: E731
             m.setattr(pyfunc.DetectorPyfunc, "load_context", boom)
+            record.unlink()
             with pytest.raises(RegistryError, match=r"does not work as served.*no GPU 7"):
                 register()
-        client = tracking.client()
-        exp = client.get_experiment_by_name("rcnnops-test")
-        assert client.search_runs([exp.experiment_id]) == []  # no stray run
-        capfd.readouterr()
-        r = register()
+            client = tracking.client()
+            exp = client.get_experiment_by_name("rcnnops-test")
+            assert client.search_runs([exp.experiment_id]) == []  # no stray run
+            record.write_bytes(kept)  # the evaluate stage checked this very bundle: not loaded
+            capfd.readouterr()
+            r = register()
         err = capfd.readouterr().err
         assert "Downloading artifacts" not in err and "WARNING" not in err, err
         assert (r.version, r.created, r.trained_in_run) == ("1", True, trained_in)

@@ -1,4 +1,5 @@
-"""Prepared COCO splits as torch data: the label map and the detection Dataset.
+"""Prepared COCO splits as torch data: the detection Dataset (and the label map,
+:mod:`rcnnops.data.labels`, re-exported).
 
 Boxes are converted from COCO ``[x, y, w, h]`` to ``(x1, y1, x2, y2)`` absolute
 pixels here, at the boundary; everything else uses xyxy.
@@ -6,7 +7,6 @@ pixels here, at the boundary; everything else uses xyxy.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,48 +15,8 @@ import torch
 from torch.utils.data import Dataset
 
 from rcnnops.data.io import DataError, load_image, safe_image_path
+from rcnnops.data.labels import LabelMap  # noqa: F401 (re-exported: its old home)
 from rcnnops.data.masks import decode
-
-
-@dataclass(frozen=True)
-class LabelMap:
-    """COCO category ids <-> contiguous labels 1..K (0 is background)."""
-
-    category_ids: tuple[int, ...]
-    names: tuple[str, ...]
-
-    @classmethod
-    def from_categories(cls, categories: list[dict]) -> LabelMap:
-        cats = sorted(categories, key=lambda c: c["id"])
-        return cls(tuple(c["id"] for c in cats), tuple(c["name"] for c in cats))
-
-    @property
-    def num_classes(self) -> int:
-        """Number of object classes K (the models add 1 for background)."""
-        return len(self.category_ids)
-
-    def label(self, category_id: int) -> int:
-        return self.category_ids.index(category_id) + 1
-
-    def category_id(self, label: int) -> int:
-        return self.category_ids[label - 1]
-
-    def name(self, label: int) -> str:
-        return self.names[label - 1]
-
-    def to_json(self) -> dict:
-        return {
-            "num_classes": self.num_classes,
-            "labels": [
-                {"label": i + 1, "category_id": c, "name": n}
-                for i, (c, n) in enumerate(zip(self.category_ids, self.names, strict=True))
-            ],
-        }
-
-    @classmethod
-    def from_json(cls, data: dict) -> LabelMap:
-        rows = sorted(data["labels"], key=lambda r: r["label"])
-        return cls(tuple(r["category_id"] for r in rows), tuple(r["name"] for r in rows))
 
 
 class DetectionDataset(Dataset):

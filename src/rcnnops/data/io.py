@@ -12,14 +12,16 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
 from rcnnops.data.pixels import allow_pixels
 from rcnnops.errors import UserError
+
+if TYPE_CHECKING:  # torch loads where a tensor is made: the flow's process never needs it
+    import torch
 
 # Ids become int64 tensors and numpy arrays (pycocotools): they must fit.
 MAX_ID = 2**63 - 1
@@ -137,6 +139,8 @@ def _pillow_errors(not_found: str, unreadable: str) -> Iterator[None]:
 
 def load_image(path: Path) -> torch.Tensor:
     """Read an image as ``float32 [3, H, W]`` in [0, 1] (see :func:`load_image_array`)."""
+    import torch
+
     return torch.from_numpy(load_image_array(path)).permute(2, 0, 1).float().div_(255.0)
 
 

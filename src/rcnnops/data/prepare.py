@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from rcnnops.config import DataParams, PrepareParams
-from rcnnops.data.dataset import LabelMap
 from rcnnops.data.io import DataError, read_json, safe_image_path, short
+from rcnnops.data.labels import LabelMap
 from rcnnops.data.validate import validate_coco
 from rcnnops.files import replaced_dir, sha256_bytes, sha256_file
 

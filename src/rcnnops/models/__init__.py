@@ -8,12 +8,12 @@ from __future__ import annotations
 import importlib
 import inspect
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any
-
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from rcnnops.config import MASK_VARIANTS, USES_PROPOSALS
-from rcnnops.models.fp32 import keep_heads_fp32
+
+if TYPE_CHECKING:  # torch loads with a variant's module: rcnnops.models.io reads
+    from torch import nn  # model.json without it
 
 # Each variant's module (its ``build``), imported when the variant is first built.
 # So a stage that trains or evaluates one variant imports only that variant's
@@ -28,7 +28,7 @@ VARIANT_MODULES: dict[str, str] = {
 }
 
 
-class _Builders(Mapping[str, Callable[..., nn.Module]]):
+class _Builders(Mapping[str, Callable[..., Any]]):
     """``MODELS[name]`` is the variant's ``build``, its module imported on first use."""
 
     def __getitem__(self, name: str) -> Callable[..., nn.Module]:
@@ -70,6 +70,8 @@ def build_model(variant: str, num_classes: int, model_params: dict[str, Any]) ->
     Unknown variants or parameter names raise ``ValueError`` listing what exists.
     The heads' outputs stay fp32 under autocast (see :mod:`rcnnops.models.fp32`).
     """
+    from rcnnops.models.fp32 import keep_heads_fp32
+
     if variant not in MODELS:
         raise ValueError(
             f"unknown or not yet available variant {variant!r}; available: {sorted(MODELS)}"

@@ -12,13 +12,14 @@ import os
 import pickle
 import sys
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from rcnnops.errors import UserError
 from rcnnops.files import write_atomic
+
+if TYPE_CHECKING:  # torch loads with the weights: reading model.json needs none
+    import torch
+    from torch import nn
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -50,6 +51,8 @@ def describe_load_error(e: BaseException) -> str:
 
 def save_model(model: nn.Module, out_dir: Path, meta: dict) -> None:
     """``model.pt`` (state dict) and ``model.json`` (meta), each written atomically."""
+    import torch
+
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / "model.pt.tmp"
     torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp)
@@ -112,6 +115,8 @@ def load_model(
     truncated SVD of that rank (Fast R-CNN, section 3.1: faster inference, no
     retraining). A truncated, garbage or mismatched ``model.pt`` raises
     :class:`CheckpointError` naming it and how to get it back."""
+    import torch
+
     from rcnnops.models import build_model
     from rcnnops.models.roi import compress
 

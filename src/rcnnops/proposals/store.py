@@ -10,12 +10,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from rcnnops.data.io import DataError
 from rcnnops.files import sha256_file
+
+if TYPE_CHECKING:  # loaded by the readers that make tensors (registration reads settings only)
+    import torch
 
 REBUILD = "rebuild them with `dvc repro proposals` (or `rcnnops proposals`)"
 
@@ -111,6 +114,8 @@ class ProposalStore:
                 f"{self.folder / 'index.json'}: no proposals for image id {image_id}; {REBUILD}"
             )
         a, b = span
+        import torch
+
         return (
             torch.from_numpy(np.array(self.boxes[a:b], dtype=np.float32)),
             torch.from_numpy(np.array(self.scores[a:b], dtype=np.float32)),

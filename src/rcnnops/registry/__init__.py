@@ -47,16 +47,10 @@ __all__ = [
 
 
 def serving_settings(params: Any, variant: str) -> dict:
-    """How the served model runs, as evaluation did: the selective-search settings
-    for the variants that take precomputed proposals, and ``evaluate.svd_rank``."""
-    from rcnnops.config import USES_PROPOSALS
+    """See :func:`rcnnops.pyfunc.serving_settings` (loaded when asked for)."""
+    from rcnnops import pyfunc
 
-    proposals = None
-    if variant in USES_PROPOSALS:
-        from rcnnops.proposals.store import settings_from
-
-        proposals = settings_from(params).as_dict()
-    return {"proposals": proposals, "svd_rank": params.evaluate.svd_rank}
+    return pyfunc.serving_settings(params, variant)
 
 
 def register_variant(params: Any, variant: str) -> Registered:
@@ -85,26 +79,17 @@ def promote_variant(
     )
 
 
-def warm_up(variants: list[str]) -> None:
-    """Do now what registering ``variants`` in this process would first do then:
-    MLflow's map of installed packages (:func:`rcnnops.pyfunc.warm_up`), and the
-    modules MLflow's check of each logged model runs (it loads the pyfunc and
-    predicts its input example): the detector, selective search (OpenCV, about
-    0.5 s to load) for the variants that take proposals, pycocotools' masks for
-    Mask R-CNN. Only an optimisation: a module that fails to load here fails
-    registration with its own error later."""
+def warm_up() -> None:
+    """Load now the modules registering and promoting would first load then (MLflow's
+    model logging, about a second); the flow does this beside the data stages. The
+    model itself is not loaded: the evaluate stage checked it as served
+    (:func:`rcnnops.pyfunc.check`). Only an optimisation: a module that fails to load
+    here fails registration with its own error later."""
     import contextlib
     import importlib
 
-    from rcnnops import pyfunc
-    from rcnnops.config import USES_PROPOSALS
-    from rcnnops.models import VARIANT_MODULES
-
-    pyfunc.warm_up()
-    modules = ["rcnnops.detect", "rcnnops.models.io"]
-    modules += [VARIANT_MODULES[v] for v in variants if v in VARIANT_MODULES]
-    modules += ["rcnnops.proposals.selective_search"] * bool(USES_PROPOSALS & set(variants))
-    modules += ["rcnnops.data.masks"] * ("mask_rcnn" in variants)
+    modules = ["mlflow.models", "mlflow.models.signature", "mlflow.models.utils"]
+    modules += ["mlflow.pyfunc.model", "mlflow.types.schema", "mlflow.utils.environment"]
     for name in modules:
         with contextlib.suppress(Exception):
             importlib.import_module(name)

@@ -11,7 +11,6 @@ trained it (``rcnnops.trained_in_run``) and holds its evaluation metrics.
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,15 +37,6 @@ class Registered:
     created: bool  # False when an identical model was already registered
     decided: bool = False  # the gate has already recorded a decision on this version
     trained_in_run: str | None = None  # set when that run is not in this store
-
-
-def _bundle(model_dir: Path, dest: Path, serving: dict) -> Path:
-    """The weights bundle the pyfunc loads: model.pt, model.json, serving.json."""
-    dest.mkdir()
-    for f in ("model.pt", "model.json"):
-        shutil.copy2(model_dir / f, dest / f)
-    (dest / "serving.json").write_text(json.dumps(serving, indent=2))
-    return dest
 
 
 def register(
@@ -115,9 +105,10 @@ def register(
     }
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            bundle = _bundle(model_dir, Path(tmp) / "model_dir", serving)
+            bundle = pyfunc.write_bundle(model_dir, Path(tmp) / "model_dir", serving)
+            checked = pyfunc.checked(bundle, report_dir / pyfunc.CHECK_FILE)
             with tracking.added_to(run_id):
-                info = pyfunc.log(bundle)
+                info = pyfunc.log(bundle, checked=checked)
         mv = mlflow.register_model(info.model_uri, name, tags=tags)
     except BaseException as e:
         if elsewhere:  # nothing registered, and no stray run (a retry makes another)
