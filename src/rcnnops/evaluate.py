@@ -7,7 +7,7 @@ mask variants, per-class AP, ``infer_ms_per_image``), ``predictions.json``
 variants), ``pr_curve.png`` (precision-recall curves, bbox and segm) and
 ``samples.png`` (detections drawn on validation images), and
 ``serving_check.json``: the model as the registry will log it (weights bundle +
-pyfunc) passed MLflow's check of it as served (:func:`rcnnops.pyfunc.check`; the
+pyfunc) passed MLflow's check of it as served (:func:`rcnnops.serving_check.check`; the
 registry then does not load it again). Metrics and plots are also logged to the
 MLflow run that trained the model.
 """
@@ -63,16 +63,16 @@ class NotServable(UserError, RuntimeError):
 
 
 def check_serving(params, variant: str, model_dir: Path, out_dir: Path) -> None:
-    """The registry's check of the model as served (:func:`rcnnops.pyfunc.check`), run
+    """The registry's check of the model as served (:func:`rcnnops.serving_check.check`), run
     here where the model's modules are loaded already; its record in ``out_dir``."""
-    from rcnnops import pyfunc
+    from rcnnops import serving_check as sc
 
     with tempfile.TemporaryDirectory() as tmp:
-        serving = pyfunc.serving_settings(params, variant)
-        bundle = pyfunc.write_bundle(model_dir, Path(tmp) / "model_dir", serving)
+        serving = sc.serving_settings(params, variant)
+        bundle = sc.write_bundle(model_dir, Path(tmp) / "model_dir", serving)
         try:
-            pyfunc.check(bundle, out_dir / pyfunc.CHECK_FILE)
-        except pyfunc.ServingCheckError as e:
+            sc.check(bundle, out_dir / sc.CHECK_FILE)
+        except sc.ServingCheckError as e:
             raise NotServable(
                 f"{model_dir}: the model does not work as served: saved as the registry "
                 f"logs it and loaded as a server loads it, it failed on its input example "

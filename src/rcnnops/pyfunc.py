@@ -27,13 +27,8 @@ from __future__ import annotations
 
 import base64
 import io
-import json
 import logging
 import os
-import shutil
-import sys
-import tempfile
-import warnings
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from contextvars import ContextVar
@@ -46,7 +41,6 @@ from mlflow.exceptions import MlflowException
 
 from rcnnops.data.pixels import allow_pixels
 from rcnnops.detect import Detector, ImageLimits, InputError, images_from_input
-from rcnnops.files import sha256_file, write_atomic
 
 ENTRY = Path(__file__).with_name("pyfunc_model.py")
 DEFAULT_THRESHOLD = 0.5
@@ -186,7 +180,7 @@ class _ServingCheck(logging.Filter):
 
 
 @contextmanager
-def _no_progress_bars() -> Iterator[None]:
+def no_progress_bars() -> Iterator[None]:
     """MLflow draws a progress bar for each copy of the model's three files (its check
     loads the model from a copy): lines of noise in a run's log."""
     name = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
@@ -201,99 +195,8 @@ def _no_progress_bars() -> Iterator[None]:
             os.environ[name] = before
 
 
-BUNDLE_FILES = ("model.pt", "model.json", "serving.json")
-CHECK_FILE = "serving_check.json"  # the evaluate stage's record of its check
-
-
-def serving_settings(params: Any, variant: str) -> dict:
-    """How the served model runs, as evaluation did (``serving.json``): the
-    selective-search settings for the variants that take precomputed proposals,
-    and ``evaluate.svd_rank``."""
-    from rcnnops.config import USES_PROPOSALS
-
-    proposals = None
-    if variant in USES_PROPOSALS:
-        from rcnnops.proposals.store import settings_from
-
-        proposals = settings_from(params).as_dict()
-    return {"proposals": proposals, "svd_rank": params.evaluate.svd_rank}
-
-
-def write_bundle(model_dir: Path, dest: Path, serving: dict) -> Path:
-    """The weights bundle the pyfunc loads (``dest``, made here): model.pt and
-    model.json from ``model_dir``, and ``serving`` as serving.json."""
-    dest.mkdir()
-    for f in ("model.pt", "model.json"):
-        shutil.copy2(Path(model_dir) / f, dest / f)
-    (dest / "serving.json").write_text(json.dumps(serving, indent=2))
-    return dest
-
-
-def _code_files() -> list[str]:
-    """The package's source files this process has loaded (paths relative to the
-    package), a superset of what the served model ran in :func:`check`, and the
-    model-from-code file MLflow runs by its path."""
-    package = Path(__file__).parent
-    found = {ENTRY.relative_to(package).as_posix()}
-    for name, module in list(sys.modules.items()):
-        origin = getattr(module, "__file__", None)
-        if (name == "rcnnops" or name.startswith("rcnnops.")) and origin:
-            path = Path(origin)
-            if path.suffix == ".py" and path.is_relative_to(package):
-                found.add(path.relative_to(package).as_posix())
-    return sorted(found)
-
-
-def fingerprint(bundle: Path, code: list[str]) -> dict:
-    """What a check's outcome depends on: the bundle's files, the package's ``code``
-    files (as they are now here; a missing one is recorded as None), the model's
-    pinned requirements (the installed versions) and MLflow's version."""
-    package = Path(__file__).parent
-    return {
-        "bundle": {f: sha256_file(Path(bundle) / f) for f in BUNDLE_FILES},
-        "code": {f: sha256_file(package / f) if (package / f).is_file() else None for f in code},
-        "requirements": requirements(),
-        "mlflow": mlflow.__version__,
-    }
-
-
-def check(bundle: Path, record: Path) -> None:
-    """Check ``bundle`` as the registry would when it logs it: saved as this pyfunc
-    (as :func:`log` saves it), loaded as served and made to predict its input
-    example sent as a server receives it (MLflow's own check, which
-    :func:`mlflow.pyfunc.log_model` runs). The evaluate stage runs this where the
-    model's modules are loaded anyway; on success, ``record`` (a JSON file) holds
-    the :func:`fingerprint` of what was checked, so that registering this bundle
-    with the same code and packages skips the check (:func:`log`). Raises
-    :class:`ServingCheckError` with MLflow's error, ``record`` removed."""
-    from mlflow.models import convert_input_example_to_serving_input, validate_serving_input
-
-    Path(record).unlink(missing_ok=True)
-    with tempfile.TemporaryDirectory() as tmp, _no_progress_bars(), _no_requirement_scan():
-        saved = Path(tmp) / "model"
-        mlflow.pyfunc.save_model(str(saved), **_pyfunc_arguments(bundle))
-        serving_input = convert_input_example_to_serving_input(input_example())
-        try:
-            with warnings.catch_warnings():  # deprecated for users, in favour of a
-                warnings.simplefilter("ignore")  # check in a new environment: the same code
-                validate_serving_input(str(saved), serving_input)
-        except Exception as e:  # noqa: BLE001 - whatever the served model raises
-            raise ServingCheckError(f"{type(e).__name__}: {e}") from None
-    write_atomic(Path(record), json.dumps(fingerprint(bundle, _code_files()), indent=2))
-
-
-def checked(bundle: Path, record: Path) -> bool:
-    """Whether ``record`` (:func:`check`'s) says this very bundle passed the check
-    with the package's code and the packages as they are here now."""
-    try:
-        done = json.loads(Path(record).read_text())
-        code = list(done["code"])
-    except (OSError, ValueError, KeyError, TypeError):  # none, or not one of ours
-        return False
-    return done == fingerprint(bundle, code)
-
-
-def _pyfunc_arguments(bundle: Path) -> dict:
+def arguments(bundle: Path) -> dict:
+    """What :func:`mlflow.pyfunc.save_model` and ``log_model`` are given for ``bundle``."""
     return {
         "python_model": str(ENTRY),
         "artifacts": {"model_dir": str(bundle)},
@@ -319,7 +222,7 @@ def _skipped(name: str, modules: tuple[Any, ...]) -> Iterator[None]:
             setattr(m, name, original)
 
 
-def _no_requirement_scan():
+def no_requirement_scan():
     """Without MLflow's comparison of the model's pinned requirements with the
     installed packages when it saves or loads the model. It only warns, and it maps
     every installed distribution's files to do it (1-2.5 s of CPU, once per
@@ -333,9 +236,9 @@ def _no_requirement_scan():
 
 def log(bundle: Path, checked: bool = False) -> Any:
     """Log the model (in the active run) from a bundle folder; returns MLflow's
-    ModelInfo. ``checked``: the bundle passed :func:`check` (the evaluate stage's),
-    so MLflow's own check of the logged model is not run again: this process then
-    never loads the model (nor torch). Otherwise raises :class:`ServingCheckError`
+    ModelInfo. ``checked``: the bundle passed :func:`rcnnops.serving_check.check` (the
+    evaluate stage's), so MLflow's own check of the logged model is not run again:
+    this process then never loads the model (nor torch). Otherwise raises :class:`ServingCheckError`
     when the logged model does not load or predict its input example as served
     (MLflow only warns); that logged model is deleted first."""
     import mlflow.models.utils
@@ -345,11 +248,11 @@ def log(bundle: Path, checked: bool = False) -> Any:
     logger.addFilter(check)
     try:
         with ExitStack() as skips:
-            skips.enter_context(_no_progress_bars())
-            skips.enter_context(_no_requirement_scan())
+            skips.enter_context(no_progress_bars())
+            skips.enter_context(no_requirement_scan())
             if checked:  # (mlflow.pyfunc.log_model has no switch for its check)
                 skips.enter_context(_skipped("_validate_serving_input", (mlflow.models.utils,)))
-            info = mlflow.pyfunc.log_model(name="model", **_pyfunc_arguments(bundle))
+            info = mlflow.pyfunc.log_model(name="model", **arguments(bundle))
     finally:
         logger.removeFilter(check)
     if check.error is not None:  # nothing of the failed model is left listed in the run

@@ -295,13 +295,13 @@ def test_evaluate_checks_the_model_as_served(project, tmp_path, monkeypatch):
     import shutil
     from pathlib import Path
 
-    from rcnnops import evaluate, pyfunc
+    from rcnnops import evaluate, pyfunc, serving_check
     from rcnnops.config import load_params
 
     copy = tmp_path / "project"
     shutil.copytree(project, copy)
     report = copy / "reports" / "faster_rcnn"
-    record = report / pyfunc.CHECK_FILE
+    record = report / serving_check.CHECK_FILE
     with inside(copy):
         params = load_params(Path("params.yaml"))
         with monkeypatch.context() as m:
@@ -314,15 +314,17 @@ def test_evaluate_checks_the_model_as_served(project, tmp_path, monkeypatch):
         evaluate.run(params, "faster_rcnn", progress=False)
         done = json.loads(record.read_text())
         assert set(done["bundle"]) == {"model.pt", "model.json", "serving.json"}
-        assert {"pyfunc.py", "pyfunc_model.py", "detect.py"} <= set(done["code"])
-        serving = pyfunc.serving_settings(params, "faster_rcnn")
-        bundle = pyfunc.write_bundle(Path("models/faster_rcnn"), tmp_path / "b", serving)
-        assert pyfunc.checked(bundle, record)
-        other = pyfunc.write_bundle(Path("models/faster_rcnn"), tmp_path / "c", {"svd_rank": 4})
-        assert not pyfunc.checked(other, record)
+        served = {"pyfunc.py", "pyfunc_model.py", "detect.py", "serving_check.py"}
+        assert served <= set(done["code"])
+        serving = serving_check.serving_settings(params, "faster_rcnn")
+        bundle = serving_check.write_bundle(Path("models/faster_rcnn"), tmp_path / "b", serving)
+        assert serving_check.checked(bundle, record)
+        other = {"svd_rank": 4}
+        other = serving_check.write_bundle(Path("models/faster_rcnn"), tmp_path / "c", other)
+        assert not serving_check.checked(other, record)
         done["code"]["pyfunc.py"] = "0" * 64  # as if the served code had changed since
         record.write_text(json.dumps(done))
-        assert not pyfunc.checked(bundle, record)
+        assert not serving_check.checked(bundle, record)
 
 
 def test_register_refuses_a_model_its_metrics_did_not_measure(project, tmp_path):
@@ -371,7 +373,7 @@ def test_a_model_trained_against_another_store_registers_in_this_one(
 
     import pandas as pd
 
-    from rcnnops import pyfunc, tracking
+    from rcnnops import pyfunc, serving_check, tracking
     from rcnnops.registry.store import RegistryError
 
     clone = tmp_path / "clone"
@@ -398,7 +400,7 @@ def test_a_model_trained_against_another_store_registers_in_this_one(
             )
             with pytest.raises(OSError, match="disk full"):
                 register()
-        record = clone / "reports/faster_rcnn" / pyfunc.CHECK_FILE
+        record = clone / "reports/faster_rcnn" / serving_check.CHECK_FILE
         kept = record.read_bytes()
         boom = lambda self, context: (_ for _ in ()).throw(RuntimeError("no GPU 7"))  # noqa: E731
         with monkeypatch.context() as m:

@@ -47,10 +47,10 @@ __all__ = [
 
 
 def serving_settings(params: Any, variant: str) -> dict:
-    """See :func:`rcnnops.pyfunc.serving_settings` (loaded when asked for)."""
-    from rcnnops import pyfunc
+    """See :func:`rcnnops.serving_check.serving_settings` (loaded when asked for)."""
+    from rcnnops import serving_check
 
-    return pyfunc.serving_settings(params, variant)
+    return serving_check.serving_settings(params, variant)
 
 
 def register_variant(params: Any, variant: str) -> Registered:
@@ -83,7 +83,7 @@ def warm_up() -> None:
     """Load now the modules registering and promoting would first load then (MLflow's
     model logging, about a second); the flow does this beside the data stages. The
     model itself is not loaded: the evaluate stage checked it as served
-    (:func:`rcnnops.pyfunc.check`). Only an optimisation: a module that fails to load
+    (:func:`rcnnops.serving_check.check`). Only an optimisation: a module that fails to load
     here fails registration with its own error later."""
     import contextlib
     import importlib

@@ -57,7 +57,7 @@ def register(
     (its ``model_hash``), or a logged model that does not load and predict its input
     example as served (MLflow's check when it logs a model, which only warns).
     """
-    from rcnnops import pyfunc
+    from rcnnops import pyfunc, serving_check
 
     tracking.setup(experiment)
     model_dir, report_dir = Path(model_dir), Path(report_dir)
@@ -105,8 +105,8 @@ def register(
     }
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            bundle = pyfunc.write_bundle(model_dir, Path(tmp) / "model_dir", serving)
-            checked = pyfunc.checked(bundle, report_dir / pyfunc.CHECK_FILE)
+            bundle = serving_check.write_bundle(model_dir, Path(tmp) / "model_dir", serving)
+            checked = serving_check.checked(bundle, report_dir / serving_check.CHECK_FILE)
             with tracking.added_to(run_id):
                 info = pyfunc.log(bundle, checked=checked)
         mv = mlflow.register_model(info.model_uri, name, tags=tags)
