@@ -87,8 +87,8 @@ def test_a_forked_command_is_the_command_run_as_a_process(dvc_project, forks, ca
 
 
 def test_forked_commands_write_the_lock_file_a_process_writes(dvc_project, forks, capfd):
-    """The launcher reads DVC's YAML its own quicker way (rcnnops.dvc_launcher.
-    quicker_yaml): dvc.lock, updated stage after stage, is the same file."""
+    """The launcher reads and writes DVC's YAML its own quicker way (rcnnops.dvc_yaml):
+    dvc.lock, updated stage after stage, is the same file."""
 
     def both() -> str:
         for stage in ("hello", "other", "hello"):
@@ -102,37 +102,6 @@ def test_forked_commands_write_the_lock_file_a_process_writes(dvc_project, forks
     assert {type(f) for f in forks} == {type(None), dvc_launcher.Forked}
     assert forked == by_process
     assert "hello:" in forked and "other:" in forked
-
-
-def test_quicker_yaml_parses_a_text_once_and_hands_out_copies():
-    """In a process of its own, as in the launcher: DVC's parser (every name it is
-    called by) parses a text once; each caller gets its own copy; dvc.lock's
-    update parse is the safe one, other files keep their round-trip parse."""
-    import subprocess
-    import sys
-
-    code = (
-        "from rcnnops.dvc_launcher import quicker_yaml\n"
-        "from dvc.utils import serialize, strictyaml\n"
-        "from dvc.utils.serialize import _yaml\n"
-        "calls = []\n"
-        "real = _yaml.parse_yaml\n"
-        "_yaml.parse_yaml = serialize.parse_yaml = strictyaml.parse_yaml = (\n"
-        "    lambda *a, **k: calls.append(a[2:] or k) or real(*a, **k))\n"
-        "assert quicker_yaml()\n"
-        "assert _yaml.parse_yaml is serialize.parse_yaml is strictyaml.parse_yaml\n"
-        "text = 'stages:\\n  a:\\n    outs: [x]\\n'\n"
-        "one, two = strictyaml.parse_yaml(text, 'dvc.lock'), serialize.parse_yaml(text, 'p')\n"
-        "assert one == two == {'stages': {'a': {'outs': ['x']}}} and one is not two\n"
-        "one['stages'].clear()\n"
-        "assert _yaml.parse_yaml(text, 'p') == two\n"
-        "assert type(_yaml.parse_yaml_for_update(text, '/x/dvc.lock')) is dict\n"
-        "assert type(_yaml.parse_yaml_for_update(text, '/x/dvc.yaml')) is not dict\n"
-        "print(len(calls))\n"
-    )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "2"  # one safe parse, one round-trip parse (dvc.yaml)
 
 
 def test_a_failed_forked_command_fails_as_the_process_does(dvc_project, forks):
