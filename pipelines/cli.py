@@ -69,9 +69,10 @@ def _import_flow_modules() -> None:
     and MLflow (the tracking-store task, the flow's first beside the stages, needs
     it first): about 2.2 s of CPU. Then, in the time the server still takes, what
     the later tasks would load beside the stages, where its CPU would be taken from
-    them: MLflow's SQL stores (0.8 s), the registry's modules and matplotlib (the
-    warm-up task's, 0.5 s); only an optimisation, so a failure there is left to the
-    task that needs the module. Torch never loads in this process."""
+    them: MLflow's SQL stores (0.8 s) and the registry's modules (the warm-up
+    task's); only an optimisation, so a failure there is left to the task that
+    needs the module. Neither torch nor matplotlib loads in this process (the
+    comparison's picture is drawn in a process of its own)."""
     import contextlib
 
     import dvc.repo.status  # noqa: F401
@@ -85,10 +86,9 @@ def _import_flow_modules() -> None:
         import mlflow.store.model_registry.sqlalchemy_store  # noqa: F401
         import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
 
-        from rcnnops import plots, registry
+        from rcnnops import registry
 
         registry.warm_up()
-        plots.pyplot()
 
 
 def _print_ui_hint(args: argparse.Namespace) -> None:

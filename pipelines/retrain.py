@@ -98,16 +98,14 @@ def tracking_store(project: str, experiment: str) -> str:
 def warm_up() -> None:
     """Load now what the last tasks would load first (a second or two in all), beside
     the data stages and the first training, not between training and registering:
-    see :func:`rcnnops.registry.warm_up`, and matplotlib for the comparison's
-    picture. Only an optimisation: the flow waits for it before registering, and
-    what fails here is logged; the task that needs it then reports the error.
-    This process never loads torch: the evaluate stages checked the models as
-    served, which is the one thing registering would load them for."""
+    see :func:`rcnnops.registry.warm_up`. Only an optimisation: the flow waits for it
+    before registering, and what fails here is logged; the task that needs it then
+    reports the error. This process never loads torch: the evaluate stages checked
+    the models as served, which is the one thing registering would load them for."""
     try:
-        from rcnnops import plots, registry
+        from rcnnops import registry
 
         registry.warm_up()
-        plots.pyplot()
     except Exception as e:  # noqa: BLE001 - see the docstring
         get_run_logger().warning(
             "warm-up: %s: %s (loaded when needed instead)", type(e).__name__, e
@@ -215,14 +213,25 @@ def unchanged(reg: dict) -> dict:
     }
 
 
+@task(name="compare-picture", retries=2, retry_delay_seconds=[2, 5])
+def compare_picture(project: str, variants: list[str]) -> str | None:
+    """reports/compare/side_by_side.png (the variants' predictions side by side), drawn
+    in a process of its own beside the registry's work; its path, or None when no
+    variant has predictions."""
+    from rcnnops import compare as cmp
+
+    drawn = cmp.side_by_side_in_a_process(Path(project) / "params.yaml", variants)
+    return None if drawn is None else str(drawn)
+
+
 @task(name="compare", retries=2, retry_delay_seconds=[2, 5])
-def compare(p: Params, variants: list[str]) -> str:
-    """The variants' comparison (latest run and champion) as Markdown; also draws
-    reports/compare/side_by_side.png and logs both to MLflow when they changed."""
+def compare(p: Params, variants: list[str], picture: str | None) -> str:
+    """The variants' comparison (latest run and champion) as Markdown, with the
+    ``picture`` (:func:`compare_picture`'s); logs both to MLflow when they changed."""
     from rcnnops import compare as cmp
 
     rows = cmp.collect(p, variants)
-    plot = cmp.side_by_side(p, variants)
+    plot = None if picture is None else Path(picture)
     run_id = cmp.log_to_mlflow(p.register.experiment, rows, plot)
     get_run_logger().info(
         "comparison: %d row(s), picture %s, MLflow %s",
@@ -316,8 +325,10 @@ def _retrain(root: Path, variants: list[str] | None, push_to_remote: bool) -> li
             "or promoted (see the task logs above; rerun resumes from the last checkpoint)"
         )
     # DVC's push of the outputs runs beside the registry's work (neither touches
-    # what the other reads or writes); the run waits for it before finishing.
+    # what the other reads or writes), and so does the drawing of the comparison's
+    # picture, in a process of its own; the run waits for both before finishing.
     pushed = push.submit(str(root)) if push_to_remote else None
+    picture = compare_picture.submit(str(root), variants)  # and the comparison's picture
     if warm is not None:
         warm.wait()  # done long ago unless training was short
     decisions = []
@@ -333,7 +344,7 @@ def _retrain(root: Path, variants: list[str] | None, push_to_remote: bool) -> li
         description="Promotion decisions of this retraining run",
     )
     create_markdown_artifact(
-        compare(params, variants),
+        compare(params, variants, picture),
         key="rcnnops-compare",
         description="Variants compared: latest run and champion (metrics, cost, lineage)",
     )

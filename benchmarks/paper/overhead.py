@@ -5,8 +5,8 @@ images), its output timestamped line by line; each stretch of wall time between
 two finished Prefect tasks is charged to the task that finished, and inside the
 stage tasks the stage commands' own time (from DVC's ``> rcnnops ...`` line to
 its ``Updating lock file``) is split off. Tasks that run beside others (the
-tracking store and the warm-up beside the data stages, ``dvc push`` beside
-registration) are charged nothing: what the run waits for them shows in the
+tracking store and the warm-up beside the data stages, ``dvc push`` and the
+comparison's picture beside registration) are charged nothing: what the run waits for them shows in the
 task that waited. What is left is the orchestration:
 Python and Prefect start, DVC's work around each stage, the MLflow tracking
 store, registration and promotion, the comparison, ``dvc push``, shutdown.
@@ -31,7 +31,7 @@ SMALL = {  # bench-quick's settings (benchmarks.setup.QUICK) on fewer images
     "train.*.warmup_iters": 10,
 }
 _TASK_END = re.compile(r"Task run '([a-z-]+)-[0-9a-f]+' - Finished in state")
-BESIDE = frozenset({"tracking-store", "warm-up", "dvc-push"})  # not on the run's path
+BESIDE = frozenset({"tracking-store", "warm-up", "dvc-push", "compare-picture"})  # (off the path)
 _FLOW_START = re.compile(r"Beginning flow run")
 
 

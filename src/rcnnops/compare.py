@@ -243,6 +243,25 @@ def side_by_side(
     return save_figure(fig, Path(out or reports / PLOT))
 
 
+def side_by_side_in_a_process(params_file: Path, variants: list[str]) -> Path | None:
+    """:func:`side_by_side` for ``params_file``'s project (the current folder) in a
+    Python process of its own: the flow draws the picture there, on the other core,
+    while its own process registers the variants. Raises ``RuntimeError`` with the
+    process's error output if it fails."""
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "rcnnops.compare", str(params_file), *variants]
+    done = subprocess.run(argv, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"drawing {PLOT.name} failed (exit code {done.returncode}):\n"
+            + (done.stderr.strip() or done.stdout.strip())
+        )
+    drawn = done.stdout.strip()
+    return Path(drawn) if drawn else None
+
+
 # --- MLflow ------------------------------------------------------------------------
 
 
@@ -272,3 +291,12 @@ def log_to_mlflow(experiment: str, rows: list[dict], plot: Path | None) -> str |
         if plot is not None:
             tracking.log_artifact(plot)
         return run.info.run_id
+
+
+if __name__ == "__main__":  # side_by_side_in_a_process's: PARAMS_FILE VARIANT...
+    import sys
+
+    from rcnnops.config import load_params
+
+    _drawn = side_by_side(load_params(Path(sys.argv[1])), sys.argv[2:] or None)
+    print(_drawn or "")

@@ -315,19 +315,19 @@ def test_a_stage_says_when_other_runs_hold_every_slot(harness):
 
 def test_a_failing_warm_up_is_logged_and_fails_nothing(harness, monkeypatch, caplog):
     """The warm-up only loads ahead what registration loads anyway: if that fails
-    (say matplotlib has no usable backend), the task says so and completes; the
+    (say an MLflow module does not import), the task says so and completes; the
     task that needs the module reports the real error then."""
     import logging
 
     from prefect import flow
 
     from pipelines import retrain
-    from rcnnops import plots
+    from rcnnops import registry
 
     def broken():
         raise RuntimeError("no usable backend")
 
-    monkeypatch.setattr(plots, "pyplot", broken)
+    monkeypatch.setattr(registry, "warm_up", broken)
     monkeypatch.setattr(retrain, "get_run_logger", lambda: logging.getLogger("warm-up-test"))
 
     @flow

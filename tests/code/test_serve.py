@@ -242,25 +242,25 @@ def test_incomplete_model_json_names_what_is_missing(project, tmp_path):
 FLOW_PROBE = """
 import json, sys
 from pathlib import Path
-from rcnnops import compare, plots, registry
+from rcnnops import compare, registry
 from rcnnops.config import load_params
 from rcnnops.data.prepare import load_manifest
 registry.warm_up()
-plots.pyplot()
 p = load_params(Path("params.yaml"))
 load_manifest(Path(p.prepare.out))
 r = registry.register_variant(p, "faster_rcnn")
 d = registry.promote_variant(p, "faster_rcnn", r.version)
 compare.collect(p, ["faster_rcnn"])
-drawn = compare.side_by_side(p, ["faster_rcnn"])
-print(json.dumps({"created": r.created, "promoted": d.promoted, "drawn": drawn is not None,
-                  "torch": "torch" in sys.modules}))
+drawn = compare.side_by_side_in_a_process(Path("params.yaml"), ["faster_rcnn"])
+print(json.dumps({"created": r.created, "promoted": d.promoted, "drawn": str(drawn),
+                  "torch": "torch" in sys.modules, "pyplot": "matplotlib.pyplot" in sys.modules}))
 """
 
 
 def test_the_flow_registers_promotes_and_compares_without_torch(project, tmp_path):
     """What the flow's process does besides running stages (manifest, warm-up,
-    register, promote, compare) never loads torch (about 4 s of CPU and 0.5 GB on
+    register, promote, compare; its picture drawn by a process of its own) never
+    loads torch, nor matplotlib (about 4 s of CPU and 0.5 GB on
     every run): the evaluate stage checked the model as served, and its record
     (serving_check.json) spares registration loading it again."""
     import os
@@ -276,7 +276,11 @@ def test_the_flow_registers_promotes_and_compares_without_torch(project, tmp_pat
     )
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert result == {"created": True, "promoted": True, "drawn": True, "torch": False}
+    drawn = "reports/compare/side_by_side.png"  # drawn by a process of its own
+    assert result == {
+        "created": True, "promoted": True, "drawn": drawn, "torch": False, "pyplot": False
+    }  # fmt: skip
+    assert (copy / drawn).read_bytes().startswith(b"\x89PNG")
     # the same without the record: registration loads the model to check it
     (copy / "reports" / "faster_rcnn" / "serving_check.json").unlink()
     env["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path / 'fresh2.db'}"
