@@ -24,6 +24,7 @@ from __future__ import annotations
 import copy
 import os
 import re
+from collections import OrderedDict
 from typing import Any
 
 _PARSED_KEPT = 8  # texts whose parse a command keeps (dvc.yaml, dvc.lock, params.yaml...)
@@ -98,6 +99,7 @@ def _quick_dumper():
     Dumper.add_representer(
         type(None), lambda d, _: d.represent_scalar("tag:yaml.org,2002:null", "")
     )
+    Dumper.add_representer(OrderedDict, Dumper.represent_dict)  # DVC's lock entries
 
     def dump(data: Any) -> str:
         return yaml.dump(
@@ -130,18 +132,18 @@ def _simple(text: str) -> bool:
 
 def same_as_ruamel(data: Any) -> bool:
     """Whether libyaml's emitter writes ``data`` as DVC's ruamel.yaml dumper does:
-    only dicts with :func:`_simple` string keys, lists, simple strings (or empty
+    only dicts (or OrderedDicts) with :func:`_simple` string keys, lists, simple strings (or empty
     ones), ints, bools, floats written without an exponent, and None as a dict's
     value (in a list ruamel.yaml leaves a trailing space), every line within
     :data:`_WIDTH` columns (each level counted as 2 more, at most what it adds).
     Checked by the tests against ruamel.yaml on DVC's files and on awkward values."""
-    if type(data) is not dict:  # (a lone scalar gets an end-of-document line)
+    if not isinstance(data, dict):  # (a lone scalar gets an end-of-document line)
         return False
     todo: list[tuple[Any, int, int, bool]] = [(data, 0, 0, False)]  # item, column, ...
     while todo:  # ... the column its text starts at when it is a scalar, in a dict
         item, column, start, in_dict = todo.pop()
         kind = type(item)
-        if kind is dict:
+        if kind is dict or kind is OrderedDict:
             for key, value in item.items():
                 if type(key) is not str or not _simple(key) or column + len(key) > _WIDTH:
                     return False

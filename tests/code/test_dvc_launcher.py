@@ -104,6 +104,39 @@ def test_forked_commands_write_the_lock_file_a_process_writes(dvc_project, forks
     assert "hello:" in forked and "other:" in forked
 
 
+def test_a_plain_lock_file_written_the_quick_way_is_the_same_file(tmp_path, forks):
+    """Stages whose lock entries are plain (as rcnnops' are): the launcher writes
+    dvc.lock with libyaml's emitter (rcnnops.dvc_yaml), byte for byte DVC's file."""
+    import yaml
+
+    from rcnnops import dvc_yaml
+
+    proj = tmp_path / "plain"
+    proj.mkdir()
+    dvcproj.ensure_dvc(proj, None)
+    (proj / "write.py").write_text("import sys; open(sys.argv[1], 'w').write(sys.argv[1])\n")
+    (proj / "params.yaml").write_text("lr: 0.02\nname: run-1\nsteps: [1, 2]\nnone:\n")
+    stages = "".join(
+        f"  {name}:\n    cmd: python write.py {name}.txt\n    deps: [write.py]\n"
+        f"    params: [lr, name, steps, none]\n    outs: [{name}.txt]\n"
+        for name in ("one", "two")
+    )
+    (proj / "dvc.yaml").write_text("stages:\n" + stages)
+
+    def both() -> str:
+        for stage in ("one", "two", "one"):
+            dvcproj.repro(proj, stage, force=True)
+        return (proj / "dvc.lock").read_text()
+
+    by_process = both()
+    _clean(proj)
+    with dvc_launcher.running(dvcproj.env()):
+        forked = both()
+    assert {type(f) for f in forks} == {type(None), dvc_launcher.Forked}
+    assert dvc_yaml.same_as_ruamel(yaml.safe_load(forked))  # the quick way was taken
+    assert forked == by_process
+
+
 def test_a_failed_forked_command_fails_as_the_process_does(dvc_project, forks):
     with pytest.raises(dvcproj.StageError) as by_process:
         dvcproj.repro(dvc_project, "fail")
