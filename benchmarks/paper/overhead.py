@@ -6,8 +6,8 @@ two finished Prefect tasks is charged to the task that finished, and inside the
 stage tasks the stage commands' own time (from DVC's ``> rcnnops ...`` line to
 its ``Updating lock file``) is split off. Tasks that run beside others (the
 tracking store and the warm-up beside the data stages, ``dvc push`` and the
-comparison's picture beside registration) are charged nothing: what the run waits for them shows in the
-task that waited. What is left is the orchestration:
+comparison's picture beside registration) are charged nothing: what the run
+waits for them shows in the task that waited. What is left is the orchestration:
 Python and Prefect start, DVC's work around each stage, the MLflow tracking
 store, registration and promotion, the comparison, ``dvc push``, shutdown.
 The share against bench-quick's stage time is read from benchmarks/results.json

@@ -92,11 +92,16 @@ def set_params(path: str | Path, assignments: dict[str, Any]) -> Params:
     is validated first; if it is invalid, nothing is written.
     """
     from ruamel.yaml import YAML, YAMLError
+    from ruamel.yaml.representer import RoundTripRepresenter
 
+    class Representer(RoundTripRepresenter):  # this editor's only: add_representer
+        pass  # changes the class, and ruamel.yaml's own is every dumper's (DVC's too)
+
+    Representer.add_representer(type(None), _null)  # `null` stays `null`, not blank
     path = Path(path)
     rt = YAML()
     rt.preserve_quotes = True
-    rt.representer.add_representer(type(None), _null)  # `null` stays `null`, not blank
+    rt.Representer = Representer
     try:
         text = path.read_text()
         doc = rt.load(text)

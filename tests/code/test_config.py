@@ -199,6 +199,24 @@ def test_params_read_as_dvc_reads_them(tmp_path):
         set_params(path, assignments(epochs=0))
 
 
+def test_editing_params_leaves_other_yaml_writers_alone(tmp_path):
+    """params.yaml's editor writes None as ``null``; DVC's dumper, in the same
+    process (the flow's), still writes it as DVC does: blank."""
+    import io
+
+    from dvc.utils.serialize._yaml import _dump
+
+    from rcnnops.params_edit import set_params
+
+    path = tmp_path / "params.yaml"
+    path.write_text((REPO / "params.yaml").read_text())
+    set_params(path, {"evaluate.svd_rank": None})
+    assert "  svd_rank: null" in path.read_text()
+    stream = io.StringIO()
+    _dump({"a": None, "b": {"c": None}}, stream)
+    assert stream.getvalue() == "a:\nb:\n  c:\n"
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [

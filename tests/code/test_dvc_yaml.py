@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import io
 import random
-from collections import OrderedDict
 import subprocess
 import sys
+from collections import OrderedDict
 
 import pytest
 
