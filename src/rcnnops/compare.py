@@ -22,6 +22,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from rcnnops.errors import UserError
+
 METRICS = {
     "AP": "bbox_AP",
     "AP50": "bbox_AP50",
@@ -243,21 +245,29 @@ def side_by_side(
     return save_figure(fig, Path(out or reports / PLOT))
 
 
+class PictureError(UserError, RuntimeError):
+    """The comparison's picture could not be drawn (bad input: the message says)."""
+
+
+_BAD_INPUT = 2  # the drawing process's exit code for a UserError (its message on stderr)
+
+
 def side_by_side_in_a_process(params_file: Path, variants: list[str]) -> Path | None:
     """:func:`side_by_side` for ``params_file``'s project (the current folder) in a
     Python process of its own: the flow draws the picture there, on the other core,
-    while its own process registers the variants. Raises ``RuntimeError`` with the
-    process's error output if it fails."""
+    while its own process registers the variants. Raises :class:`PictureError` with
+    the message of the input error that stopped it (a missing image, a corrupt
+    predictions file), or ``RuntimeError`` with its output for anything else."""
     import subprocess
     import sys
 
     argv = [sys.executable, "-m", "rcnnops.compare", str(params_file), *variants]
     done = subprocess.run(argv, capture_output=True, text=True)
+    error = done.stderr.strip() or done.stdout.strip()
+    if done.returncode == _BAD_INPUT:
+        raise PictureError(error)
     if done.returncode != 0:
-        raise RuntimeError(
-            f"drawing {PLOT.name} failed (exit code {done.returncode}):\n"
-            + (done.stderr.strip() or done.stdout.strip())
-        )
+        raise RuntimeError(f"drawing {PLOT.name} failed (exit code {done.returncode}):\n{error}")
     drawn = done.stdout.strip()
     return Path(drawn) if drawn else None
 
@@ -298,5 +308,9 @@ if __name__ == "__main__":  # side_by_side_in_a_process's: PARAMS_FILE VARIANT..
 
     from rcnnops.config import load_params
 
-    _drawn = side_by_side(load_params(Path(sys.argv[1])), sys.argv[2:] or None)
+    try:
+        _drawn = side_by_side(load_params(Path(sys.argv[1])), sys.argv[2:] or None)
+    except UserError as _e:
+        print(_e, file=sys.stderr)
+        sys.exit(_BAD_INPUT)
     print(_drawn or "")

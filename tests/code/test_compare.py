@@ -150,6 +150,21 @@ def test_bad_image_counts_and_damaged_reports_are_named(project, capsys):
     assert "metrics.json: expected an object, found list" in capsys.readouterr().err
 
 
+def test_the_flow_s_picture_drawn_in_a_process_of_its_own(project):
+    """The flow draws the picture in a process of its own (beside registration): the
+    same file as drawn here; a bad input stops it with its own one-line message."""
+    picture = project / "reports/compare/side_by_side.png"
+    drawn = compare.side_by_side_in_a_process(project / "params.yaml", ["faster_rcnn"])
+    assert drawn == picture.relative_to(project) and picture.read_bytes()[:4] == b"\x89PNG"
+    assert compare.side_by_side_in_a_process(project / "params.yaml", ["rcnn"]) is None
+    predictions = project / "reports/faster_rcnn/predictions.json"
+    predictions.write_text(predictions.read_text()[:100])
+    with pytest.raises(compare.PictureError) as e:
+        compare.side_by_side_in_a_process(project / "params.yaml", ["faster_rcnn"])
+    assert str(e.value).startswith("reports/faster_rcnn/predictions.json: not valid JSON")
+    assert "Traceback" not in str(e.value)
+
+
 def test_a_large_photo_is_drawn_from_a_small_copy(project, monkeypatch):
     """Each panel is a few hundred pixels wide, yet every photo got a float canvas
     of its full size: one 7000x5000 photo took 4.4 GB."""
