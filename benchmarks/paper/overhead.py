@@ -69,6 +69,14 @@ def breakdown(lines: list[tuple[float, str]], total: float) -> tuple[dict, float
     return parts, commands
 
 
+def _shown(path) -> str:
+    """``path`` relative to the repository when it is inside it."""
+    try:
+        return str(path.resolve().relative_to(REPO))
+    except ValueError:
+        return str(path)
+
+
 def run(ctx: Ctx) -> dict:
     project = new_project(ctx.work / "overhead", SMALL)
     total, lines = timed_run(project, "run", log=ctx.work / "overhead.log")
@@ -115,7 +123,7 @@ def run(ctx: Ctx) -> dict:
         "notes": [
             f"one `rcnnops run` of a fresh project ({SMALL['generate.num_train']} training "
             f"images, 1 epoch per variant), {total:.0f} s in all, on {os.cpu_count()} cores; "
-            "the timestamped log is benchmarks/.work/paper/overhead.log",
+            f"the timestamped log is {_shown(ctx.work / 'overhead.log')}",
             "DVC around stages: `dvc repro` starting (one for generate + prepare, one for "
             "proposals, one per variant for train + evaluate), hashing dependencies and "
             "outputs, writing dvc.lock and the cache for each of the 11 stages, and the wait "
