@@ -42,7 +42,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         with local_api(meanwhile=_import_flow_modules):  # Prefect: only when there is work
             from pipelines import flush_logs
-            from pipelines.retrain import decision_word, retrain
+            from pipelines.decisions import decision_word
+            from pipelines.retrain import retrain
 
             try:
                 decisions = retrain(

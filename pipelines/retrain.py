@@ -20,6 +20,7 @@ from prefect.futures import wait
 from pipelines import gpus, held_slots
 from pipelines import slots as stage_slots
 from pipelines import state as run_state
+from pipelines.decisions import summary, unchanged
 from rcnnops import dvc_launcher
 from rcnnops import project as dvcproj
 from rcnnops.config import USES_PROPOSALS, Params, load_params
@@ -198,21 +199,6 @@ def promote(params: Params, variant: str, version: str) -> dict:
     return registry.decision_dict(d)
 
 
-def unchanged(reg: dict) -> dict:
-    """No new model version, so no new decision (the audit trail stays as it was)."""
-    return {
-        "name": reg["name"],
-        "version": reg["version"],
-        "unchanged": True,  # neither promoted nor kept: not decided again
-        "promoted": False,
-        "reason": "model unchanged since its registration; no new decision",
-        "metric": None,
-        "value": None,
-        "champion_before": None,
-        "champion_value": None,
-    }
-
-
 @task(name="compare-picture", retries=2, retry_delay_seconds=[2, 5])
 def compare_picture(project: str, variants: list[str]) -> str | None:
     """reports/compare/side_by_side.png (the variants' predictions side by side), drawn
@@ -246,29 +232,6 @@ def compare(p: Params, variants: list[str], picture: str | None) -> str:
 @task(name="dvc-push", retries=3, retry_delay_seconds=[2, 5, 10])
 def push(project: str) -> None:
     dvcproj.dvc(Path(project), "push", "-q")
-
-
-def decision_word(d: dict) -> str:
-    """promoted, kept (the gate kept the champion) or unchanged (not decided again)."""
-    return "unchanged" if d.get("unchanged") else "promoted" if d["promoted"] else "kept"
-
-
-def _summary(decisions: list[dict]) -> str:
-    from rcnnops.tables import markdown_table
-
-    columns = ("model", "version", "decision", "metric", "value", "reason")
-    rows = [
-        [
-            d["name"],
-            str(d["version"]),
-            decision_word(d),
-            d["metric"] or "-",
-            "n/a" if d["value"] is None else f"{d['value']:.4f}",
-            d["reason"],
-        ]
-        for d in decisions
-    ]
-    return markdown_table(columns, rows)
 
 
 @flow(name="rcnnops-retrain", log_prints=True)
@@ -339,7 +302,7 @@ def _retrain(root: Path, variants: list[str] | None, push_to_remote: bool) -> li
         else:
             decisions.append(unchanged(reg))
     create_markdown_artifact(
-        _summary(decisions),
+        summary(decisions),
         key="rcnnops-promotion",
         description="Promotion decisions of this retraining run",
     )

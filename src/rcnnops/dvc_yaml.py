@@ -22,6 +22,7 @@ Where DVC's functions moved, nothing changes.
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import re
 from collections import OrderedDict
@@ -126,14 +127,15 @@ def _agree(text: str) -> bool:
     return len(read) == 1
 
 
+@functools.lru_cache(maxsize=4096)  # a lock repeats its keys and paths many times
 def _simple(text: str) -> bool:
     return _SIMPLE.fullmatch(text) is not None and _agree(text)
 
 
 def same_as_ruamel(data: Any) -> bool:
     """Whether libyaml's emitter writes ``data`` as DVC's ruamel.yaml dumper does:
-    only dicts (or OrderedDicts) with :func:`_simple` string keys, lists, simple strings (or empty
-    ones), ints, bools, floats written without an exponent, and None as a dict's
+    only dicts (or OrderedDicts) with :func:`_simple` string keys, lists, simple
+    strings (or empty ones), ints, bools, floats written without an exponent, and None as a dict's
     value (in a list ruamel.yaml leaves a trailing space), every line within
     :data:`_WIDTH` columns (each level counted as 2 more, at most what it adds).
     Checked by the tests against ruamel.yaml on DVC's files and on awkward values."""

@@ -66,6 +66,21 @@ def _lines(text: str) -> list[str]:
     return sorted(ln.strip() for ln in text.splitlines() if ln.strip())
 
 
+def _locks_both_ways(proj: Path, stages: tuple[str, ...]) -> tuple[str, str]:
+    """dvc.lock after ``stages`` forced one after the other (``GREETING`` set to the
+    stage's name), run as processes, then again (from clean) forked by the launcher."""
+
+    def run() -> str:
+        for stage in stages:
+            dvcproj.repro(proj, stage, force=True, extra_env={"GREETING": stage})
+        return (proj / "dvc.lock").read_text()
+
+    by_process = run()
+    _clean(proj)
+    with dvc_launcher.running(dvcproj.env()):
+        return by_process, run()
+
+
 def test_a_forked_command_is_the_command_run_as_a_process(dvc_project, forks, capfd):
     ran = dvcproj.repro(dvc_project, "hello", extra_env={"GREETING": "hi"})
     by_process = capfd.readouterr().out
@@ -90,15 +105,7 @@ def test_forked_commands_write_the_lock_file_a_process_writes(dvc_project, forks
     """The launcher reads and writes DVC's YAML its own quicker way (rcnnops.dvc_yaml):
     dvc.lock, updated stage after stage, is the same file."""
 
-    def both() -> str:
-        for stage in ("hello", "other", "hello"):
-            dvcproj.repro(dvc_project, stage, force=True, extra_env={"GREETING": stage})
-        return (dvc_project / "dvc.lock").read_text()
-
-    by_process = both()
-    _clean(dvc_project)
-    with dvc_launcher.running(dvcproj.env()):
-        forked = both()
+    by_process, forked = _locks_both_ways(dvc_project, ("hello", "other", "hello"))
     assert {type(f) for f in forks} == {type(None), dvc_launcher.Forked}
     assert forked == by_process
     assert "hello:" in forked and "other:" in forked
@@ -123,15 +130,7 @@ def test_a_plain_lock_file_written_the_quick_way_is_the_same_file(tmp_path, fork
     )
     (proj / "dvc.yaml").write_text("stages:\n" + stages)
 
-    def both() -> str:
-        for stage in ("one", "two", "one"):
-            dvcproj.repro(proj, stage, force=True)
-        return (proj / "dvc.lock").read_text()
-
-    by_process = both()
-    _clean(proj)
-    with dvc_launcher.running(dvcproj.env()):
-        forked = both()
+    by_process, forked = _locks_both_ways(proj, ("one", "two", "one"))
     assert {type(f) for f in forks} == {type(None), dvc_launcher.Forked}
     assert dvc_yaml.same_as_ruamel(yaml.safe_load(forked))  # the quick way was taken
     assert forked == by_process

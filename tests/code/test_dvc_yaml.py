@@ -63,6 +63,14 @@ def _ruamel(data) -> str:
     return stream.getvalue()
 
 
+def _alone(code: str) -> str:
+    """Run ``code`` in a Python process of its own (as the launcher is: DVC's
+    functions replaced for the whole process); its output, once it succeeded."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def _random(rng: random.Random, depth: int = 0):
     pick = rng.random()
     if depth < 6 and pick < 0.3:
@@ -121,8 +129,7 @@ def test_dvc_s_dumper_takes_the_quick_path_for_plain_data_only():
         "assert (written(_yaml._dump, plain), written(_yaml._dump, kept)) == expected\n"
         "assert '# keep' in expected[1]\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
+    _alone(code)
 
 
 def test_a_text_is_parsed_once_and_each_caller_gets_a_copy():
@@ -148,6 +155,4 @@ def test_a_text_is_parsed_once_and_each_caller_gets_a_copy():
         "assert type(_yaml.parse_yaml_for_update(text, '/x/dvc.yaml')) is not dict\n"
         "print(len(calls))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.strip() == "2"  # one safe parse, one round-trip parse (dvc.yaml)
+    assert _alone(code).strip() == "2"  # one safe parse, one round-trip parse (dvc.yaml)

@@ -83,7 +83,8 @@ LEARNED_AP50 = 0.25  # every variant; well above chance (~0), with margin below 
 def test_flow_end_to_end_then_noop_then_param_change(
     harness, tiny_project, monkeypatch, nameless_env
 ):
-    from pipelines.retrain import decision_word, retrain
+    from pipelines.decisions import decision_word
+    from pipelines.retrain import retrain
     from rcnnops.params_edit import set_params
 
     monkeypatch.chdir(tiny_project)
